@@ -495,7 +495,7 @@ def _load_llm(folder, cfg, dtype, device):
 
 
 def _is_llava_config(cfg):
-    return "mm_vision_tower" in cfg or cfg.get("model_type") in ("llava", "llava_onevision", "llava_qwen3")
+    return "mm_vision_tower" in cfg or cfg.get("model_type") in ("llava", "llava_onevision", "llava_qwen_3")
 
 
 def load_model(path_or_hub_id, dtype=None, device=None):
@@ -521,3 +521,347 @@ def save_model(model, out_dir, max_shard_bytes=5 * 2**30):
 
 
 # ---- VLM (vision helper owns from here to end of file) ----
+#
+# SigLIP tower (vision.py) -> mlp2x_gelu projector -> AnyRes packing (anyres.py) -> features spliced into the
+# LLM's input embeddings wherever IMAGE_TOKEN_ID stands (one masked_scatter for the whole batch).
+# Checkpoints: the released LLaVA-NeXT / Extract+Think layout (load + save), transformers'
+# LlavaOnevisionForConditionalGeneration layout (load), and standalone SigLIP + Qwen3 folders (fresh assembly).
+import re  # noqa: E402
+
+import anyres  # noqa: E402
+from vision import SiglipConfig, SiglipVisionTower, check_image_size, preprocess, to_rgb  # noqa: E402
+
+IGNORE_INDEX = -100  # label of tokens that are not trained (image features, padding)
+
+
+@dataclass
+class VLMConfig:
+    llm: Qwen3Config
+    vision: SiglipConfig
+    image_aspect_ratio: str = "anyres_max_9"           # or anyres / pad / square (pretraining)
+    image_grid_pinpoints: list = None                  # [(width, height)] px; None = tile * (1..6, 1..6)
+    mm_patch_merge_type: str = "spatial_unpad"         # or flat (no unpad, no newline)
+    mm_projector_type: str = "mlp2x_gelu"
+    mm_vision_tower: str = "google/siglip-so400m-patch14-384"
+
+    def __post_init__(self):
+        anyres.parse_aspect_ratio(self.image_aspect_ratio)   # raises on an unknown value
+        if self.mm_patch_merge_type not in ("spatial_unpad", "flat"):
+            raise ValueError(f"unsupported mm_patch_merge_type {self.mm_patch_merge_type!r} (spatial_unpad or flat)")
+        if not re.fullmatch(r"mlp\d+x_gelu", self.mm_projector_type):
+            raise ValueError(f"unsupported mm_projector_type {self.mm_projector_type!r} (mlpNx_gelu)")
+        self.image_grid_pinpoints = anyres.parse_grid_pinpoints(self.image_grid_pinpoints, self.vision.image_size)
+
+    @classmethod
+    def from_hf(cls, d):
+        """From a released LLaVA config.json (a Qwen config + mm_* fields) or transformers' llava_onevision one."""
+        if d.get("model_type") == "llava_onevision":
+            return cls._from_transformers(d)
+        if "mm_vision_tower" not in d:
+            raise CheckpointError(f"config.json: model_type {d.get('model_type')!r} is not a supported LLaVA layout")
+        kind = f"{d.get('model_type', '')} {' '.join(d.get('architectures') or [])}".lower()
+        if "qwen" not in kind:
+            raise CheckpointError(f"config.json: LLaVA with a non-Qwen LLM ({kind.strip()!r}) is not supported")
+        llm = Qwen3Config.from_hf({**d, "model_type": "qwen3" if re.search(r"qwen_?3", kind) else "qwen2"})
+        # the released tower ignores mm_vision_select_layer: it cuts SigLIP's last layer and reads the output
+        return cls(llm=llm, vision=_vision_config_from_llava(d),
+                   image_aspect_ratio=d.get("image_aspect_ratio", "square"),
+                   image_grid_pinpoints=d.get("image_grid_pinpoints"),
+                   mm_patch_merge_type=d.get("mm_patch_merge_type", "flat"),
+                   mm_projector_type=d.get("mm_projector_type", "linear"), mm_vision_tower=d["mm_vision_tower"])
+
+    @classmethod
+    def _from_transformers(cls, d):
+        text, vis = dict(d["text_config"]), d["vision_config"]
+        text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
+        layer = d.get("vision_feature_layer", -1)
+        checks = {"vision_feature_layer": isinstance(layer, int),
+                  "vision_feature_select_strategy": d.get("vision_feature_select_strategy", "full") == "full",
+                  "projector_hidden_act": d.get("projector_hidden_act", "gelu") == "gelu",
+                  "multimodal_projector_bias": d.get("multimodal_projector_bias", True)}
+        for key, ok in checks.items():
+            if not ok:
+                raise CheckpointError(f"config.json: unsupported {key} = {d.get(key)!r}")
+        pinpoints = [(w, h) for h, w in d.get("image_grid_pinpoints") or []] or None   # transformers: (h, w)
+        return cls(llm=Qwen3Config.from_hf(text), vision=SiglipConfig.from_hf(vis, feature_layer=layer),
+                   image_aspect_ratio=d.get("vision_aspect_ratio", "anyres_max_9"), image_grid_pinpoints=pinpoints)
+
+    def to_hf(self):
+        """The released LLaVA config.json (plus vision_config, so towers other than so400m reload too)."""
+        qwen3 = self.llm.qk_norm
+        d = self.llm.to_hf()
+        d.update(model_type="llava_qwen_3" if qwen3 else "llava",
+                 architectures=["LlavaQwen3ForCausalLM" if qwen3 else "LlavaQwenForCausalLM"],
+                 mm_vision_tower=self.mm_vision_tower, mm_hidden_size=self.vision.hidden_size,
+                 mm_projector_type=self.mm_projector_type, mm_vision_select_layer=-2,
+                 mm_vision_select_feature="patch", mm_patch_merge_type=self.mm_patch_merge_type,
+                 image_aspect_ratio=self.image_aspect_ratio,
+                 image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints],
+                 use_mm_proj=True, mm_use_im_start_end=False, mm_use_im_patch_token=False,
+                 tokenizer_padding_side="right", vision_config=self.vision.to_hf())
+        return d
+
+
+def _vision_config_from_llava(d):
+    if "vision_config" in d:  # written by our save: any tower size
+        return SiglipConfig.from_hf(d["vision_config"])
+    name = d["mm_vision_tower"]
+    if "siglip-so400m-patch14-384" not in name:
+        raise CheckpointError(f"config.json: vision tower {name!r} unknown (only SigLIP so400m-patch14-384, "
+                              "or a config.json carrying vision_config)")
+    return SiglipConfig.preset("so400m")
+
+
+def _projector(config):
+    """mlpNx_gelu: Linear(C_vision, H), then (GELU (exact erf), Linear(H, H)) x (N - 1). Keys 0, 2, ..."""
+    depth = int(re.fullmatch(r"mlp(\d+)x_gelu", config.mm_projector_type).group(1))
+    hidden = config.llm.hidden_size
+    mods = [nn.Linear(config.vision.hidden_size, hidden)]
+    for _ in range(depth - 1):
+        mods += [nn.GELU(), nn.Linear(hidden, hidden)]
+    return nn.Sequential(*mods)
+
+
+class VLM(nn.Module):
+    """SigLIP -> projector -> AnyRes packing -> Qwen3. Prompts carry IMAGE_TOKEN_ID where images go."""
+
+    def __init__(self, config: VLMConfig, llm=None, vision_tower=None):
+        super().__init__()
+        self.config = config
+        self.llm = llm if llm is not None else Qwen3(config.llm)
+        self.vision = vision_tower if vision_tower is not None else SiglipVisionTower(config.vision)
+        self.projector = _projector(config)
+        unpad = "unpad" in config.mm_patch_merge_type
+        self.image_newline = nn.Parameter(torch.empty(config.llm.hidden_size)) if unpad else None
+        self.max_pixels = None  # per-image pixel limit; None = vision.MAX_PIXELS
+
+    def init_connector(self):
+        """Fresh projector (PyTorch default Linear init) and newline ~ N(0, 1/H), as LLaVA's pretraining does."""
+        for m in self.projector:
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+        if self.image_newline is not None:
+            with torch.no_grad():
+                self.image_newline.normal_(0.0, self.config.llm.hidden_size ** -0.5)
+
+    # -- images -> features ---------------------------------------------------------------------------------
+    def _tiling_mode(self, n_images_in_row):
+        """Multi-image rows are padded to square, one tile each (released training code)."""
+        return "pad" if n_images_in_row > 1 else anyres.parse_aspect_ratio(self.config.image_aspect_ratio)[0]
+
+    def image_pixels(self, images):
+        """images: per-row lists of PIL images -> (pixels [N_tiles, 3, S, S] fp32, tiles per image, sizes (w, h))."""
+        tile = self.config.vision.image_size
+        pixels, counts, sizes = [], [], []
+        for r, row in enumerate(images):
+            for k, image in enumerate(row):
+                check_image_size(image.size, f"row {r} image {k}", self.max_pixels)
+                image = to_rgb(image)
+                tiles = anyres.image_tiles(image, self._tiling_mode(len(row)), self.config.image_grid_pinpoints, tile)
+                pixels += [preprocess(t, tile) for t in tiles]
+                counts.append(len(tiles))
+                sizes.append(image.size)
+        return torch.stack(pixels) if pixels else None, counts, sizes
+
+    def _pack(self, features, size):
+        """features [tiles, P*P, H] of one image -> its tokens [T, H] (see anyres.py)."""
+        newline = self.image_newline
+        if features.shape[0] == 1:
+            return anyres.pack_single(features, newline)
+        if self.config.mm_patch_merge_type == "flat":
+            return features.flatten(0, 1)
+        max_tiles = anyres.parse_aspect_ratio(self.config.image_aspect_ratio)[1]
+        return anyres.pack_anyres(features, *size, newline, max_tiles, self.config.image_grid_pinpoints,
+                                  self.config.vision.image_size)
+
+    def encode_images(self, images):
+        """Per-row lists of PIL images -> one [T_i, H] tensor per image, in reading order. One tower call."""
+        pixels, counts, sizes = self.image_pixels(images)
+        if pixels is None:
+            return []
+        weight = self.projector[0].weight
+        tokens = self.projector(self.vision(pixels.to(weight.device, weight.dtype)))   # (N_tiles, P*P, H)
+        return [self._pack(f, size) for f, size in zip(tokens.split(counts), sizes)]
+
+    # -- splicing ---------------------------------------------------------------------------------------------
+    def _check_batch(self, ids, images, labels, padding_side):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if len(images) != len(ids):
+            raise ValueError(f"{len(ids)} prompts but {len(images)} image lists")
+        vocab = self.config.llm.vocab_size
+        for r, row in enumerate(ids):
+            marks = sum(t == IMAGE_TOKEN_ID for t in row)
+            if marks != len(images[r]):
+                raise ValueError(f"row {r}: the prompt has {marks} <image> marks "
+                                 f"but {len(images[r])} images were given")
+            bad = [t for t in row if t != IMAGE_TOKEN_ID and not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"row {r}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+            if labels is not None and len(labels[r]) != len(row):
+                raise ValueError(f"row {r}: {len(labels[r])} labels for {len(row)} tokens")
+
+    def _expand(self, ids, lengths, labels):
+        """Repeat each IMAGE_TOKEN_ID by its image's token count -> per-row (ids, labels) lists."""
+        lengths = iter(lengths)
+        rows = []
+        for r, row in enumerate(ids):
+            out_ids, out_labels = [], []
+            for j, tok in enumerate(row):
+                n = next(lengths) if tok == IMAGE_TOKEN_ID else 1
+                out_ids += [tok] * n
+                out_labels += [IGNORE_INDEX if tok == IMAGE_TOKEN_ID or labels is None else labels[r][j]] * n
+            rows.append((out_ids, out_labels))
+        return rows
+
+    def prepare_inputs(self, ids, images, labels=None, padding_side="left"):
+        """ids: B token lists (IMAGE_TOKEN_ID marks images), images: B lists of PIL images, labels: like ids.
+        -> dict(inputs_embeds [B, T, H], attention_mask [B, T] long, labels [B, T] when labels are given).
+        T counts every image's tokens; pads (left or right) get zero embeddings, mask 0 and label -100."""
+        if not ids:
+            raise ValueError("prepare_inputs: empty batch")
+        images = images if images is not None else [[] for _ in ids]
+        self._check_batch(ids, images, labels, padding_side)
+        features = self.encode_images(images)
+        rows = self._expand(ids, [f.shape[0] for f in features], labels)
+        B, T = len(rows), max(len(r[0]) for r in rows)
+        tok = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        lab = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        for b, (row_ids, row_labels) in enumerate(rows):
+            span = slice(T - len(row_ids), T) if padding_side == "left" else slice(0, len(row_ids))
+            tok[b, span], mask[b, span], lab[b, span] = torch.tensor(row_ids), 1, torch.tensor(row_labels)
+        device = self.llm.embed_tokens.weight.device
+        tok, mask, lab = tok.to(device), mask.to(device), lab.to(device)
+        is_image = tok == IMAGE_TOKEN_ID                                             # (B, T)
+        embeds = self.llm.embed_tokens(tok.masked_fill(is_image, 0))                 # (B, T, H)
+        if features:
+            embeds = embeds.masked_scatter(is_image[..., None], torch.cat(features).to(embeds.dtype))
+        embeds = embeds * mask[..., None].to(embeds.dtype)                          # zero pads, as LLaVA
+        out = {"inputs_embeds": embeds, "attention_mask": mask}
+        if labels is not None:
+            out["labels"] = lab
+        return out
+
+    def forward(self, ids, images=None, padding_side="left"):
+        """Convenience: token lists + images -> logits [B, T, V] over the spliced sequence."""
+        batch = self.prepare_inputs(ids, images, padding_side=padding_side)
+        return self.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"])
+
+
+# -- checkpoint key maps: (checkpoint prefix, our prefix), first match wins --------------------------------
+_RELEASED_KEYS = [("model.vision_tower.vision_tower.vision_model.", "vision."), ("model.mm_projector.", "projector."),
+                  ("model.image_newline", "image_newline"), ("model.", "llm."), ("lm_head.", "llm.lm_head.")]
+_TRANSFORMERS_KEYS = [  # in-memory names (model.*) and the on-disk names transformers 4.x / 5.x write
+    ("model.vision_tower.vision_model.", "vision."), ("model.vision_tower.", "vision."),
+    ("vision_tower.vision_model.", "vision."), ("vision_tower.", "vision."),
+    ("model.multi_modal_projector.linear_1.", "projector.0."),
+    ("model.multi_modal_projector.linear_2.", "projector.2."),
+    ("multi_modal_projector.linear_1.", "projector.0."),
+    ("multi_modal_projector.linear_2.", "projector.2."),
+    ("model.image_newline", "image_newline"), ("image_newline", "image_newline"),
+    ("model.language_model.", "llm."), ("language_model.model.", "llm."),
+    ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head.")]
+
+
+def _vision_key(key, config):
+    """SigLIP name below vision_model. -> ours (encoder.layers.N -> layers.N); None for weights LLaVA drops:
+    the pooling head and the last layer of a full-depth tower (standalone SigLIP checkpoints)."""
+    if key.startswith("head."):
+        return None
+    if key.startswith("encoder.layers."):
+        if int(key.split(".")[2]) == config.num_layers_used:
+            return None
+        return key.replace("encoder.layers.", "layers.", 1)
+    return key
+
+
+def _vlm_state_from_checkpoint(tensors, config, table, source):
+    """Checkpoint tensors -> our names. Unmapped keys pass through so _load_strict names them."""
+    state = {}
+    for key, t in tensors.items():
+        ours = next((new + key[len(old):] for old, new in table if key.startswith(old)), key)
+        if ours.startswith("vision."):
+            inner = _vision_key(ours[len("vision."):], config.vision)
+            if inner is None:
+                continue
+            ours = "vision." + inner
+        state[ours] = t
+    head = state.get("llm.lm_head.weight")
+    if head is not None and config.llm.tie_word_embeddings:
+        if not torch.equal(head, state.get("llm.embed_tokens.weight", head.new_empty(0))):
+            raise CheckpointError(f"{source}: tied checkpoint holds an lm_head.weight that differs from embed_tokens")
+        del state["llm.lm_head.weight"]
+    return state
+
+
+def _released_key(ours):
+    """Our name -> the released LLaVA-NeXT name (inverse of _RELEASED_KEYS)."""
+    if ours.startswith("vision."):
+        inner = ours[len("vision."):]
+        inner = "encoder." + inner if inner.startswith("layers.") else inner
+        return "model.vision_tower.vision_tower.vision_model." + inner
+    if ours.startswith("llm."):
+        return _llm_key_to_hf(ours[4:])
+    return "model.mm_projector." + ours[10:] if ours.startswith("projector.") else "model." + ours
+
+
+def _load_vlm(folder, cfg, dtype, device):
+    config = VLMConfig.from_hf(cfg)
+    table = _TRANSFORMERS_KEYS if cfg.get("model_type") == "llava_onevision" else _RELEASED_KEYS
+    with torch.device("meta"):
+        model = VLM(config)
+    tensors = _read_safetensors(folder, device or "cpu")
+    state = _vlm_state_from_checkpoint(tensors, config, table, folder)
+    _load_strict(model, {k: (t.to(dtype) if dtype else t) for k, t in state.items()}, folder)
+    return model
+
+
+def _save_vlm(model, out_dir, max_shard_bytes):
+    """The released layout: LLaVA config.json + model.* / lm_head keys (sharded above max_shard_bytes)."""
+    state = {_released_key(k): v for k, v in model.state_dict().items()}
+    _write_safetensors(state, out_dir, max_shard_bytes)
+    dtype = str(model.llm.embed_tokens.weight.dtype).replace("torch.", "")
+    _atomic_json({**model.config.to_hf(), "torch_dtype": dtype}, os.path.join(out_dir, "config.json"))
+
+
+def load_vision_tower(path_or_hub_id, dtype=None, device=None):
+    """A standalone SigLIP checkpoint (google/siglip-so400m-patch14-384 style: vision_model.* and text_model.*)
+    -> SiglipVisionTower in eval mode. The text tower, logit scale/bias, pooling head and last layer are dropped."""
+    folder = _resolve_checkpoint(path_or_hub_id)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") not in ("siglip", "siglip_vision_model"):
+        raise CheckpointError(f"{folder}: model_type {cfg.get('model_type')!r} is not a SigLIP checkpoint")
+    config = SiglipConfig.from_hf(cfg)
+    with torch.device("meta"):
+        tower = SiglipVisionTower(config)
+    state = {}
+    for key, t in _read_safetensors(folder, device or "cpu").items():
+        if key.startswith(("text_model.", "logit_scale", "logit_bias")):
+            continue
+        inner = _vision_key(key[len("vision_model."):], config) if key.startswith("vision_model.") else key
+        if inner is not None:
+            state[inner] = t.to(dtype) if dtype else t
+    _load_strict(tower, state, folder)
+    return tower.eval()
+
+
+def build_vlm(llm, vision_tower, **options):
+    """A VLM around an existing Qwen3 and a vision tower (a SiglipVisionTower, or a SiglipConfig for a random one),
+    with a freshly initialised projector and newline on the LLM's device and dtype. options: VLMConfig fields."""
+    if isinstance(vision_tower, SiglipConfig):
+        vision_tower = SiglipVisionTower(vision_tower)
+    weight = llm.embed_tokens.weight
+    vlm = VLM(VLMConfig(llm=llm.config, vision=vision_tower.config, **options), llm=llm, vision_tower=vision_tower)
+    vlm.to(weight.device, weight.dtype)  # moves the new parts (and the tower); the LLM is already there
+    vlm.init_connector()
+    return vlm
+
+
+def assemble_vlm(siglip_path, qwen3_path, dtype=None, device=None, **options):
+    """Fresh VLM for pretraining from a standalone SigLIP folder and a standalone Qwen3 folder (or hub ids)."""
+    llm = load_model(qwen3_path, dtype, device)
+    if not isinstance(llm, Qwen3):
+        raise CheckpointError(f"{qwen3_path}: expected a text-only Qwen3 checkpoint, got a VLM")
+    return build_vlm(llm, load_vision_tower(siglip_path, _as_dtype(dtype), device), **options)

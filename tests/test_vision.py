@@ -1,0 +1,130 @@
+"""SigLIP tower and image preprocessing: parity with transformers, and clear errors on bad files."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import vision  # noqa: E402
+from vision import SiglipConfig, SiglipVisionTower  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_vision_model(config, seed=0):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    torch.manual_seed(seed)
+    hf = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in config.to_hf().items() if k != "model_type"},
+                                              vision_use_head=False)).eval()
+    for p in hf.parameters():  # transformers' init leaves biases at 0 and LayerNorms at 1: randomise all
+        p.data.normal_(0, 0.05)
+    return hf
+
+
+def tower_from_hf(hf, config):
+    ours = SiglipVisionTower(config).eval()
+    state = {}
+    for k, v in hf.state_dict().items():
+        k = k.removeprefix("vision_model.").replace("encoder.layers.", "layers.")
+        if k.startswith("layers.") and int(k.split(".")[1]) >= config.num_layers_used:
+            continue  # the last layer is never built (its output is not used)
+        state[k] = v
+    ours.load_state_dict(state, strict=True)
+    return ours
+
+
+def test_tower_matches_transformers_hidden_states_minus_2():
+    config = SiglipConfig.preset("tiny")
+    hf = hf_vision_model(config)
+    ours = tower_from_hf(hf, config)
+    pixels = torch.randn(3, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        want = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        got = ours(pixels)
+    assert got.shape == (3, config.patches_per_side ** 2, config.hidden_size)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_tower_never_applies_post_layernorm_but_keeps_its_weights():
+    ours = SiglipVisionTower(SiglipConfig.preset("tiny"))
+    assert "post_layernorm.weight" in ours.state_dict()
+    assert len(ours.layers) == ours.config.num_hidden_layers - 1
+
+
+def test_tower_rejects_wrong_pixel_shape():
+    ours = SiglipVisionTower(SiglipConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="expects pixels"):
+        ours(torch.zeros(1, 3, 32, 32))
+
+
+def test_config_round_trip_and_llava_onevision_depth():
+    so400m = SiglipConfig.preset("so400m")
+    assert (so400m.hidden_size, so400m.intermediate_size, so400m.num_hidden_layers, so400m.num_attention_heads,
+            so400m.patches_per_side, so400m.num_layers_used) == (1152, 4304, 27, 16, 27, 26)
+    assert SiglipConfig.from_hf(so400m.to_hf()) == so400m
+    assert SiglipConfig.from_hf({"model_type": "siglip", "vision_config": so400m.to_hf()}) == so400m
+    # transformers' LLaVA-OneVision stores the already-cut 26-layer tower and reads its last layer
+    assert SiglipConfig.from_hf({**so400m.to_hf(), "num_hidden_layers": 26}, feature_layer=-1) == so400m
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8), "RGB")
+    rgba = Image.fromarray(rng.integers(0, 256, (29, 41, 4), dtype=np.uint8), "RGBA")
+    gray = Image.fromarray(rng.integers(0, 256, (40, 23), dtype=np.uint8), "L")
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette_transparent = palette.copy()
+    palette_transparent.info["transparency"] = 3
+    cmyk = rgb.convert("CMYK")
+    return {"RGB": rgb, "RGBA": rgba, "L": gray, "P": palette, "P+transparency": palette_transparent, "CMYK": cmyk}
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "P+transparency", "CMYK"])
+def test_preprocess_matches_transformers_siglip_processor(mode):
+    from transformers import SiglipImageProcessorPil
+    processor = SiglipImageProcessorPil(size={"height": 384, "width": 384})
+    image = _images()[mode]
+    want = processor(image, return_tensors="pt")["pixel_values"][0]
+    got = vision.preprocess(image, 384)
+    assert got.shape == (3, 384, 384) and got.dtype == torch.float32
+    assert torch.equal(got, want) or (got - want).abs().max().item() <= 1e-6
+
+
+def test_load_image_converts_to_rgb(tmp_path):
+    path = tmp_path / "gray.png"
+    Image.new("L", (7, 5), 200).save(path)
+    image = vision.load_image(path)
+    assert image.mode == "RGB" and image.size == (7, 5) and image.getpixel((0, 0)) == (200, 200, 200)
+
+
+def test_load_image_missing_file_names_it(tmp_path):
+    path = tmp_path / "nope.jpg"
+    with pytest.raises(ValueError, match="nope.jpg"):
+        vision.load_image(path)
+
+
+def test_load_image_corrupt_file_names_it(tmp_path):
+    path = tmp_path / "garbage.png"
+    path.write_bytes(b"this is not an image at all")
+    with pytest.raises(ValueError, match="garbage.png"):
+        vision.load_image(path)
+
+
+def test_load_image_truncated_file_names_it(tmp_path):
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.jpg"):
+        vision.load_image(path)
+
+
+def test_load_image_over_pixel_limit_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (200, 100)).save(path)
+    with pytest.raises(ValueError, match=r"big.png: 200x100 = 20000 pixels is over the limit of 10000"):
+        vision.load_image(path, max_pixels=10_000)
+    assert vision.load_image(path, max_pixels=20_000).size == (200, 100)

@@ -1,0 +1,248 @@
+"""The VLM: logits parity with transformers' LlavaOnevisionForConditionalGeneration (tiny random weights),
+checkpoint layouts (released LLaVA-NeXT, transformers, standalone SigLIP + Qwen3) and bad-input errors."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import anyres  # noqa: E402
+import model as M  # noqa: E402
+from model import IMAGE_TOKEN_ID  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, HF_IMAGE_ID, TILE = 128, 127, 56   # transformers needs an in-vocab image token; ours is the -200 sentinel
+TEXT = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_theta=1e6)
+VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=2, image_size=TILE, patch_size=14, vision_use_head=False)
+
+
+def randomise(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=g) * 0.1
+        p.data.copy_(1 + noise if "norm" in name else noise)   # norms near 1, everything else small
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """A tiny random transformers LLaVA-OneVision (Qwen3 + SigLIP), saved with save_pretrained."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    config = LlavaOnevisionConfig(text_config=TEXT, vision_config=VISION, image_token_index=HF_IMAGE_ID,
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  image_grid_pinpoints=[[TILE * i, TILE * j] for i in range(1, 7) for j in range(1, 7)],
+                                  tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = LlavaOnevisionForConditionalGeneration(config).eval()
+    randomise(hf, seed=0)
+    folder = tmp_path_factory.mktemp("hf_llava_ov")
+    hf.save_pretrained(folder)
+    return hf, str(folder)
+
+
+@pytest.fixture(scope="module")
+def ours(hf_checkpoint):
+    return M.load_model(hf_checkpoint[1])
+
+
+def image(width, height, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def text(n, seed):
+    return torch.randint(0, 120, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def hf_logits(hf, vlm, ids, images, padding_side):
+    """Run transformers on the same tiles: -200 expanded into image-token runs of the documented length."""
+    pixels, _, sizes = vlm.image_pixels(images)
+    counts = iter(anyres.image_token_count(w, h, image_aspect_ratio="anyres_max_9" if len(row) == 1 else "pad",
+                                           tile_size=TILE) for row in images for w, h in [im.size for im in row])
+    rows = [[t for tok in row for t in ([HF_IMAGE_ID] * next(counts) if tok == IMAGE_TOKEN_ID else [tok])]
+            for row in ids]
+    T = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(T - len(row), T) if padding_side == "left" else slice(0, len(row))
+        input_ids[b, span], mask[b, span] = torch.tensor(row), 1
+    with torch.no_grad():
+        out = hf(input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                 pixel_values=pixels, image_sizes=torch.tensor([[h, w] for w, h in sizes]),
+                 batch_num_images=torch.tensor([len(row) for row in images]))
+    return out.logits, mask
+
+
+def our_logits(vlm, ids, images, padding_side):
+    with torch.no_grad():
+        batch = vlm.prepare_inputs(ids, images, padding_side=padding_side)
+        return vlm.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]), batch
+
+
+def assert_parity(hf, vlm, ids, images, padding_side="left"):
+    got, batch = our_logits(vlm, ids, images, padding_side)
+    want, mask = hf_logits(hf, vlm, ids, images, padding_side)
+    assert got.shape == want.shape
+    assert torch.equal(batch["attention_mask"], mask)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+@pytest.mark.parametrize("size", [(150, 100), (300, 280)])   # 3x2 tiles; 6x5 tiles, unpadded then downscaled
+def test_single_image_logits_match_transformers(hf_checkpoint, ours, size):
+    ids = [text(3, 1) + [IMAGE_TOKEN_ID] + text(6, 2)]
+    assert_parity(hf_checkpoint[0], ours, ids, [[image(*size, 0)]])
+
+
+def test_two_images_in_one_prompt_match_transformers(hf_checkpoint, ours):
+    ids = [text(2, 3) + [IMAGE_TOKEN_ID] + text(3, 4) + [IMAGE_TOKEN_ID] + text(4, 5)]
+    assert_parity(hf_checkpoint[0], ours, ids, [[image(90, 130, 1), image(70, 40, 2)]])
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_padded_batch_of_two_samples_matches_transformers(hf_checkpoint, ours, padding_side):
+    ids = [[IMAGE_TOKEN_ID] + text(4, 6),
+           text(9, 7) + [IMAGE_TOKEN_ID] + text(2, 8) + [IMAGE_TOKEN_ID] + text(5, 9)]
+    images = [[image(200, 60, 3)], [image(64, 64, 4), image(40, 90, 5)]]
+    assert_parity(hf_checkpoint[0], ours, ids, images, padding_side)
+
+
+# ----------------------------------------------------------------------------- checkpoint layouts
+
+def test_released_and_transformers_layouts_give_identical_logits(hf_checkpoint, ours, tmp_path):
+    M.save_model(ours, str(tmp_path / "released"))
+    released = M.load_model(str(tmp_path / "released"))
+    # transformers' in-memory names (model.language_model.*, model.vision_tower.*, tied lm_head.weight present)
+    from safetensors.torch import save_file
+    memory = tmp_path / "hf_memory_names"
+    memory.mkdir()
+    save_file({k: v.clone() for k, v in hf_checkpoint[0].state_dict().items()}, str(memory / "model.safetensors"))
+    (memory / "config.json").write_text((open(os.path.join(hf_checkpoint[1], "config.json")).read()))
+    in_memory = M.load_model(str(memory))
+    ids = [text(3, 10) + [IMAGE_TOKEN_ID] + text(3, 11)]
+    images = [[image(120, 80, 6)]]
+    want, _ = our_logits(ours, ids, images, "left")
+    for other in (released, in_memory):
+        assert isinstance(other, M.VLM)
+        assert torch.equal(our_logits(other, ids, images, "left")[0], want)
+
+
+def test_saved_layout_uses_released_names_and_config(ours, tmp_path):
+    from safetensors.torch import load_file
+    M.save_model(ours, str(tmp_path))
+    keys = set(load_file(str(tmp_path / "model.safetensors")))
+    tower = "model.vision_tower.vision_tower.vision_model."
+    for key in (tower + "embeddings.patch_embedding.weight", tower + "encoder.layers.1.mlp.fc2.bias",
+                tower + "post_layernorm.weight", "model.mm_projector.0.weight", "model.mm_projector.2.bias",
+                "model.image_newline", "model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight"):
+        assert key in keys
+    assert "lm_head.weight" not in keys and tower + "encoder.layers.2.mlp.fc2.bias" not in keys
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["mm_projector_type"] == "mlp2x_gelu" and cfg["mm_patch_merge_type"] == "spatial_unpad"
+    assert cfg["image_aspect_ratio"] == "anyres_max_9" and cfg["mm_hidden_size"] == 32
+    assert sorted(map(tuple, cfg["image_grid_pinpoints"])) == sorted(anyres.candidate_resolutions(TILE))
+    assert "mm_vision_tower" in cfg and cfg["vision_config"]["num_hidden_layers"] == 3
+
+
+def test_loading_names_missing_and_unexpected_keys(ours, tmp_path):
+    from safetensors.torch import load_file, save_file
+    M.save_model(ours, str(tmp_path))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state["model.mm_projector.2.bias"]
+    state["model.mm_projector.9.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(M.CheckpointError, match=r"missing keys.*projector\.2\.bias.*unexpected keys.*projector\.9"):
+        M.load_model(str(tmp_path))
+
+
+def test_released_config_for_so400m_checkpoint():
+    cfg = {**M.Qwen3Config.preset("0.6B").to_hf(), "model_type": "llava_qwen_3",
+           "architectures": ["LlavaQwen3ForCausalLM"],
+           "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu",
+           "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
+           "image_grid_pinpoints": "(1x1),...,(6x6)", "mm_vision_select_layer": -2}
+    config = M.VLMConfig.from_hf(cfg)
+    assert config.vision == M.SiglipConfig.preset("so400m") and config.llm.qk_norm
+    assert config.image_grid_pinpoints == anyres.candidate_resolutions(384)
+
+
+def test_fresh_assembly_from_standalone_siglip_and_qwen3(tmp_path):
+    from transformers import SiglipConfig as HFSiglipConfig, SiglipModel
+    torch.manual_seed(0)
+    text_cfg = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    siglip = SiglipModel(HFSiglipConfig(text_config=text_cfg, vision_config={**VISION, "num_hidden_layers": 3,
+                                                                             "vision_use_head": True}))
+    randomise(siglip, seed=1)
+    siglip.save_pretrained(tmp_path / "siglip")
+    llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB))
+    M.save_model(llm, str(tmp_path / "qwen3"))
+    vlm = M.assemble_vlm(str(tmp_path / "siglip"), str(tmp_path / "qwen3"))
+    assert len(vlm.vision.layers) == 2      # the last SigLIP layer and the pooling head are dropped
+    assert torch.equal(vlm.vision.layers[1].mlp.fc1.weight, siglip.vision_model.encoder.layers[1].mlp.fc1.weight)
+    assert torch.equal(vlm.llm.embed_tokens.weight, llm.embed_tokens.weight)
+    assert 0.05 < vlm.image_newline.std().item() < 0.3   # ~ N(0, 1/64)
+    logits = vlm([text(2, 0) + [IMAGE_TOKEN_ID]], [[image(80, 60, 0)]])
+    assert logits.shape == (1, 3 + anyres.image_token_count(80, 60, tile_size=TILE) - 1, VOCAB)
+    assert torch.isfinite(logits).all()
+
+
+def test_build_vlm_from_configs_for_pretraining():
+    llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB))
+    vlm = M.build_vlm(llm, M.SiglipConfig.preset("tiny"), image_aspect_ratio="square")
+    batch = vlm.prepare_inputs([[IMAGE_TOKEN_ID] + text(3, 0)], [[image(90, 30, 0)]], labels=[[5, 6, 7, 8]],
+                               padding_side="right")
+    assert batch["inputs_embeds"].shape == (1, 16 + 1 + 3, 64)   # 4x4 patches + newline + text
+
+
+# ----------------------------------------------------------------------------- splicing details and bad input
+
+def test_labels_ignore_image_and_pad_positions(ours):
+    ids = [[1, IMAGE_TOKEN_ID, 2, 3], [4, 5]]
+    images = [[image(56, 56, 0)], []]
+    batch = ours.prepare_inputs(ids, images, labels=[[-100, 0, 12, 13], [14, 15]], padding_side="right")
+    n = anyres.image_token_count(56, 56, tile_size=TILE)
+    assert batch["labels"][0].tolist() == [-100] * (1 + n) + [12, 13]
+    assert batch["labels"][1].tolist() == [14, 15] + [-100] * (n + 1)
+    assert batch["attention_mask"].sum(1).tolist() == [n + 3, 2]
+    assert torch.equal(batch["inputs_embeds"][1, 2:], torch.zeros_like(batch["inputs_embeds"][1, 2:]))
+    assert torch.equal(batch["inputs_embeds"][1, :2], ours.llm.embed_tokens.weight[[4, 5]])
+
+
+def test_generate_accepts_images_and_agrees_with_forward(ours):
+    ids = [text(3, 1) + [IMAGE_TOKEN_ID] + text(2, 2), text(6, 3)]
+    images = [[image(100, 70, 1)], []]
+    new = M.generate(ours, ids, images, max_new_tokens=1, stop_ids=set())
+    with torch.no_grad():
+        last = ours(ids, images)[:, -1].argmax(-1).tolist()
+    assert [row[0] for row in new] == last
+
+
+def test_image_count_mismatch_is_a_clear_error(ours):
+    with pytest.raises(ValueError, match="row 0: the prompt has 1 <image> marks but 2 images"):
+        ours.prepare_inputs([[1, IMAGE_TOKEN_ID]], [[image(30, 30, 0), image(30, 30, 1)]])
+
+
+def test_image_over_pixel_limit_is_a_clear_error(ours):
+    ours.max_pixels = 1000
+    try:
+        with pytest.raises(ValueError, match=r"row 0 image 0: 50x40 = 2000 pixels is over the limit of 1000"):
+            ours.prepare_inputs([[IMAGE_TOKEN_ID]], [[image(50, 40, 0)]])
+    finally:
+        ours.max_pixels = None
+
+
+def test_corrupt_image_file_error_names_the_file(tmp_path):
+    from vision import load_image
+    path = tmp_path / "broken.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        load_image(path)

@@ -1,0 +1,204 @@
+"""SigLIP so400m-patch14-384 vision tower, by hand, plus image loading and preprocessing.
+
+The tower returns what LLaVA feeds its projector: the output of the second-to-last encoder layer
+(the released model deletes the last layer and never applies post_layernorm), i.e. transformers'
+SiglipVisionModel(...).hidden_states[-2]. Only the layers up to that one are built.
+
+Shapes: N tiles, S tile side in pixels, P = S / patch patches per side, C hidden, nh heads, D head dim.
+"""
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+MAX_PIXELS = 100_000_000  # refuse images above this many pixels before decoding them (override per call)
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class SiglipConfig:
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27       # depth of the full SigLIP tower; we build num_hidden_layers - 1
+    num_attention_heads: int = 16
+    image_size: int = 384             # = the AnyRes tile size
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    PRESETS = {
+        "so400m": {},
+        # 56 px tiles of 4x4 patches: fast enough for the CPU demo (shapes.py) and the tests
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=56),
+    }
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown SigLIP preset {name!r}; choose from {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @property
+    def patches_per_side(self):
+        return self.image_size // self.patch_size
+
+    @property
+    def num_layers_used(self):
+        return self.num_hidden_layers - 1
+
+    @classmethod
+    def from_hf(cls, d, feature_layer=-2):
+        """From a SigLIP config.json (full 'siglip' or 'siglip_vision_model').
+
+        feature_layer: the hidden_states index its user reads (-2 for SigLIP as LLaVA uses it; transformers'
+        LLaVA-OneVision stores a 26-layer tower and reads -1). Normalised to 'full depth, read second-to-last'."""
+        d = d.get("vision_config", d) if d.get("model_type") == "siglip" else d
+        act = d.get("hidden_act", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"SigLIP config: hidden_act {act!r} unsupported (expected gelu_pytorch_tanh)")
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        depth = kw.get("num_hidden_layers", cls.num_hidden_layers)
+        used = depth + 1 + feature_layer if feature_layer < 0 else feature_layer
+        if not 1 <= used <= depth:
+            raise ValueError(f"SigLIP config: feature layer {feature_layer} out of range for {depth} layers")
+        kw["num_hidden_layers"] = used + 1
+        return cls(**kw)
+
+    def to_hf(self):
+        """transformers SiglipVisionConfig dict (full depth; users read hidden_states[-2])."""
+        return {**asdict(self), "model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh",
+                "attention_dropout": 0.0}
+
+
+# ----------------------------------------------------------------------------- tower
+
+class SiglipAttention(nn.Module):
+    def __init__(self, c: SiglipConfig):
+        super().__init__()
+        self.nh = c.num_attention_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x):
+        N, L, C = x.shape
+        q, k, v = (proj(x).view(N, L, self.nh, C // self.nh).transpose(1, 2)      # (N, nh, L, D)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)                                # full (non-causal) attention
+        return self.out_proj(y.transpose(1, 2).reshape(N, L, C))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, c: SiglipConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiglipLayer(nn.Module):
+    """Pre-LN transformer block."""
+
+    def __init__(self, c: SiglipConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = SiglipAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = SiglipMLP(c)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, c: SiglipConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        self.position_embedding = nn.Embedding(c.patches_per_side ** 2, c.hidden_size)   # learned, one per patch
+
+    def forward(self, pixels):
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))   # (N, C, P, P)
+        x = x.flatten(2).transpose(1, 2)                                          # (N, P*P, C)
+        return x + self.position_embedding.weight
+
+
+class SiglipVisionTower(nn.Module):
+    """pixels [N, 3, S, S] (preprocessed) -> features [N, P*P, C] of the second-to-last SigLIP layer."""
+
+    def __init__(self, config: SiglipConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = SiglipEmbeddings(config)
+        self.layers = nn.ModuleList(SiglipLayer(config) for _ in range(config.num_layers_used))
+        # never applied (LLaVA reads the pre-norm hidden state) but kept: checkpoints hold it and we save it back
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixels):
+        size = self.config.image_size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (self.config.num_channels, size, size):
+            raise ValueError(f"vision tower expects pixels [N, {self.config.num_channels}, {size}, {size}], "
+                             f"got {list(pixels.shape)}")
+        x = self.embeddings(pixels)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- images
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. Transparency is composited onto white, as transformers' image processors do.
+    (The released training code uses image.convert('RGB'), which differs only for transparent pixels.)"""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def check_image_size(size, name="image", max_pixels=None):
+    """Refuse (width, height) over max_pixels (default MAX_PIXELS) with a clear error, before any decoding."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"{name}: empty image ({width}x{height})")
+    if width * height > limit:
+        raise ValueError(f"{name}: {width}x{height} = {width * height} pixels is over the limit of {limit} "
+                         "(raise max_pixels / vision.MAX_PIXELS to allow it)")
+
+
+def load_image(path, max_pixels=None):
+    """Read an image file -> RGB PIL image. Missing, unreadable, corrupt, truncated or too large files
+    raise ValueError naming the file."""
+    try:
+        with Image.open(path) as image:
+            check_image_size(image.size, str(path), max_pixels)   # header only: no pixels decoded yet
+            image.load()                                           # truncated / corrupt data fails here
+            return to_rgb(image)
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: cannot read image ({e})") from e
+    except Exception as e:  # PIL raises many types on bad data (OSError, SyntaxError, EOFError, ...)
+        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+
+
+def preprocess(image, size=384):
+    """PIL image (any mode) -> pixels [3, size, size] float32: RGB, bicubic resize, /255, (x - 0.5) / 0.5.
+    Matches transformers' SigLIP image processor (PIL backend) value for value."""
+    image = to_rgb(image)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)      # (3, S, S) uint8
+    x = (x.double() * (1 / 255)).float()                                # rescale in fp64, as transformers
+    return (x - 0.5) / 0.5

@@ -249,23 +249,25 @@ class Qwen3(nn.Module):
 # ----------------------------------------------------------------------------- generation
 
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-    """logits [B, V] (fp32) -> next token ids [B]. temperature 0 = greedy. Order as transformers:
+    """logits [B, V] (fp32) -> next token ids [B]. temperature 0 = greedy. Same distribution as transformers:
     temperature, then top-k, then top-p (keep the smallest head of the sorted distribution with mass >= top_p)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
     if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # only the k best can survive: sort and softmax k values, not the whole vocabulary (151936)
+        values, order = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)    # (B, k), descending
+    else:
+        values, order = logits.sort(dim=-1, descending=True)                           # (B, V)
+    probs = (values / temperature).softmax(-1)
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        drop = mass_before >= top_p
+        drop = (probs.cumsum(-1) - probs) >= top_p       # mass of the better tokens already reaches top_p
         drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        probs = probs.masked_fill(drop, 0.0)
+    if generator is not None and generator.device != probs.device:
+        pick = torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+    else:
+        pick = torch.multinomial(probs, 1, generator=generator)
+    return order.gather(-1, pick).squeeze(1)
 
 
 def _left_pad(prompts, device):

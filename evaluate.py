@@ -1,0 +1,844 @@
+"""Evaluate Extract+Think (and the end-to-end VLM baseline) on multiple-choice sets such as MMStar.
+
+    stage 1   perception: the VLM describes each image, guided by a question-specific hint
+              -> stage1.jsonl, lmms-eval "samples" compatible (doc_id, filtered_resps=[description])
+    stage 2   reasoning: a text-only Qwen3 answers each question from its description -> stage2.jsonl
+              (full reply, parsed answer, correct, thinking tokens, budget hit) + stage2_results.json
+    e2e       the VLM answers the question directly (the paper's baseline) -> e2e.jsonl + e2e_results.json
+    two-stage stage 1 then stage 2 in one process
+    --grid    perception model x reasoner x thinking on/off x budget, stage-1 outputs cached per perception
+              model; writes grid.md, grid.csv and PNG plots.
+
+Scoring follows the released task files exactly (SPEC §9): the last line of the reply, the regex
+(?i)Answer\\s*:\\s*([^\\n]+), then lmms-eval's MMStar exact match against the answer letter; scores are
+aggregated as lmms-eval's mmstar_aggregate_results (see `aggregate`). Every output JSONL is resumable:
+finished doc_ids are skipped, a torn last line is repaired (records.ResumableJsonl). A doc whose image is
+missing or unreadable gets a record with status "failed" and the reason; it scores 0, is counted in
+n_failed, and is not retried on resume (delete its line to retry).
+
+A doc is one multiple-choice question; `doc_id` is its row position in the dataset file (as in lmms-eval),
+`index` is the dataset's own id (MMStar: the key of the precomputed hints file).
+
+Library API (shapes.py and the tests call these; models come from model.load_model / load_tokenizer):
+
+    load_docs(source, image_folder=None, limit=None) -> list[Doc]
+    run_stage1(docs, vlm, tokenizer, out_path, *, hints="none" | hints.json | callable, batch_size, max_new_tokens)
+    run_stage2(docs, stage1_path, llm, tokenizer, out_path, ReasonSettings(...), *, batch_size) -> records
+    run_e2e(docs, vlm, tokenizer, out_path, *, batch_size, max_new_tokens) -> records
+    summarize(records, mode) -> results dict (average, category, l2_category, n_failed, n_unparsable, ...)
+    score_table([(label, results), ...]) -> markdown table (percent, MMStar's Table 2 columns)
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import records
+from prompts import E2E_POST_PROMPT  # lmms-eval's default MMStar post-prompt: the e2e baseline's instruction
+
+# ----------------------------------------------------------------------------- scoring (release + lmms-eval facts)
+
+# stage_2_utils.py: the answer is searched for on the reply's last line only.
+ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+# lmms-eval mmstar exact_match: after lower()/strip(), the letter may follow one of these prefixes.
+_LETTER_PREFIXES = ("", "(", "option ", "the answer is ")
+# The order the paper's Table 2 prints MMStar's categories in (lmms-eval's eval_type_dict order).
+MMSTAR_CATEGORIES = ["coarse perception", "fine-grained perception", "instance reasoning",
+                     "logical reasoning", "science & technology", "math"]
+MMSTAR_SHORT = {"coarse perception": "CP", "fine-grained perception": "FP", "instance reasoning": "IR",
+                "logical reasoning": "LR", "science & technology": "ST", "math": "Math"}
+
+
+def extract_answer(reply):
+    """Reply text -> (prediction, parsed). As stage_2_utils.mmstar_process_results: take the last line
+    (split on "\\n"); if it matches the Answer regex the prediction is group 1, else the whole last line
+    (which is still scored: a bare "B" on the last line counts). `parsed` says whether the regex matched."""
+    last_line = reply.split("\n")[-1]
+    match = ANSWER_PATTERN.search(last_line)
+    return (match.group(1), True) if match else (last_line, False)
+
+
+def exact_match(prediction, answer):
+    """lmms-eval tasks/mmstar/utils.exact_match -> 1.0 or 0.0.
+
+    Both sides are lower-cased, stripped, newlines -> spaces. The prediction scores when the character
+    right after one of the prefixes "", "(", "option ", "the answer is " (tried in that order; a prefix
+    is tried only when the prediction starts with it) equals the whole answer. An empty prediction, or
+    one that ends right after a prefix, scores 0 (the original hits IndexError and returns 0)."""
+    answer = answer.lower().strip().replace("\n", " ")
+    prediction = prediction.lower().strip().replace("\n", " ")
+    for prefix in _LETTER_PREFIXES:
+        if not prediction.startswith(prefix):
+            continue
+        if len(prediction) <= len(prefix):
+            return 0.0
+        if prediction[len(prefix)] == answer:
+            return 1.0
+    return 0.0
+
+
+def score_reply(reply, answer, parse_answer_line=True):
+    """-> dict(prediction, parsed, correct). Stage 2 parses the `Answer:` line (release); the e2e baseline
+    is scored as plain lmms-eval MMStar (the whole reply is the prediction; `parsed` = reply not empty)."""
+    if parse_answer_line:
+        prediction, parsed = extract_answer(reply)
+    else:
+        prediction, parsed = reply, bool(reply.strip())
+    return {"prediction": prediction, "parsed": parsed, "correct": exact_match(prediction, answer) == 1.0}
+
+
+def aggregate(scored):
+    """Per-doc scores -> MMStar scores the way lmms-eval computes them.
+
+    scored: list of dict(category, l2_category, correct). lmms-eval registers one metric per category plus
+    "average"; each metric gets the docs filed under it and is aggregated by mmstar_aggregate_results: group
+    those docs by l2_category, take each group's accuracy, return the plain mean of those accuracies. So
+      category score = mean accuracy over the l2 groups of that category's docs (each l2 category weighs
+                       the same, whatever its number of questions);
+      average        = mean accuracy over ALL l2 categories (18 for MMStar), not the mean of the category
+                       scores -- the two agree when every category has the same number of l2 categories and
+                       no l2 name is shared between categories, as in MMStar (6 x 3).
+    Scores are fractions in [0, 1], as lmms-eval reports them; tables print them x100."""
+    by_category = defaultdict(list)
+    for s in scored:
+        by_category[s["category"]].append(s)
+    category = {name: _mean_over_l2(docs) for name, docs in _ordered(by_category).items()}
+    return {"average": _mean_over_l2(scored), "category": category, "l2_category": _l2_report(scored)}
+
+
+def _mean_over_l2(scored):
+    """lmms-eval's mmstar_aggregate_results: mean over l2 categories of their accuracy (0.0 if no docs)."""
+    by_l2 = defaultdict(list)
+    for s in scored:
+        by_l2[s["l2_category"]].append(1.0 if s["correct"] else 0.0)
+    return sum(sum(v) / len(v) for v in by_l2.values()) / len(by_l2) if by_l2 else 0.0
+
+
+def _l2_report(scored):
+    """-> {l2_category: dict(category, n, correct, score)} (category: "a / b" if the name is shared)."""
+    report = {}
+    for s in scored:
+        entry = report.setdefault(s["l2_category"], {"category": [], "n": 0, "correct": 0})
+        if s["category"] not in entry["category"]:
+            entry["category"].append(s["category"])
+        entry["n"] += 1
+        entry["correct"] += int(bool(s["correct"]))
+    for entry in report.values():
+        entry["category"] = " / ".join(entry["category"])
+        entry["score"] = entry["correct"] / entry["n"]
+    return report
+
+
+def _ordered(by_category):
+    """MMStar's categories in the paper's order; any other set keeps its first-seen order."""
+    if set(by_category) <= set(MMSTAR_CATEGORIES):
+        return {c: by_category[c] for c in MMSTAR_CATEGORIES if c in by_category}
+    return dict(by_category)
+
+
+def summarize(records_, mode):
+    """Stage-2 / e2e records -> the results dict written to results.json."""
+    results = {"mode": mode, "n": len(records_),
+               "n_failed": sum(r["status"] == "failed" for r in records_),
+               "n_unparsable": sum(r["status"] == "ok" and not r["parsed"] for r in records_),
+               "accuracy": sum(r["correct"] for r in records_) / max(len(records_), 1)}
+    results.update(aggregate(records_))
+    ok = [r for r in records_ if r["status"] == "ok"]
+    if ok:
+        results["mean_generated_tokens"] = sum(r["generated_tokens"] for r in ok) / len(ok)
+    if ok and "thinking_tokens" in ok[0]:
+        results["mean_thinking_tokens"] = sum(r["thinking_tokens"] for r in ok) / len(ok)
+        results["budget_hit_rate"] = sum(bool(r["budget_hit"]) for r in ok) / len(ok)
+    return results
+
+
+# ----------------------------------------------------------------------------- datasets
+
+@dataclass
+class Doc:
+    """One multiple-choice question. The image is loaded lazily (bytes from parquet, or a file path)."""
+    doc_id: int
+    index: str
+    question: str
+    answer: str
+    category: str
+    l2_category: str
+    image_path: str | None = None
+    image_bytes: bytes | None = field(default=None, repr=False)
+
+    def meta(self):
+        return {"doc_id": self.doc_id, "index": self.index, "target": self.answer,
+                "category": self.category, "l2_category": self.l2_category}
+
+
+def load_docs(source, image_folder=None, limit=None):
+    """A multiple-choice set -> list[Doc].
+
+    source: a .parquet file (MMStar as on the hub: index, question, image{bytes,path}, answer, category,
+    l2_category), a folder of parquet files, a hub dataset id such as Lin-Chen/MMStar (downloaded with
+    huggingface_hub, which honours the offline cache), or a .jsonl file with one question per line:
+    {"index", "question" (options inline), "answer" (letter), "category", "l2_category", "image" (path
+    relative to image_folder, default the jsonl's folder)}."""
+    if source.endswith(".jsonl"):
+        docs = _load_jsonl_docs(source, image_folder)
+    elif source.endswith(".parquet") or os.path.isdir(source):
+        docs = _load_parquet_docs(_parquet_files(source))
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not os.path.exists(source):
+        docs = _load_parquet_docs(_parquet_files(_download_dataset(source)))
+    else:
+        raise ValueError(f"dataset {source!r}: expected a .jsonl file, a .parquet file or folder, or a hub id")
+    return docs[:limit] if limit else docs
+
+
+def _load_jsonl_docs(path, image_folder):
+    folder = image_folder or os.path.dirname(os.path.abspath(path))
+    docs = []
+    for row, rec in enumerate(records.read_jsonl(path)):
+        missing = [k for k in ("question", "answer") if k not in rec]
+        if missing:
+            raise ValueError(f"{path}: record {row + 1} lacks {missing}")
+        category = rec.get("category", "all")
+        image = rec.get("image")
+        docs.append(Doc(doc_id=row, index=str(rec.get("index", row)), question=rec["question"],
+                        answer=str(rec["answer"]), category=category, l2_category=rec.get("l2_category", category),
+                        image_path=os.path.join(folder, image) if image else None))
+    return docs
+
+
+def _parquet_files(source):
+    if os.path.isfile(source):
+        return [source]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs if f.endswith(".parquet"))
+    if not files:
+        raise ValueError(f"{source}: no .parquet files in this folder")
+    return files
+
+
+def _download_dataset(repo_id):
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"])
+
+
+def _load_parquet_docs(files):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("reading parquet datasets needs pyarrow: pip install pyarrow") from e
+    docs = []
+    for path in files:
+        table = pq.read_table(path)
+        missing = {"index", "question", "image", "answer", "category", "l2_category"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{path}: parquet lacks the MMStar columns {sorted(missing)}")
+        for row in table.select(["index", "question", "image", "answer", "category", "l2_category"]).to_pylist():
+            image = row["image"]
+            docs.append(Doc(doc_id=len(docs), index=str(row["index"]), question=row["question"],
+                            answer=str(row["answer"]), category=row["category"], l2_category=row["l2_category"],
+                            image_bytes=image.get("bytes") if isinstance(image, dict) else image))
+    return docs
+
+
+def load_image(doc):
+    """Doc -> RGB PIL image; ValueError saying what is wrong (the record is then marked failed)."""
+    if doc.image_bytes is not None:
+        try:
+            image = Image.open(io.BytesIO(doc.image_bytes))
+            image.load()
+            return image.convert("RGB")
+        except Exception as e:
+            raise ValueError(f"doc {doc.doc_id} (index {doc.index}): embedded image unreadable: {e}") from e
+    if doc.image_path is None:
+        raise ValueError(f"doc {doc.doc_id} (index {doc.index}): no image")
+    if not os.path.exists(doc.image_path):
+        raise ValueError(f"doc {doc.doc_id} (index {doc.index}): image file not found: {doc.image_path}")
+    import vision
+    return vision.load_image(doc.image_path)
+
+
+# ----------------------------------------------------------------------------- stage-1 samples file
+
+def read_stage1(path, docs):
+    """Stage-1 samples JSONL (ours or lmms-eval's) -> {doc_id: record}, read as the release does
+    (str(doc_id) -> filtered_resps[0]). ValueError when docs that stage 2 needs are missing."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"stage-1 file not found: {path} (run --mode stage1 first)")
+    by_id = {}
+    for line_no, rec in enumerate(records.read_jsonl(path), 1):
+        if "doc_id" not in rec or not rec.get("filtered_resps"):
+            raise ValueError(f"{path}: line {line_no} lacks doc_id or filtered_resps (not a samples file)")
+        by_id[str(rec["doc_id"])] = rec
+    missing = [d.doc_id for d in docs if str(d.doc_id) not in by_id]
+    if missing:
+        raise ValueError(f"{path}: stage-1 file lacks {len(missing)} of the {len(docs)} doc_ids stage 2 needs "
+                         f"(first missing: {missing[:10]}); finish stage 1 or pass --limit")
+    return by_id
+
+
+def stage1_record(doc, prompt, hint, description, error=None, generated_tokens=0):
+    """lmms-eval samples fields (doc_id, target, resps, filtered_resps, input) + ours."""
+    rec = {"doc_id": doc.doc_id, "target": doc.answer, "resps": [[description]], "filtered_resps": [description],
+           "input": prompt, "index": doc.index, "hint": hint, "category": doc.category,
+           "l2_category": doc.l2_category, "generated_tokens": generated_tokens,
+           "status": "failed" if error else "ok"}
+    if error:
+        rec["error"] = error
+    return rec
+
+
+def stage2_record(doc, reply=None, error=None, parse_answer_line=True):
+    """One scored answer: the reply dict from the generation step (text, thinking_tokens, budget_hit,
+    generated_tokens) or an error (failed record: scored as wrong, counted in n_failed)."""
+    rec = doc.meta()
+    if error is not None:
+        empty = {"thinking_tokens": 0, "budget_hit": False, "answer_tokens": 0} if parse_answer_line else {}
+        return {**rec, "status": "failed", "error": error, "response": "", "prediction": "", "parsed": False,
+                "correct": False, "generated_tokens": 0, **empty}
+    rec.update(status="ok", response=reply["text"], **score_reply(reply["text"], doc.answer, parse_answer_line),
+               generated_tokens=reply["generated_tokens"])
+    if parse_answer_line:
+        rec.update(thinking_tokens=reply["thinking_tokens"], budget_hit=reply["budget_hit"],
+                   answer_tokens=reply["answer_tokens"])
+    return rec
+
+
+# ----------------------------------------------------------------------------- generation settings
+
+@dataclass
+class ReasonSettings:
+    """Stage-2 decoding (SPEC §8). temperature/top_p/top_k left None take the release's values for the
+    mode: thinking T 0.6 / top-p 0.95 / top-k 20, non-thinking T 0.7 / top-p 0.8 / top-k 20."""
+    thinking: bool = True
+    budget: int = 4096            # thinking tokens; the reply is capped at budget + answer_tokens
+    answer_tokens: int = 1024     # non-thinking cap, and the answer part after thinking
+    nowait: bool = True
+    greedy: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+
+    def sampling(self):
+        """-> dict(temperature, top_p, top_k) actually used (recorded in each run's config)."""
+        if self.greedy:
+            return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+        import reason
+        t, p, k = reason.sampling_defaults(self.thinking, self.temperature, self.top_p, self.top_k)
+        return {"temperature": t, "top_p": p, "top_k": k}
+
+    def label(self):
+        return f"think-{self.budget}" if self.thinking else "no-think"
+
+
+def _batch_generator(seed, batch_docs, device):
+    """A torch.Generator on the model's device, seeded by the run seed and the batch's first doc_id: a
+    resumed run samples the same tokens for the same batch."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_docs[0].doc_id)
+
+
+def question_text(doc):
+    """The question as the released stage-2 task passes it on (mmstar_doc_to_text, empty pre/post prompt)."""
+    return doc.question.strip()
+
+
+def e2e_user_text(doc):
+    """The end-to-end baseline's user text (lmms-eval llava: "<image>\\n" + MMStar default prompt)."""
+    return "<image>\n" + question_text(doc) + E2E_POST_PROMPT
+
+
+# ----------------------------------------------------------------------------- the resumable batch loop
+
+def _run_batches(docs, out_path, batch_size, desc, make_records, show_progress=True):
+    """Fixed batches over `docs` in dataset order; batches whose docs are all in out_path are skipped.
+
+    make_records(batch_docs) -> list of record dicts (with doc_id), appended and flushed per batch.
+    Batches are cut from the full doc list (not from the remaining ones) so a resumed run sees the same
+    batch composition as an uninterrupted one. Returns all records of `docs` in doc order."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    out = records.ResumableJsonl(out_path, key="doc_id")
+    done = {str(k) for k in out.done_keys}
+    bar = tqdm(total=len(docs), initial=sum(str(d.doc_id) in done for d in docs), desc=desc, unit="q",
+               disable=not show_progress, dynamic_ncols=True)
+    for start in range(0, len(docs), batch_size):
+        batch = [d for d in docs[start:start + batch_size] if str(d.doc_id) not in done]
+        if not batch:
+            continue
+        out.append(make_records(batch))
+        bar.update(len(batch))
+    bar.close()
+    by_id = {str(r["doc_id"]): r for r in records.read_jsonl(out_path)}
+    return [by_id[str(d.doc_id)] for d in docs]
+
+
+def _split_images(batch):
+    """-> (docs with an image, their RGB images, failed records' (doc, reason))."""
+    ok, images, failed = [], [], []
+    for doc in batch:
+        try:
+            images.append(load_image(doc))
+            ok.append(doc)
+        except ValueError as e:
+            failed.append((doc, str(e)))
+    return ok, images, failed
+
+
+# ----------------------------------------------------------------------------- stages
+
+def load_hints(spec, docs):
+    """--hints value -> function(batch_docs) -> list[hint | None].
+
+    spec: "none" (no hint sentence), a JSON file {index: hint} (MMStar: the release's
+    question_specific_info_qwen3_8B.json), or a callable (the "auto" mode: the reasoner writes hints)."""
+    if callable(spec):
+        return spec
+    if spec in (None, "none"):
+        return lambda batch: [None] * len(batch)
+    with open(spec) as f:
+        table = json.load(f)
+    missing = [d.index for d in docs if d.index not in table]
+    if missing:
+        raise ValueError(f"hints file {spec} has no hint for {len(missing)} doc indices (first: {missing[:10]})")
+    return lambda batch: [table[d.index] for d in batch]
+
+
+def auto_hints(llm, tokenizer, max_new_tokens=256):
+    """The "auto" hint mode: the reasoner LLM writes each question's hint (paper appendix prompt)."""
+    import reason
+    return lambda batch: reason.run_hint(llm, tokenizer, [question_text(d) for d in batch],
+                                         max_new_tokens=max_new_tokens)
+
+
+def run_stage1(docs, vlm, tokenizer, out_path, *, hints="none", batch_size=8, max_new_tokens=1024,
+               show_progress=True):
+    """Perception: the VLM describes every doc's image -> stage-1 samples JSONL (resumable). Returns records."""
+    import prompts
+    import reason
+    hint_fn = load_hints(hints, docs)
+
+    def make_records(batch):
+        ok, images, failed = _split_images(batch)
+        recs = [stage1_record(d, "", None, "", error=why) for d, why in failed]
+        if ok:
+            batch_hints = hint_fn(ok)
+            texts = ["<image>\n" + prompts.perception_prompt(h) for h in batch_hints]
+            outs = reason.run_perception(vlm, tokenizer, images, user_texts=texts, max_new_tokens=max_new_tokens)
+            recs += [stage1_record(d, t, h, o["text"], generated_tokens=o["generated_tokens"])
+                     for d, t, h, o in zip(ok, texts, batch_hints, outs)]
+        return recs
+
+    return _run_batches(docs, out_path, batch_size, "stage 1 (perception)", make_records, show_progress)
+
+
+def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, batch_size=8, show_progress=True):
+    """Reasoning: the text LLM answers each doc from its stage-1 description -> stage-2 JSONL. Returns records.
+    Docs whose stage-1 record failed are recorded as failed (scored wrong, counted)."""
+    import reason
+    settings = settings or ReasonSettings()
+    stage1 = read_stage1(stage1_path, docs)
+    device = llm.embed_tokens.weight.device
+
+    def make_records(batch):
+        failed = [d for d in batch if stage1[str(d.doc_id)].get("status", "ok") == "failed"]
+        ok = [d for d in batch if d not in failed]
+        recs = [stage2_record(d, error="stage 1 failed: " + stage1[str(d.doc_id)].get("error", "")) for d in failed]
+        if ok:
+            outs = reason.run_reasoning(
+                llm, tokenizer, [question_text(d) for d in ok],
+                [stage1[str(d.doc_id)]["filtered_resps"][0] for d in ok],
+                thinking=settings.thinking, budget=settings.budget, answer_tokens=settings.answer_tokens,
+                nowait=settings.nowait, generator=_batch_generator(settings.seed, ok, device),
+                **settings.sampling())
+            recs += [stage2_record(d, o) for d, o in zip(ok, outs)]
+        return recs
+
+    return _run_batches(docs, out_path, batch_size, f"stage 2 ({settings.label()})", make_records, show_progress)
+
+
+def run_e2e(docs, vlm, tokenizer, out_path, *, batch_size=8, max_new_tokens=1024, show_progress=True):
+    """End-to-end baseline: the VLM answers the MC question directly (greedy), scored as lmms-eval MMStar."""
+    import reason
+
+    def make_records(batch):
+        ok, images, failed = _split_images(batch)
+        recs = [stage2_record(d, error=r, parse_answer_line=False) for d, r in failed]
+        if ok:
+            outs = reason.run_perception(vlm, tokenizer, images, None, max_new_tokens=max_new_tokens,
+                                         user_texts=[e2e_user_text(d) for d in ok])
+            recs += [stage2_record(d, o, parse_answer_line=False) for d, o in zip(ok, outs)]
+        return recs
+
+    return _run_batches(docs, out_path, batch_size, "e2e (VLM answers)", make_records, show_progress)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+def check_run_config(path, config):
+    """Refuse to resume an output file that was started with other settings (the records would mix).
+    Writes `path` (the run's settings, JSON) the first time."""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+        if changed:
+            lines = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"{path}: this output folder holds a run with other settings ({lines}); "
+                             f"use another --out or delete it")
+    else:
+        records.atomic_write_json(path, config)
+
+
+def write_results(out_dir, name, recs, mode, config):
+    """Summarize records -> <out_dir>/<name>_results.json (atomic). Returns the results dict."""
+    results = {**summarize(recs, mode), "config": config}
+    records.atomic_write_json(os.path.join(out_dir, f"{name}_results.json"), results)
+    return results
+
+
+def score_table(rows):
+    """rows: list of (label, results) -> markdown table in percent, MMStar's Table 2 columns when present."""
+    categories = []
+    for _, res in rows:
+        categories += [c for c in res["category"] if c not in categories]
+    heads = [MMSTAR_SHORT.get(c, c) for c in categories]
+    lines = ["| run | " + " | ".join(heads) + " | Average | n | failed | unparsable | tokens |",
+             "|---" * (len(heads) + 6) + "|"]
+    for label, res in rows:
+        cells = [f"{100 * res['category'][c]:.1f}" if c in res["category"] else "-" for c in categories]
+        tokens = f"{res['mean_generated_tokens']:.0f}" if "mean_generated_tokens" in res else "-"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * res['average']:.1f} | {res['n']} | "
+                     f"{res['n_failed']} | {res['n_unparsable']} | {tokens} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- grid
+
+def _slug(model_id):
+    """A model path or hub id -> a short file-name-safe tag (its last two path parts)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "/".join(model_id.rstrip("/").split("/")[-2:]))
+
+
+def grid_settings(args):
+    """thinking on/off x budget -> list[ReasonSettings] (budgets only vary the thinking runs)."""
+    out = []
+    for mode in args.thinking:
+        budgets = args.budget if mode == "on" else [args.budget[0]]
+        out += [_settings(args, mode == "on", b) for b in budgets]
+    return out
+
+
+def run_grid(args, docs, loader):
+    """perception x reasoner x settings. Stage 1 runs once per perception model (cached, resumable);
+    each stage-2 combination has its own resumable file. Returns list of grid rows (dicts)."""
+    for kind in ("perception", "reasoner"):
+        slugs = [_slug(m) for m in getattr(args, kind)]
+        if len(set(slugs)) < len(slugs):
+            raise ValueError(f"--{kind} {getattr(args, kind)}: two models map to the same output name {slugs}; "
+                             "list each model once (use distinct folder names)")
+    s1_dir, s2_dir = os.path.join(args.out, "stage1"), os.path.join(args.out, "stage2")
+    os.makedirs(s1_dir, exist_ok=True)
+    os.makedirs(s2_dir, exist_ok=True)
+    stage1_files = {}
+    for p in args.perception:
+        stage1_files[p] = os.path.join(s1_dir, _slug(p) + ".jsonl")
+        _stage1_job(args, docs, loader, p, stage1_files[p])
+    loader.drop_vlms()
+    rows = []
+    for r in args.reasoner:
+        for p in args.perception:
+            for settings in grid_settings(args):
+                name = f"{_slug(p)}__{_slug(r)}__{settings.label()}"
+                out_path = os.path.join(s2_dir, name + ".jsonl")
+                recs = _stage2_job(args, docs, loader, r, settings, stage1_files[p], out_path)
+                res = write_results(s2_dir, name, recs, "two-stage", _stage2_config(args, r, settings, stage1_files[p]))
+                rows.append({"perception": p, "reasoner": r, "thinking": settings.thinking,
+                             "budget": settings.budget if settings.thinking else None, "results": res})
+        loader.drop(r)
+    write_grid_reports(args.out, rows)
+    return rows
+
+
+def grid_label(row):
+    think = f"think {row['budget']}" if row["thinking"] else "no think"
+    return f"{_slug(row['perception'])} + {_slug(row['reasoner'])}, {think}"
+
+
+def write_grid_reports(out_dir, rows):
+    """grid.md (table), grid.csv (one line per run) and the plots (if matplotlib is installed)."""
+    table = score_table([(grid_label(r), r["results"]) for r in rows])
+    records.atomic_write_text(os.path.join(out_dir, "grid.md"), table + "\n")
+    categories = list(rows[0]["results"]["category"]) if rows else []
+    header = ["perception", "reasoner", "thinking", "budget", "average", *categories, "n", "n_failed",
+              "n_unparsable", "mean_generated_tokens", "mean_thinking_tokens", "budget_hit_rate"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for r in rows:
+        res = r["results"]
+        writer.writerow([r["perception"], r["reasoner"], r["thinking"], r["budget"] or "", f"{res['average']:.4f}",
+                         *(f"{res['category'].get(c, 0.0):.4f}" for c in categories), res["n"], res["n_failed"],
+                         res["n_unparsable"], *(f"{res[k]:.1f}" if k in res else "" for k in
+                                                ("mean_generated_tokens", "mean_thinking_tokens", "budget_hit_rate"))])
+    records.atomic_write_text(os.path.join(out_dir, "grid.csv"), buf.getvalue())
+    try:
+        write_grid_plots(out_dir, rows)
+    except ImportError:
+        print("matplotlib not installed: grid plots skipped (pip install matplotlib)", file=sys.stderr)
+    return table
+
+
+def write_grid_plots(out_dir, rows):
+    """grid_category.png (accuracy per category, one bar per run), grid_budget.png (accuracy vs thinking
+    budget; non-thinking as a dashed line), grid_tokens.png (accuracy vs mean generated tokens)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    _plot_categories(plt, rows, os.path.join(out_dir, "grid_category.png"))
+    pairs = {}
+    for r in rows:
+        pairs.setdefault((r["perception"], r["reasoner"]), []).append(r)
+    _plot_budget(plt, pairs, os.path.join(out_dir, "grid_budget.png"))
+    _plot_tokens(plt, pairs, os.path.join(out_dir, "grid_tokens.png"))
+
+
+def _plot_categories(plt, rows, path):
+    categories = list(rows[0]["results"]["category"]) + ["average"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(categories)), 4))
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        res = r["results"]
+        values = [100 * res["category"].get(c, 0.0) for c in categories[:-1]] + [100 * res["average"]]
+        ax.bar([x + i * width for x in range(len(categories))], values, width, label=grid_label(r))
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(categories))])
+    ax.set_xticklabels([MMSTAR_SHORT.get(c, c) for c in categories[:-1]] + ["Average"])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_budget(plt, pairs, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (p, r), runs in pairs.items():
+        think = sorted((x for x in runs if x["thinking"]), key=lambda x: x["budget"])
+        line, = ax.plot([x["budget"] for x in think], [100 * x["results"]["average"] for x in think], "o-",
+                        label=f"{_slug(p)} + {_slug(r)}")
+        for x in runs:
+            if not x["thinking"]:
+                ax.axhline(100 * x["results"]["average"], ls="--", color=line.get_color())
+    budgets = [x["budget"] for runs in pairs.values() for x in runs if x["thinking"]]
+    if budgets and max(budgets) >= 4 * min(budgets):
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("thinking budget (tokens); dashed = thinking off")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_tokens(plt, pairs, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (p, r), runs in pairs.items():
+        runs = sorted(runs, key=lambda x: x["results"].get("mean_generated_tokens", 0.0))
+        ax.plot([x["results"].get("mean_generated_tokens", 0.0) for x in runs],
+                [100 * x["results"]["average"] for x in runs], "o-", label=f"{_slug(p)} + {_slug(r)}")
+    ax.set_xlabel("mean generated tokens per question (stage 2)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+class ModelLoader:
+    """Loads each checkpoint once (model + tokenizer) and frees it on request."""
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype, self.cache = device, dtype, {}
+
+    def get(self, path):
+        if path not in self.cache:
+            import model
+            self.cache[path] = (model.load_model(path, dtype=self.dtype, device=self.device),
+                                model.load_tokenizer(path))
+        return self.cache[path]
+
+    def drop(self, path):
+        self.cache.pop(path, None)
+
+    def drop_vlms(self):
+        for path in [p for p, (m, _) in self.cache.items() if hasattr(m, "vision")]:
+            self.drop(path)
+
+
+def _settings(args, thinking, budget):
+    return ReasonSettings(thinking=thinking, budget=budget, answer_tokens=args.answer_tokens,
+                          nowait=args.nowait == "on", greedy=args.greedy, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def _hints_spec(args, loader):
+    if args.hints != "auto":
+        return args.hints
+    llm, tok = loader.get(args.hint_model or args.reasoner[0])
+    return auto_hints(llm, tok)
+
+
+def _stage1_job(args, docs, loader, perception, out_path):
+    check_run_config(out_path[:-len(".jsonl")] + ".config.json",
+                     {"data": args.data, "perception": perception, "hints": args.hints,
+                      "hint_model": (args.hint_model or args.reasoner[0]) if args.hints == "auto" else None,
+                      "max_new_tokens": args.stage1_tokens})
+    hints = _hints_spec(args, loader)
+    vlm, tok = loader.get(perception)
+    return run_stage1(docs, vlm, tok, out_path, hints=hints, batch_size=args.batch_size,
+                      max_new_tokens=args.stage1_tokens, show_progress=not args.quiet)
+
+
+def _stage2_config(args, reasoner, settings, stage1_file):
+    return {"data": args.data, "stage1_file": os.path.abspath(stage1_file), "reasoner": reasoner,
+            **asdict(settings), "sampling": settings.sampling()}
+
+
+def _stage2_job(args, docs, loader, reasoner, settings, stage1_file, out_path):
+    check_run_config(out_path[:-len(".jsonl")] + ".config.json", _stage2_config(args, reasoner, settings, stage1_file))
+    llm, tok = loader.get(reasoner)
+    return run_stage2(docs, stage1_file, llm, tok, out_path, settings, batch_size=args.batch_size,
+                      show_progress=not args.quiet)
+
+
+def _e2e_job(args, docs, loader):
+    out_path = os.path.join(args.out, "e2e.jsonl")
+    config = {"data": args.data, "perception": args.perception[0], "max_new_tokens": args.stage1_tokens,
+              "post_prompt": E2E_POST_PROMPT}
+    check_run_config(os.path.join(args.out, "e2e.config.json"), config)
+    vlm, tok = loader.get(args.perception[0])
+    recs = run_e2e(docs, vlm, tok, out_path, batch_size=args.batch_size, max_new_tokens=args.stage1_tokens,
+                   show_progress=not args.quiet)
+    return write_results(args.out, "e2e", recs, "e2e", config)
+
+
+def run_single(args, docs, loader):
+    """One mode, one model per stage. Returns the results dict (None for stage1 alone)."""
+    if args.mode == "e2e":
+        return _e2e_job(args, docs, loader)
+    stage1_file = args.stage1_file or os.path.join(args.out, "stage1.jsonl")
+    if args.mode in ("stage1", "two-stage"):
+        _stage1_job(args, docs, loader, args.perception[0], stage1_file)
+        loader.drop_vlms()
+        if args.mode == "stage1":
+            return None
+    settings = _settings(args, args.thinking[0] == "on", args.budget[0])
+    recs = _stage2_job(args, docs, loader, args.reasoner[0], settings, stage1_file,
+                       os.path.join(args.out, "stage2.jsonl"))
+    return write_results(args.out, "stage2", recs, args.mode,
+                         _stage2_config(args, args.reasoner[0], settings, stage1_file))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, except empty ones (None / False), and keeps the examples' line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+EXAMPLES = r"""examples (MMStar with the released checkpoints, one GPU):
+  python evaluate.py --mode two-stage --data Lin-Chen/MMStar --perception markendo/llava-extract-qwen3-0.6B \
+      --reasoner Qwen/Qwen3-1.7B --hints question_specific_info_qwen3_8B.json --out runs/mmstar_0.6B_1.7B
+  python evaluate.py --mode e2e --data mmstar.parquet --perception markendo/llava-extract-qwen3-0.6B --out runs/e2e
+  python evaluate.py --grid --data mmstar.parquet --perception P1 P2 --reasoner R1 R2 --thinking on off \
+      --budget 512 1024 4096 --out runs/grid
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Evaluate Extract+Think (stage 1 perception -> stage 2 reasoning) or the end-to-end VLM\n"
+                    "on a multiple-choice set (MMStar parquet / hub id, or JSONL + image folder).\n"
+                    "Outputs are resumable: run the same command again to continue.",
+        epilog=EXAMPLES, formatter_class=_HelpFormatter)
+    p.add_argument("--mode", choices=["stage1", "stage2", "e2e", "two-stage"], default="two-stage",
+                   help="stage1: descriptions; stage2: answers from a stage-1 file; two-stage: both; "
+                        "e2e: the VLM answers directly")
+    p.add_argument("--data", required=True, help="MMStar .parquet (or folder), hub id (Lin-Chen/MMStar) or .jsonl")
+    p.add_argument("--image-folder", help="images of a .jsonl set (default: the .jsonl's folder)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--out", default="runs/eval", help="output folder (stage1.jsonl, stage2.jsonl, *_results.json)")
+    p.add_argument("--perception", nargs="+", default=["markendo/llava-extract-qwen3-0.6B"],
+                   help="VLM checkpoint(s) (folder or hub id); several only with --grid")
+    p.add_argument("--reasoner", nargs="+", default=["Qwen/Qwen3-1.7B"],
+                   help="text LLM checkpoint(s); several only with --grid")
+    p.add_argument("--hints", default="auto",
+                   help="question-specific hints: 'auto' (the reasoner writes them), 'none', or a JSON file "
+                        "{index: hint} such as the release's question_specific_info_qwen3_8B.json")
+    p.add_argument("--hint-model", help="LLM that writes the hints in auto mode (default: the first --reasoner)")
+    p.add_argument("--stage1-file", help="stage-1 samples JSONL to read in stage 2 (ours or lmms-eval's "
+                                         "--log_samples output); default <out>/stage1.jsonl")
+    p.add_argument("--thinking", nargs="+", choices=["on", "off"], default=["on"],
+                   help="Qwen3 thinking mode of the reasoner (both values only with --grid)")
+    p.add_argument("--budget", nargs="+", type=int, default=[4096], help="thinking budget(s) in tokens")
+    p.add_argument("--answer-tokens", type=int, default=1024, help="max answer tokens after thinking / non-thinking")
+    p.add_argument("--nowait", choices=["on", "off"], default="on", help="mask reflexive tokens (NoWait)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding in stage 2 too (deterministic)")
+    p.add_argument("--temperature", type=float, help="default: 0.6 thinking / 0.7 non-thinking")
+    p.add_argument("--top-p", type=float, help="default: 0.95 thinking / 0.8 non-thinking")
+    p.add_argument("--top-k", type=int, help="default: 20")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (each batch: seed and its first doc_id)")
+    p.add_argument("--stage1-tokens", type=int, default=1024, help="max new tokens of the VLM (stage 1 and e2e)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (left padded)")
+    p.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
+    p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--grid", action="store_true",
+                   help="run every perception x reasoner x thinking x budget; writes grid.md, grid.csv, PNG plots")
+    p.add_argument("--json", action="store_true", help="print the results JSON to stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not args.grid:
+        many = [f"--{k}" for k in ("perception", "reasoner", "thinking", "budget") if len(getattr(args, k)) > 1]
+        if many:
+            p.error(f"{', '.join(many)} accept several values only with --grid")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    docs = load_docs(args.data, args.image_folder, args.limit)
+    os.makedirs(args.out, exist_ok=True)
+    loader = ModelLoader(device, dtype)
+    start = time.time()
+    if args.grid:
+        rows = run_grid(args, docs, loader)
+        print(json.dumps(rows, indent=1) if args.json else score_table([(grid_label(r), r["results"]) for r in rows]))
+    else:
+        results = run_single(args, docs, loader)
+        if results is not None:
+            print(json.dumps(results, indent=1) if args.json else score_table([(args.mode, results)]))
+    print(f"done in {time.time() - start:.0f} s; outputs in {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"evaluate.py: error: {e}")

@@ -1,0 +1,568 @@
+"""Extract+Think inference: image + question -> hint -> description (VLM) -> thinking + answer (LLM).
+
+    python reason.py --image photo.jpg --question "What is left of the cat?\\nOptions: A: ..., B: ..."
+
+Library API (used by evaluate.py and extract_data.py; every function is batched over its lists):
+
+    nowait_token_ids(tokenizer) -> set[int]                    reflexive tokens to mask (SPEC §8)
+    NoWait(token_ids, think_end_id=None)                       logits processor: mask them
+    ThinkingBudget(budget, closing, think_end_index, answer_tokens=1024, stop_id=None)
+                                                               logits processor: per-row thinking budget
+    IncrementalDecoder(tokenizer)                              token ids -> text pieces, UTF-8 safe
+    run_hint(llm, tokenizer, questions, max_new_tokens=256, on_token=None) -> list[str]
+    run_perception(vlm, tokenizer, images, hints=None, max_new_tokens=1024, user_texts=None,
+                   on_token=None) -> list[Perception]              Perception(text, generated_tokens)
+    run_reasoning(llm, tokenizer, questions, descriptions, *, thinking=True, budget=4096,
+                  answer_tokens=1024, nowait=True, nowait_scope="all", closing="release",
+                  temperature=None, top_p=None, top_k=None, generator=None, on_token=None)
+        -> list[Reasoning]   Reasoning(text, thinking, answer, thinking_tokens, budget_hit, answer_tokens,
+                                       generated_tokens)
+
+Perception and Reasoning are dataclasses that also allow r["text"]-style access (records code uses dicts).
+Decoding defaults follow the release (SPEC §8): perception and hints greedy; reasoning with thinking
+T 0.6 / top-p 0.95 / top-k 20 and a 4096-token thinking budget, without thinking T 0.7 / top-p 0.8 / top-k 20.
+"""
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import model as M
+import prompts
+
+# ----------------------------------------------------------------------------- NoWait
+
+# SPEC §8: the reflexive words of NoWait, then the 30 extra cores the released id list also contains.
+REFLEXIVE_WORDS = ("wait", "alternatively", "hmm", "but", "however", "alternative", "another", "check",
+                   "double-check", "oh", "maybe", "verify", "other", "again", "now", "ah", "anyway", "anyhow")
+RELEASE_EXTRA_CORES = ("alternatives", "andwait", "anyways", "callcheck", "checked", "checkedchanged", "checking",
+                       "checknotnull", "classcallcheck", "contribut", "dcheck", "début", "ibut", "ischecked",
+                       "nullcheck", "otherbuttontitles", "othermal", "otherwise", "qverify", "setchecked",
+                       "tersebut", "testcheck", "unchecked", "utcnow", "verifying", "waited", "waitfor",
+                       "waitforseconds", "waitkey", "webdriverwait")
+_EDGE_NON_LETTERS = re.compile(r"^[\W\d_]+|[\W\d_]+$")
+_NOWAIT_CACHE = {}  # id(tokenizer) -> (tokenizer, ids): decoding the whole vocabulary takes ~1 s
+
+
+def token_core(text):
+    """A decoded token without its leading/trailing non-letters ([\\W\\d_]), lower-cased: " Wait," -> "wait"."""
+    return _EDGE_NON_LETTERS.sub("", text).lower()
+
+
+def first_special_id(tokenizer):
+    """The lowest id of a special added token (Qwen3: <|endoftext|> 151643); the vocab size if there is none."""
+    special = [i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special]
+    return min(special, default=tokenizer.get_vocab_size())
+
+
+def nowait_token_ids(tokenizer):
+    """Every ordinary token (id below the first special id) whose core is a reflexive word -> set of ids.
+    With the real Qwen3 tokenizer this is exactly the release's 189 hard-coded ids. Cached per tokenizer."""
+    cached = _NOWAIT_CACHE.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return set(cached[1])
+    words = set(REFLEXIVE_WORDS) | set(RELEASE_EXTRA_CORES)
+    ids = range(first_special_id(tokenizer))
+    texts = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    found = frozenset(i for i, text in zip(ids, texts) if token_core(text) in words)
+    _NOWAIT_CACHE[id(tokenizer)] = (tokenizer, found)  # holding the tokenizer keeps its id() from being reused
+    return set(found)
+
+
+class _RowScanner:
+    """Follows each row's generated tokens incrementally (processors see the whole lists every step)."""
+
+    _seen = None
+
+    def _new_tokens(self, generated):
+        """-> per row the tokens added since the last call."""
+        seen = self._seen or [0] * len(generated)
+        self._seen = [len(toks) for toks in generated]
+        return [toks[s:] for toks, s in zip(generated, seen)]
+
+
+class NoWait(_RowScanner):
+    """Logits processor: reflexive tokens get -inf.
+
+    think_end_id None (default, the release): masked for the whole generation. Given: only in rows that
+    have not yet produced that id (i.e. inside the thinking block); use it only for thinking prompts."""
+
+    def __init__(self, token_ids, think_end_id=None):
+        self.ids = sorted(token_ids)
+        self.think_end_id = think_end_id
+        self._index = None
+        self.closed = None  # per row: </think> seen
+
+    def __call__(self, logits, generated):
+        """logits [B, V] -> logits [B, V] with the reflexive columns at -inf (in the rows that apply)."""
+        if self._index is None or self._index.device != logits.device:
+            self._index = torch.tensor(self.ids, dtype=torch.long, device=logits.device)
+        if self.think_end_id is None:
+            logits[:, self._index] = float("-inf")
+            return logits
+        if self.closed is None:
+            self.closed = [False] * len(generated)
+        for i, new in enumerate(self._new_tokens(generated)):
+            self.closed[i] = self.closed[i] or self.think_end_id in new
+        rows = [i for i, c in enumerate(self.closed) if not c]
+        if rows:
+            logits[torch.tensor(rows, device=logits.device)[:, None], self._index] = float("-inf")
+        return logits
+
+
+# ----------------------------------------------------------------------------- thinking budget
+
+QWEN_CLOSING = ("Considering the limited time by the user, I have to give the solution based on the thinking "
+                "directly now.\n")
+
+
+def closing_ids(tokenizer, style="release"):
+    """-> (token ids forced when a row runs out of thinking budget, index of </think> in them).
+
+    "release": "\\n", "</think>" (the released processor). "qwen": Qwen's closing sentence + "\\n", "</think>",
+    "\\n\\n" (Qwen3 model card)."""
+    think_end = _token_id(tokenizer, "</think>")
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False).ids
+    if style == "release":
+        newline = enc("\n")
+        return newline + [think_end], len(newline)
+    if style == "qwen":
+        head = enc(QWEN_CLOSING)
+        return head + [think_end] + enc("\n\n"), len(head)
+    raise ValueError(f"unknown budget closing style {style!r}; choose 'release' or 'qwen'")
+
+
+class ThinkingBudget(_RowScanner):
+    """Logits processor: a per-row state machine that ends thinking at `budget` generated tokens
+    (an int, or one budget per row).
+
+    Every row counts its own tokens from the first generated one (Qwen3 writes "<think>" itself). A row
+    still thinking is forced, token by token, through `closing` so that its </think> is exactly the
+    `budget`-th token (release: "\\n" at budget-1, </think> at budget, as the released processor); tokens
+    of `closing` after </think> are forced next. A row that writes </think> by itself is never forced.
+    After </think> a row may write `answer_tokens` more tokens; then `stop_id` is forced (generate drops
+    it and ends the row).
+
+    Not reproduced from the released processor (SPEC §8 quirks): it also multiplies the raw "\\n" / </think>
+    logits in the last 5 % of the budget, acts on batch row 0 only, and keeps forcing after a natural </think>.
+
+    Per row, read after generation (and observe(output)): thinking_tokens (up to and including </think>;
+    every generated token if thinking never closed), budget_hit, answer_tokens (tokens after </think>)."""
+
+    def __init__(self, budget, closing, think_end_index, answer_tokens=1024, stop_id=None):
+        self.budget, self.closing, self.end_at = budget, list(closing), think_end_index
+        for b in (budget if isinstance(budget, (list, tuple)) else [budget]):
+            if b < think_end_index + 1:
+                raise ValueError(f"thinking budget {b} is shorter than the forced closing "
+                                 f"({think_end_index + 1} tokens up to </think>)")
+        self.think_end_id = self.closing[think_end_index]
+        self.answer_cap, self.stop_id = answer_tokens, stop_id
+        self.force_from = None  # per row: 0-based position of the first forced token
+        self.thinking_tokens = self.budget_hit = self.answer_tokens = self.closed = None
+
+    def observe(self, generated):
+        """Advance each row's counters over its new tokens. generate() stops without a last processor call,
+        so call this once with its output to count the final token too."""
+        if self.closed is None:
+            n = len(generated)
+            budgets = list(self.budget) if isinstance(self.budget, (list, tuple)) else [self.budget] * n
+            if len(budgets) != n:
+                raise ValueError(f"{len(budgets)} thinking budgets for a batch of {n}")
+            self.force_from = [b - (self.end_at + 1) for b in budgets]
+            self.thinking_tokens, self.answer_tokens = [0] * n, [0] * n
+            self.budget_hit, self.closed = [False] * n, [False] * n
+        for i, new in enumerate(self._new_tokens(generated)):
+            for tok in new:
+                if self.closed[i]:
+                    self.answer_tokens[i] += 1
+                else:
+                    self.thinking_tokens[i] += 1
+                    self.closed[i] = tok == self.think_end_id
+
+    def _forced(self, i, n):
+        """The token row i must write at 0-based position n, or None."""
+        k = n - self.force_from[i]
+        if not self.closed[i] and k >= 0:
+            self.budget_hit[i] = True
+            return self.closing[min(k, self.end_at)]
+        if self.closed[i] and self.budget_hit[i] and k < len(self.closing):
+            return self.closing[k]
+        if self.closed[i] and self.stop_id is not None and self.answer_tokens[i] >= self.answer_cap:
+            return self.stop_id
+        return None
+
+    def __call__(self, logits, generated):
+        """logits [B, V] -> logits [B, V]; a forced row keeps only its forced token (0, the rest -inf)."""
+        self.observe(generated)
+        for i, toks in enumerate(generated):
+            tok = self._forced(i, len(toks))
+            if tok is not None:
+                logits[i] = float("-inf")
+                logits[i, tok] = 0.0
+        return logits
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+class IncrementalDecoder:
+    """Token ids in, text pieces out, never splitting a multi-byte UTF-8 character.
+
+    push(id) returns the new text ("" while a character is still incomplete); flush() returns what is left.
+    Decodes a short window (previous piece + new tokens) each time, so the cost per token stays constant."""
+
+    def __init__(self, tokenizer, skip_special_tokens=True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids, self.prefix, self.read = [], 0, 0
+
+    def _decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+    def push(self, token_id):
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
+
+    def flush(self):
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(before):]
+
+
+# ----------------------------------------------------------------------------- batched stages
+
+@dataclass
+class _Record:
+    def __getitem__(self, key):  # r["text"] as well as r.text: evaluate.py builds dict records from these
+        return getattr(self, key)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class Perception(_Record):
+    text: str
+    generated_tokens: int
+
+
+@dataclass
+class Reasoning(_Record):
+    text: str              # the whole reply decoded like the release (special tokens skipped, <think> kept)
+    thinking: str          # between <think> and </think> (stripped); "" without thinking
+    answer: str            # after </think> (stripped); the whole reply without thinking
+    thinking_tokens: int   # generated tokens up to and including </think>
+    budget_hit: bool
+    answer_tokens: int     # generated tokens after </think>
+    generated_tokens: int
+
+
+def _token_id(tokenizer, token):
+    tid = tokenizer.token_to_id(token)
+    if tid is None:
+        raise ValueError(f"tokenizer has no {token!r} token")
+    return tid
+
+
+def stop_ids(tokenizer):
+    """Chat stop tokens present in this tokenizer: <|im_end|>, <|endoftext|>."""
+    return {tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None}
+
+
+def _encode_all(tokenizer, texts):
+    return [M.encode(tokenizer, t) for t in texts]
+
+
+def run_hint(llm, tokenizer, questions, max_new_tokens=256, on_token=None):
+    """Questions -> "Contents to observe" hints: the paper's Figure A5 prompt to the text LLM (non-thinking,
+    greedy), parsed with prompts.parse_hint. -> list[str]."""
+    chats = [prompts.qwen3_chat([{"role": "user", "content": prompts.hint_prompt(q)}], thinking=False)
+             for q in questions]
+    out = M.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=max_new_tokens,
+                     stop_ids=stop_ids(tokenizer), on_token=on_token)
+    return [prompts.parse_hint(tokenizer.decode(o, skip_special_tokens=True)) for o in out]
+
+
+def run_perception(vlm, tokenizer, images, hints=None, max_new_tokens=1024, user_texts=None, on_token=None):
+    """Stage 1: one image per row -> its description (greedy). -> list[Perception].
+
+    images: list of PIL images; hints: per-row hint or None (None / a None entry: no "Especially..." part).
+    user_texts: per-row full user message instead; it must hold the "<image>" mark itself (the e2e baseline
+    asks its question this way). The chat is prompts.llava_chat."""
+    if user_texts is None:
+        hints = hints if hints is not None else [None] * len(images)
+        user_texts = ["<image>\n" + prompts.perception_prompt(h) for h in hints]
+    if len(user_texts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(user_texts)} prompts")
+    ids = _encode_all(tokenizer, [prompts.llava_chat(t) for t in user_texts])
+    out = M.generate(vlm, ids, [[im] for im in images], max_new_tokens=max_new_tokens,
+                     stop_ids=stop_ids(tokenizer), on_token=on_token)
+    return [Perception(tokenizer.decode(o, skip_special_tokens=True), len(o)) for o in out]
+
+
+def sampling_defaults(thinking, temperature=None, top_p=None, top_k=None):
+    """SPEC §8 sampling for the mode, any given value taking precedence -> (temperature, top_p, top_k)."""
+    base = (0.6, 0.95, 20) if thinking else (0.7, 0.8, 20)
+    return tuple(b if g is None else g for g, b in zip((temperature, top_p, top_k), base))
+
+
+def _split_reply(tokenizer, toks, thinking, think_end_id):
+    """Generated ids -> (thinking text, answer text, thinking token count)."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()
+    if not thinking:
+        return "", decode(toks), 0
+    think_start = tokenizer.token_to_id("<think>")
+    start = 1 if toks and toks[0] == think_start else 0
+    if think_end_id not in toks:
+        return decode(toks[start:]), "", len(toks)
+    end = toks.index(think_end_id)
+    return decode(toks[start:end]), decode(toks[end + 1:]), end + 1
+
+
+def _reasoning_processors(tokenizer, thinking, budget, answer_tokens, nowait, nowait_scope, closing):
+    """-> (logits processors in order, the ThinkingBudget or None)."""
+    if nowait_scope not in ("all", "thinking"):
+        raise ValueError(f"nowait_scope must be 'all' or 'thinking', got {nowait_scope!r}")
+    processors, budgeter = [], None
+    if nowait:
+        think_end = _token_id(tokenizer, "</think>") if thinking and nowait_scope == "thinking" else None
+        processors.append(NoWait(nowait_token_ids(tokenizer), think_end))
+    if thinking:
+        forced, end_at = closing_ids(tokenizer, closing)
+        stop = tokenizer.token_to_id("<|im_end|>")
+        stop = stop if stop is not None else next(iter(stop_ids(tokenizer)), None)
+        budgeter = ThinkingBudget(budget, forced, end_at, answer_tokens, stop)
+        processors.append(budgeter)  # last: forcing wins over any mask
+    return processors, budgeter
+
+
+def _token_caps(budget, thinking, answer_tokens, n):
+    """generate's per-row max_new_tokens: budget + answer tokens (the release's cap), answer tokens alone
+    without thinking."""
+    if not thinking:
+        return answer_tokens
+    budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * n
+    return [b + answer_tokens for b in budgets]
+
+
+def run_reasoning(llm, tokenizer, questions, descriptions, *, thinking=True, budget=4096, answer_tokens=1024,
+                  nowait=True, nowait_scope="all", closing="release", temperature=None, top_p=None, top_k=None,
+                  generator=None, on_token=None):
+    """Stage 2: the text LLM answers each question from its description. -> list[Reasoning].
+
+    thinking: Qwen3 thinking mode with a `budget` (int or per-row list; ThinkingBudget, `closing` "release" |
+    "qwen"), then up to `answer_tokens`; without thinking, `answer_tokens` in all. nowait: mask reflexive tokens,
+    nowait_scope "all" (release) or "thinking" (only inside <think>). temperature 0 = greedy; None values
+    take the release's sampling for the mode."""
+    if len(questions) != len(descriptions):
+        raise ValueError(f"{len(questions)} questions but {len(descriptions)} descriptions")
+    chats = [prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(q, d, thinking)}], thinking)
+             for q, d in zip(questions, descriptions)]
+    processors, budgeter = _reasoning_processors(tokenizer, thinking, budget, answer_tokens, nowait, nowait_scope,
+                                                 closing)
+    t, p, k = sampling_defaults(thinking, temperature, top_p, top_k)
+    caps = _token_caps(budget, thinking, answer_tokens, len(chats))
+    out = M.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=caps,
+                     temperature=t, top_p=p, top_k=k, stop_ids=stop_ids(tokenizer), logits_processors=processors,
+                     on_token=on_token, generator=generator)
+    if budgeter is not None:
+        budgeter.observe(out)
+    think_end = tokenizer.token_to_id("</think>")
+    results = []
+    for i, toks in enumerate(out):
+        think_text, answer, n_think = _split_reply(tokenizer, toks, thinking, think_end)
+        hit = bool(budgeter is not None and budgeter.budget_hit and budgeter.budget_hit[i])
+        results.append(Reasoning(tokenizer.decode(toks, skip_special_tokens=True), think_text, answer, n_think,
+                                 hit, len(toks) - n_think, len(toks)))
+    return results
+
+
+# ----------------------------------------------------------------------------- command line
+
+ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+
+
+def final_answer(reply):
+    """The released MMStar parse: last line of the reply, 'Answer: X' -> X (else the last line itself)."""
+    last = reply.strip().split("\n")[-1]
+    m = ANSWER_PATTERN.search(last)
+    return (m.group(1) if m else last).strip()
+
+
+class Stream:
+    """on_token callback for a batch of one: prints text as it is decoded; <think> / </think> start sections."""
+
+    def __init__(self, tokenizer, out, think_ids=(None, None)):
+        self.decoder, self.out = IncrementalDecoder(tokenizer), out
+        self.think_start, self.think_end = think_ids
+
+    def header(self, title):
+        self.out.write(f"\n=== {title} ===\n")
+        self.out.flush()
+
+    def __call__(self, row, tok):
+        if tok is not None and tok in (self.think_start, self.think_end):
+            self.out.write(self.decoder.flush())
+            self.header("thinking" if tok == self.think_start else "answer")
+            return
+        self.out.write(self.decoder.push(tok))
+        self.out.flush()
+
+    def close(self):
+        self.out.write(self.decoder.flush() + "\n")
+        self.out.flush()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Extract+Think on one image: hint -> perception (the VLM describes the image) -> reasoning "
+                    "(a text LLM thinks and answers). Both stages stream to the terminal. A multiple-choice "
+                    "question carries its options inline, as in MMStar.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", required=True, help="the question (options inline for multiple choice)")
+    p.add_argument("--perception-model", default="markendo/llava-extract-qwen3-0.6B", help="VLM folder or hub id")
+    p.add_argument("--reasoner", default="Qwen/Qwen3-1.7B", help="text LLM folder or hub id")
+    p.add_argument("--mode", choices=("two-stage", "e2e"), default="two-stage",
+                   help="two-stage = Extract+Think; e2e = the VLM answers directly (the paper's baseline)")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True, help="Qwen3 thinking mode")
+    p.add_argument("--budget", type=int, default=4096, help="thinking budget in tokens (then '\\n</think>' is forced)")
+    p.add_argument("--budget-closing", choices=("release", "qwen"), default="release",
+                   help="forced at the budget: '\\n</think>' (release) or Qwen's 'Considering the limited time...'")
+    p.add_argument("--nowait", action=argparse.BooleanOptionalAction, default=True, help="mask reflexive tokens")
+    p.add_argument("--nowait-scope", choices=("all", "thinking"), default="all",
+                   help="mask during the whole reply (release) or only inside <think>")
+    p.add_argument("--hint", default="auto",
+                   help="'auto' (the reasoner writes it), 'none' (generic description), or the hint text itself")
+    p.add_argument("--hints-file", help="precomputed hints JSON {index: hint} (MMStar: the release's "
+                                        "question_specific_info_qwen3_8B.json); needs --index")
+    p.add_argument("--index", help="key into --hints-file")
+    p.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="cap per stage: description, answer after thinking, e2e answer (hint: at most 256)")
+    p.add_argument("--greedy", action="store_true", help="deterministic: greedy reasoning too")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16; unset: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the stream goes to stderr)")
+    args = p.parse_args(argv)
+    if args.hints_file and args.index is None:
+        p.error("--hints-file needs --index")
+    if args.budget < 2:
+        p.error("--budget must be at least 2")
+    return args
+
+
+def resolve_hint(args, llm, tokenizer, log):
+    """-> the hint text, or None for no hint; printed under its own header."""
+    if args.hints_file:
+        try:
+            with open(args.hints_file) as f:
+                table = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{args.hints_file}: cannot read hints JSON ({e})") from None
+        if str(args.index) not in table:
+            raise ValueError(f"{args.hints_file}: no hint for index {args.index!r}")
+        hint, source = table[str(args.index)], f"from {args.hints_file}"
+    elif args.hint == "none":
+        hint, source = None, "none: generic description"
+    elif args.hint != "auto":
+        hint, source = args.hint, "given"
+    else:
+        log.write("\n=== hint (reasoner, 'Contents to observe') ===\n")
+        log.flush()
+        hint = run_hint(llm, tokenizer, [args.question], max_new_tokens=min(256, args.max_new_tokens))[0]
+        log.write(hint + "\n")
+        return hint
+    log.write(f"\n=== hint ({source}) ===\n{hint or ''}\n")
+    return hint
+
+
+def _load(path, want_vlm, device, dtype, role):
+    """-> (model, tokenizer); a text LLM where a VLM is needed (or the reverse) is an error."""
+    net = M.load_model(path, dtype=dtype, device=device)
+    if hasattr(net, "vision") != want_vlm:
+        kind = "a VLM (LLaVA checkpoint)" if want_vlm else "a text-only LLM checkpoint"
+        raise ValueError(f"{path}: the {role} must be {kind}")
+    return net, M.load_tokenizer(path)
+
+
+def _two_stage(args, image, vlm, vlm_tok, device, dtype, log):
+    """hint -> description -> reasoning; -> result fields."""
+    llm, tok = _load(args.reasoner, False, device, dtype, "reasoner")
+    hint = resolve_hint(args, llm, tok, log)
+    stream = Stream(vlm_tok, log)
+    stream.header(f"description (perception: {args.perception_model})")
+    desc = run_perception(vlm, vlm_tok, [image], [hint], max_new_tokens=args.max_new_tokens, on_token=stream)[0]
+    stream.close()
+    stream = Stream(tok, log, (tok.token_to_id("<think>"), tok.token_to_id("</think>")))
+    stream.header(f"reasoning ({args.reasoner}, thinking {'on' if args.thinking else 'off'})")
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    r = run_reasoning(llm, tok, [args.question], [desc.text], thinking=args.thinking, budget=args.budget,
+                      answer_tokens=args.max_new_tokens, nowait=args.nowait, nowait_scope=args.nowait_scope,
+                      closing=args.budget_closing, generator=generator, on_token=stream,
+                      **({"temperature": 0.0} if args.greedy else {}))[0]
+    stream.close()
+    return dict(hint=hint, description=desc.text, thinking=r.thinking, answer=r.answer, reply=r.text,
+                final=final_answer(r.answer or r.text), thinking_tokens=r.thinking_tokens, budget_hit=r.budget_hit,
+                answer_tokens=r.answer_tokens)
+
+
+def _end_to_end(args, image, vlm, vlm_tok, log):
+    """The VLM answers the question directly (lmms-eval's MMStar prompt for LLaVA); -> result fields."""
+    stream = Stream(vlm_tok, log)
+    stream.header(f"answer (VLM {args.perception_model}, end to end)")
+    user = "<image>\n" + args.question + prompts.E2E_POST_PROMPT
+    out = run_perception(vlm, vlm_tok, [image], user_texts=[user], max_new_tokens=args.max_new_tokens,
+                         on_token=stream)[0]
+    stream.close()
+    return dict(answer=out.text, reply=out.text, final=final_answer(out.text), answer_tokens=out.generated_tokens)
+
+
+def run(args):
+    """The whole command -> the result dict (the --json object)."""
+    import vision
+    image = vision.load_image(args.image)        # a bad image fails before any model is loaded
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu or auto)")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    log = sys.stderr if args.json else sys.stdout
+    t0 = time.time()
+    vlm, vlm_tok = _load(args.perception_model, True, device, dtype, "perception model")
+    result = dict(mode=args.mode, question=args.question, hint=None, description="", thinking="", answer="",
+                  thinking_tokens=0, budget_hit=False)
+    if args.mode == "e2e":
+        result.update(_end_to_end(args, image, vlm, vlm_tok, log))
+    else:
+        result.update(_two_stage(args, image, vlm, vlm_tok, device, dtype, log))
+    result.update(perception_model=args.perception_model, reasoner=args.reasoner if args.mode != "e2e" else None,
+                  seconds=round(time.time() - t0, 2))
+    log.write(f"\n=== final answer ===\n{result['final']}\n")
+    log.flush()
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, OSError) as e:  # bad image, unknown model id, not a checkpoint, bad hints file
+        print(f"reason.py: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

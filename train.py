@@ -637,7 +637,7 @@ def parse_args(argv=None):
             p.add_argument(name, dest=f.name, action="store_false" if f.default else "store_true",
                            help=("turn off " if f.default else "") + meta["help"])
         else:
-            kind = meta["type"] or type(f.default)
+            kind = meta["type"] or (type(f.default) if f.default is not None else str)  # None defaults: str fields
             p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], required=f.name in ("stage", "data"),
                            help=meta["help"] + (f" (default: {f.default})" if f.default not in (None, "") else ""))
     return TrainConfig(**vars(p.parse_args(argv)))

@@ -396,3 +396,11 @@ def test_vlm_loss_equals_llava_onevision(tmp_path):
                  batch_num_images=torch.tensor([len(r) for r in images])).loss
     assert n.item() == (hf_labels[:, 1:] != T.IGNORE).sum().item()
     assert abs(loss.item() / n.item() - ref.item()) < 1e-5
+
+
+def test_cli_accepts_every_preset_override_flag():
+    import train as T
+    cfg = T.parse_args(["--stage", "pretrain", "--data", "x.jsonl", "--train", "llm,projector", "--template", "plain",
+                        "--lr", "0.5", "--vision-lr", "0.25", "--global-batch", "4", "--image-aspect-ratio", "pad"])
+    assert (cfg.train, cfg.template, cfg.lr, cfg.vision_lr, cfg.global_batch, cfg.image_aspect_ratio) == \
+        ("llm,projector", "plain", 0.5, 0.25, 4, "pad")

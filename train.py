@@ -464,7 +464,7 @@ def load_checkpoint(path, wrapped, optimizer, scheduler, cfg, rank):
     """Restore what save_checkpoint wrote -> (step, stats); refuses a checkpoint of a different recipe."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, tuples, dicts only
     diff = [f"{k}: {state['config'][k]!r} != {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
             if state["config"].get(k) != getattr(cfg, k)]
     if diff:

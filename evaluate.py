@@ -619,7 +619,12 @@ def _plot_categories(plt, rows, path):
         ax.bar([x + i * width for x in range(len(categories))], values, width, label=grid_label(r))
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(categories))])
     ax.set_xticklabels([MMSTAR_SHORT.get(c, c) for c in categories[:-1]] + ["Average"])
-    ax.set_ylabel("accuracy (%)")
+    _finish_plot(plt, fig, ax, "accuracy (%)", path)
+
+
+def _finish_plot(plt, fig, ax, ylabel, path):
+    """Shared tail of the grid plots: accuracy axis 0-100, legend, write PNG, free the figure."""
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -640,12 +645,7 @@ def _plot_budget(plt, pairs, path):
     if budgets and max(budgets) >= 4 * min(budgets):
         ax.set_xscale("log", base=2)
     ax.set_xlabel("thinking budget (tokens); dashed = thinking off")
-    ax.set_ylabel("average accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_plot(plt, fig, ax, "average accuracy (%)", path)
 
 
 def _plot_tokens(plt, pairs, path):
@@ -655,12 +655,7 @@ def _plot_tokens(plt, pairs, path):
         ax.plot([x["results"].get("mean_generated_tokens", 0.0) for x in runs],
                 [100 * x["results"]["average"] for x in runs], "o-", label=f"{_slug(p)} + {_slug(r)}")
     ax.set_xlabel("mean generated tokens per question (stage 2)")
-    ax.set_ylabel("average accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_plot(plt, fig, ax, "average accuracy (%)", path)
 
 
 # ----------------------------------------------------------------------------- command line

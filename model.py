@@ -347,11 +347,19 @@ def generate(model, prompts, images=None, *, max_new_tokens, temperature=0.0, to
 
 def load_tokenizer(path_or_id):
     """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (no transformers needed)."""
-    from tokenizers import Tokenizer
     path = os.path.join(_resolve_checkpoint(path_or_id, need_config=False), "tokenizer.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{path_or_id}: no tokenizer.json in the checkpoint folder")
-    return Tokenizer.from_file(path)
+    return read_tokenizer_file(path)
+
+
+def read_tokenizer_file(path):
+    """tokenizer.json -> `tokenizers.Tokenizer`; a corrupt file is a CheckpointError naming it."""
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the Rust side raises a bare Exception ("Model missing. at line 1 column 2")
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
 def encode(tokenizer, text):

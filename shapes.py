@@ -9,7 +9,8 @@ This file builds a small world of coloured shapes and runs the paper's pipeline 
     held-out seeds --> multiple-choice evaluation set (MMStar-style JSONL + image folder) for evaluate.py
 
 `python shapes.py` is the README's main job: data -> tiny VLMs at two LLM sizes (end-to-end baseline and
-extraction-tuned) + a tiny text reasoner -> evaluate.py (e2e vs Extract+Think per category) -> table + plot.
+extraction-tuned) + a tiny text reasoner -> evaluate.py (e2e vs Extract+Think per category) -> table + plot,
+plus the descriptions checked against the scene graphs and a control that the image path learns (probes.py).
 
 Every scene has unique (colour, kind) pairs, so "the red circle" always names exactly one shape.
 Answers are computed from the scene graph only; tests/test_shapes.py re-derives them independently.
@@ -700,12 +701,13 @@ class RunConfig:
     lr: float = 3e-3              # pretrain and reasoner; fine-tuning uses lr / 2
     stage1_tokens: int = 160      # true descriptions are 45-115 tokens
     budget: int = 160             # thinking budget of the tiny reasoner (its traces are ~30-90 tokens)
+    control_steps: int = 200      # the background control (probes.background_probe)
     eval_batch: int = 32
     threads: int = 1
     seed: int = 0
 
 
-QUICK = dict(n_train=32, n_eval=8, vocab_size=700, sizes={"S": ""}, pretrain_steps=20, finetune_steps=24,
+QUICK = dict(n_train=200, n_eval=12, sizes={"S": ""}, pretrain_steps=20, finetune_steps=24,
              reasoner_steps=40, batch=8)  # tests/test_pipeline.py
 
 
@@ -849,6 +851,36 @@ def evaluate_size(cfg: RunConfig, data: dict, size: str, models: dict, timer: Ti
     return results
 
 
+GROUNDING_PATTERNS = {"background": r"on an? (\w+) background", "shape count": r"shows (\d+) shapes?\b"}
+
+
+def description_grounding(stage1_path: str, data: dict) -> dict:
+    """Check the first facts of each held-out stage-1 description against its scene graph.
+
+    -> {fact: {"accuracy", "chance", "n"}} for "background" (chance 1/3: drawn uniformly) and "shape count"
+    (chance: the share of the most common count among the held-out scenes, what an image-blind writer best
+    does). A description that does not state the fact counts as wrong. Unlike the MC score this needs no
+    lookup in the prompt: it shows directly whether the VLM reads the image."""
+    import re
+    with open(data["eval"]) as f:
+        rows = {r["index"]: r for r in map(json.loads, f)}
+    with open(data["scenes"]) as f:
+        scenes = {s["image"]: s["scene"] for s in map(json.loads, f)}
+    with open(stage1_path) as f:
+        descriptions = [(rows[r["index"]], r["filtered_resps"][0]) for r in map(json.loads, f)]
+    truth = {"background": lambda scene: scene["background"], "shape count": lambda scene: str(len(scene["shapes"]))}
+    counts = Counter(truth["shape count"](scenes[row["image"]]) for row, _ in descriptions)
+    chance = {"background": 1 / len(BACKGROUNDS), "shape count": max(counts.values()) / len(descriptions)}
+    out = {}
+    for fact, pattern in GROUNDING_PATTERNS.items():
+        hits = 0
+        for row, text in descriptions:
+            found = re.search(pattern, text)
+            hits += bool(found and found.group(1) == truth[fact](scenes[row["image"]]))
+        out[fact] = {"accuracy": hits / len(descriptions), "chance": chance[fact], "n": len(descriptions)}
+    return out
+
+
 METHOD_LABELS = {"e2e": "end-to-end VLM", "extract+think": "Extract+Think",
                  "oracle+think": "reasoner on true descriptions"}
 
@@ -896,6 +928,25 @@ def loss_table(losses: dict, tokenizer_path: str) -> str:
             + "\n".join(lines))
 
 
+def grounding_table(grounding: dict, control: dict) -> str:
+    """{size: description_grounding(...)} + the background control (probes.background_probe) -> markdown."""
+    lines = ["| LLM | stage-1 descriptions | background right | shape count right |", "|---|---|---|---|"]
+    for size, facts in grounding.items():
+        cells = [f"{100 * f['accuracy']:.0f} % (chance {100 * f['chance']:.0f} %)" for f in facts.values()]
+        lines.append(f"| {size} | extraction-tuned VLM, n={facts['background']['n']} | " + " | ".join(cells) + " |")
+    return ("Do the descriptions read the image? Facts checked against the scene graph:\n" + "\n".join(lines)
+            + f"\n\nControl: the same VLM code trained only on \"<image>\" -> \"<background> background.\" for "
+              f"{control['steps']} steps names the background of {100 * control['accuracy']:.0f} % of "
+              f"{control['n']} held-out images (chance {100 * control['chance']:.0f} %; `python probes.py`).")
+
+
+def _background_control(cfg: RunConfig, data: dict) -> dict:
+    """probes.background_probe on this run's data with the S LLM (its model folder goes under models/)."""
+    import probes
+    return probes.background_probe(os.path.dirname(data["eval"]), os.path.join(cfg.out, "models"),
+                                   steps=cfg.control_steps, seed=cfg.seed)
+
+
 def plot_results(results: dict, path: str) -> None:
     """Grouped bars: accuracy per category for every (size, method); dashed line at chance."""
     import matplotlib
@@ -940,7 +991,8 @@ def try_example(command: list[str]) -> dict:
 
 
 def run(cfg: RunConfig) -> dict:
-    """The whole main job. Returns {"results", "models", "table", "plot", "example", "seconds"}."""
+    """The whole main job. Returns {"results", "heldout_loss", "grounding", "control", "models", "table", "plot",
+    "example", "example_reply", "seconds", "steps", "config"} (also written to <out>/summary.json)."""
     timer = Timer()
     torch_threads(cfg.threads)
     data_dir = os.path.join(cfg.out, "data")
@@ -960,14 +1012,18 @@ def run(cfg: RunConfig) -> dict:
                                                      heldout_loss, models[size]["extract"], data, image_shift=7)
     for size in cfg.sizes:
         results[size] = evaluate_size(cfg, data, size, models[size], timer)
-    table = (size_legend(models) + "\n\n" + result_table(results) + "\n\n"
-             + loss_table(losses, data["tokenizer"]))
+    grounding = {size: description_grounding(os.path.join(cfg.out, "eval", f"extract+think-{size}", "stage1.jsonl"),
+                                             data) for size in cfg.sizes}
+    control = timer("control: the same VLM code learns the background colour", _background_control, cfg, data)
+    table = (size_legend(models) + "\n\n" + result_table(results) + "\n\n" + loss_table(losses, data["tokenizer"])
+             + "\n\n" + grounding_table(grounding, control))
     plot = os.path.join(cfg.out, "results.png")
     plot_results(results, plot)
     largest = list(cfg.sizes)[-1]
     example = example_command(cfg, data, models[largest])
     reply = timer("example reason.py command", try_example, example)
-    summary = {"results": results, "heldout_loss": losses, "models": models, "table": table, "plot": plot,
+    summary = {"results": results, "heldout_loss": losses, "grounding": grounding, "control": control,
+               "models": models, "table": table, "plot": plot,
                "example": example, "example_reply": reply, "seconds": time.time() - timer.start,
                "steps": timer.steps, "config": asdict(cfg)}
     _write_json(os.path.join(cfg.out, "summary.json"), summary)

@@ -291,6 +291,9 @@ def right_pad(ids, labels, pad_id, device):
 
 def tokenizer_file(cfg):
     """--tokenizer (a tokenizer.json or a folder), else the tokenizer.json of the --init / LLM checkpoint."""
+    if cfg.llm == "tiny" and not (cfg.tokenizer or cfg.init or cfg.llm_path):
+        raise ValueError("--llm tiny starts from random weights: pass --tokenizer (a tokenizer.json or a folder "
+                         "holding one, e.g. runs/shapes/data/tokenizer.json from `python shapes.py --data-only`)")
     source = cfg.tokenizer or cfg.init or cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}"
     if source.endswith(".json"):
         return source
@@ -301,8 +304,7 @@ def tokenizer_file(cfg):
 
 
 def load_tokenizer(cfg):
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(tokenizer_file(cfg))
+    return M.read_tokenizer_file(tokenizer_file(cfg))
 
 
 def init_weights(module):
@@ -644,4 +646,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    train(sys.argv[1:])
+    try:
+        train(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:  # bad record, file or checkpoint (CheckpointError): one line
+        sys.exit(f"train.py: error: {e}")

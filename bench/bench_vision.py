@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 import torch
@@ -19,19 +18,10 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import anyres  # noqa: E402
 import model as M  # noqa: E402
+from _timing import best_time  # noqa: E402
 from vision import SiglipConfig, SiglipVisionTower  # noqa: E402
 
 
-def best_time(fn, repeats, warmup=1):
-    """Seconds of the fastest of `repeats` calls after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def transformers_tower(ours):

@@ -286,3 +286,41 @@ def test_eval_set_loads_in_evaluate_and_matches_its_e2e_prompt(tmp_path):
     qa = [json.loads(line) for line in open(paths["qa"])]
     mc_turns = [t["value"] for rec in qa for t in rec["conversations"] if shapes.MC_INSTRUCTION in t["value"]]
     assert mc_turns and all(t.endswith(evaluate.E2E_POST_PROMPT) for t in mc_turns)
+
+
+# ------------------------------------------------------------------ grounding score and probes
+
+
+def test_description_grounding_checks_facts_against_the_scene_graph(tmp_path):
+    """Hand-built case: 3 descriptions of 2 scenes; the expected scores are counted by hand."""
+    scenes = [{"split": "eval", "image": "images/a.png", "scene": {"background": "grey", "shapes": [{}, {}, {}]}},
+              {"split": "eval", "image": "images/b.png", "scene": {"background": "white", "shapes": [{}, {}]}}]
+    rows = [{"index": "0", "image": "images/a.png"}, {"index": "1", "image": "images/a.png"},
+            {"index": "2", "image": "images/b.png"}]
+    texts = ["The image shows 3 shapes on a grey background. ...",   # both right
+             "The image shows 2 shapes on a beige background.",      # both wrong
+             "The image shows 2 shapes on a white background."]      # both right
+    paths = {"eval": tmp_path / "eval.jsonl", "scenes": tmp_path / "scenes.jsonl"}
+    paths["eval"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths["scenes"].write_text("".join(json.dumps(s) + "\n" for s in scenes))
+    stage1 = tmp_path / "stage1.jsonl"
+    stage1.write_text("".join(json.dumps({"doc_id": i, "index": r["index"], "filtered_resps": [t]}) + "\n"
+                              for i, (r, t) in enumerate(zip(rows, texts))))
+    got = shapes.description_grounding(str(stage1), {k: str(v) for k, v in paths.items()})
+    assert got["background"] == {"accuracy": 2 / 3, "chance": 1 / 3, "n": 3}
+    # counts of the 3 rows: 3, 3, 2 -> an image-blind writer saying "3" is right 2/3 of the time
+    assert got["shape count"] == {"accuracy": 2 / 3, "chance": 2 / 3, "n": 3}
+
+
+def test_probe_records_agree_with_the_scene_graph():
+    import probes
+    scenes = [{"image": f"images/train_{s}.png", "scene": shapes.make_scene(s)} for s in range(5)]
+    for rec, s in zip(probes.background_records(scenes), scenes):
+        assert rec["conversations"][1]["value"] == s["scene"]["background"] + " background."
+    records = probes.lookup_records(range(30), "t")
+    assert len(records) > 100
+    for rec in records:
+        human, gpt = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        options = dict(re.findall(r"([A-H]): ([^,\n]+)", human.split("\nOptions: ")[1].split("\n")[0]))
+        said = re.search(r"\nThe answer is (.+)\.$", human).group(1)
+        assert [letter for letter, text in options.items() if text == said] == [gpt[-1]], rec

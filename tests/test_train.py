@@ -404,3 +404,26 @@ def test_cli_accepts_every_preset_override_flag():
                         "--lr", "0.5", "--vision-lr", "0.25", "--global-batch", "4", "--image-aspect-ratio", "pad"])
     assert (cfg.train, cfg.template, cfg.lr, cfg.vision_lr, cfg.global_batch, cfg.image_aspect_ratio) == \
         ("llm,projector", "plain", 0.5, 0.25, 4, "pad")
+
+
+@pytest.mark.parametrize("tokenizer, says", [
+    (None, "--llm tiny starts from random weights: pass --tokenizer"),     # no hub lookup, no traceback
+    ("corrupt", "{tmp}/tokenizer.json: not a valid tokenizer.json"),      # the bad file is named
+    ("valid", "{tmp}/missing.jsonl"),                                      # the missing data file is named
+])
+def test_cli_errors_are_one_line(tmp_path, tokenizer, says):
+    import shapes
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["--stage", "text", "--llm", "tiny", "--data", f"{tmp_path}/missing.jsonl", "--out", str(tmp_path / "o")]
+    if tokenizer:
+        path = tmp_path / "tokenizer.json"
+        if tokenizer == "valid":
+            shapes.train_tokenizer(["a red circle"] * 4, vocab_size=300).save(str(path))
+        else:
+            path.write_text("{}")
+        argv += ["--tokenizer", str(path)]
+    run = subprocess.run([sys.executable, os.path.join(root, "train.py"), *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error:") and says.format(tmp=tmp_path) in last, run.stderr

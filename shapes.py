@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -861,7 +862,6 @@ def description_grounding(stage1_path: str, data: dict) -> dict:
     (chance: the share of the most common count among the held-out scenes, what an image-blind writer best
     does). A description that does not state the fact counts as wrong. Unlike the MC score this needs no
     lookup in the prompt: it shows directly whether the VLM reads the image."""
-    import re
     with open(data["eval"]) as f:
         rows = {r["index"]: r for r in map(json.loads, f)}
     with open(data["scenes"]) as f:

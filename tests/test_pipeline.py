@@ -56,12 +56,11 @@ def test_vlm_training_reads_the_image_on_held_out_scenes(summary):
     trained on "<image>" -> "<background> background." names the background of held-out images above chance.
     (The MC questions stay at chance at this compute: see probes.py and the README.)"""
     control = summary["control"]
-    assert control["n"] >= 8 and control["beats_chance"], control
-    assert control["accuracy"] > beats_chance_threshold(control["chance"], control["n"]), control
-
-
-def beats_chance_threshold(chance, n, z=2.0):
-    return chance + z * math.sqrt(chance * (1 - chance) / n)
+    chance, n = control["chance"], control["n"]
+    assert chance == 1 / 3 and n >= 8, control
+    # above chance by 2 standard errors of a binomial at chance level (one-sided, ~2.3 % false alarm)
+    assert control["accuracy"] > chance + 2 * math.sqrt(chance * (1 - chance) / n), control
+    assert control["beats_chance"], control  # probes' own verdict agrees
 
 
 def test_grounding_is_scored_for_every_size(summary):

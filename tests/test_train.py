@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import chat_data as D
 import model as M
 import train as T
 from model import IMAGE_TOKEN_ID
@@ -77,8 +78,8 @@ def trained_runs(tokenizer, ids, labels):
 # ----------------------------------------------------------------------------- labels
 
 def sample(record, template, tokenizer, unmask=False):
-    turns = T.record_turns(record, record.get("id"))
-    return T.tokenize_segments(tokenizer, T.render_segments(turns, template), unmask)
+    turns = D.record_turns(record, record.get("id"))
+    return D.tokenize_segments(tokenizer, D.render_segments(turns, template), unmask)
 
 
 TWO_TURNS = {"id": "x", "image": "a.png", "conversations": [
@@ -127,12 +128,12 @@ def test_chat_templates_match_the_prompts_module():
     import prompts
     user = {"from": "human", "value": "<image>\nwhat colour is the red circle?"}
     record = {"id": "v", "image": "a.png", "conversations": [user, {"from": "gpt", "value": "Red."}]}
-    full = "".join(text for text, _ in T.render_segments(T.record_turns(record, "v"), "qwen_1_5"))
+    full = "".join(text for text, _ in D.render_segments(D.record_turns(record, "v"), "qwen_1_5"))
     assert full == prompts.llava_chat(user["value"]) + "Red.<|im_end|>\n"
     user = {"from": "human", "value": "what colour is the red circle?"}
     for answer, thinking in (("The answer is red.", False), ("<think>\nred\n</think>\n\nThe answer is red.", True)):
         record = {"id": "q", "conversations": [user, {"from": "gpt", "value": answer}]}
-        full = "".join(text for text, _ in T.render_segments(T.record_turns(record, "q"), "qwen3"))
+        full = "".join(text for text, _ in D.render_segments(D.record_turns(record, "q"), "qwen3"))
         prompt = prompts.qwen3_chat([{"role": "user", "content": user["value"]}], thinking=thinking)
         assert full == prompt + answer + "<|im_end|>\n"
         assert full == prompts.qwen3_chat([{"role": "user", "content": user["value"]},

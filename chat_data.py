@@ -1,0 +1,166 @@
+"""LLaVA conversation records -> chat-templated token ids and labels, validated samples, and batch order.
+
+A record is {"id", "image" (str | list, optional), "conversations": [{"from": "human"|"gpt"|"system", "value"}]}
+(SPEC §9). train.py reads records (records.read_records), keeps the valid ones here (build_samples), orders
+them per epoch (epoch_order) and splits each global batch into this rank's micro-batches (micro_batches);
+load_batch then renders a template and tokenises:
+
+    turns [(role, text)] --render_segments--> [(text, trained)] --tokenize_segments--> ids, labels (-100 = ignored)
+
+Only assistant turns are trained. Images stay as IMAGE_TOKEN_ID (-200) in the ids, spliced later by the VLM.
+"""
+import os
+
+import torch
+
+import model as M
+from model import IMAGE_TOKEN_ID
+from prompts import EMPTY_THINK, LLAVA_SYSTEM
+
+IGNORE = -100  # label of tokens without loss (as transformers / PyTorch cross_entropy ignore_index)
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+# ----------------------------------------------------------------------------- records -> turns
+
+def record_images(record):
+    """The record's image paths: "image" may be a string, a list, or absent (text-only)."""
+    image = record.get("image")
+    return [] if image is None else [image] if isinstance(image, str) else list(image)
+
+
+def record_turns(record, rid):
+    """conversations -> [(role, text)] with roles user/assistant/system; checks <image> count vs images."""
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise ValueError(f"record {rid}: 'conversations' must be a non-empty list")
+    turns = []
+    for c in convs:
+        role, text = c.get("from", c.get("role")), c.get("value", c.get("content"))
+        if role not in ROLES or not isinstance(text, str):
+            raise ValueError(f"record {rid}: bad turn {str(c)[:80]} (need from: human|gpt|system and a string value)")
+        turns.append((ROLES[role], text))
+    n_marks, n_images = sum(t.count("<image>") for _, t in turns), len(record_images(record))
+    if n_marks != n_images:
+        raise ValueError(f"record {rid}: {n_marks} <image> marks but {n_images} images")
+    return turns
+
+
+# ----------------------------------------------------------------------------- templates and labels
+
+def render_segments(turns, template, rid="?"):
+    """[(role, text)] -> [(text, trained)] in order. Only assistant turns are trained (SPEC §9):
+    their "<|im_start|>assistant\\n" header, content and "<|im_end|>\\n"."""
+    if template == "plain":  # LLaVA pretrain: "<image>" + caption + "\n", the prompt text is dropped
+        if len(turns) != 2 or "<image>" not in turns[0][1]:
+            raise ValueError(f"record {rid}: the plain template needs exactly [human turn with <image>, gpt caption]")
+        return [("<image>", False), (turns[1][1] + "\n", True)]
+    if template not in ("qwen_1_5", "qwen3"):
+        raise ValueError(f"unknown template {template!r}; choose plain, qwen_1_5 or qwen3")
+    if not any(role == "assistant" for role, _ in turns):
+        raise ValueError(f"record {rid}: no gpt turn, nothing to train")
+    segments = []
+    if template == "qwen_1_5":
+        if turns[0][0] != "user":  # the reference drops a leading non-human turn
+            turns = turns[1:]
+        segments.append((f"<|im_start|>system\n{LLAVA_SYSTEM}<|im_end|>\n", False))
+    for role, text in turns:
+        if template == "qwen_1_5" and text.count("<image>") == 1 and not text.startswith("<image>"):
+            text = "<image>\n" + text.replace("<image>", "").strip()  # the reference moves a lone image first
+        if template == "qwen3" and role == "assistant" and "<think>" not in text:
+            text = EMPTY_THINK + text  # Qwen3's non-thinking turn, as prompts.qwen3_chat renders it
+        segments.append((f"<|im_start|>{role}\n{text}<|im_end|>\n", role == "assistant"))
+    return segments
+
+
+def tokenize_segments(tokenizer, segments, unmask_specials=False):
+    """[(text, trained)] -> ids, labels (lists). IMAGE_TOKEN_ID at each <image>, never trained.
+
+    unmask_specials reproduces upstream LLaVA-NeXT's preprocess_qwen quirk: every "\\n", <|im_start|>
+    and <|im_end|> token is trained, including those of the system and user turns."""
+    ids, labels = [], []
+    for text, trained in segments:
+        seg = M.encode(tokenizer, text)
+        ids += seg
+        labels += [t if trained and t != IMAGE_TOKEN_ID else IGNORE for t in seg]
+    if unmask_specials:
+        special = {tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")}
+        special |= set(tokenizer.encode("\n", add_special_tokens=False).ids)
+        labels = [t if t in special else lab for t, lab in zip(ids, labels)]
+    return ids, labels
+
+
+# ----------------------------------------------------------------------------- samples and batches
+
+def build_samples(cfg, records):
+    """Validate every record up front: structure, <image> count, image files. Returns kept samples
+    [dict(id, turns, images (full paths), length)] and the error of each skipped record (--skip-bad-samples)."""
+    samples, bad = [], []
+    for i, rec in enumerate(records):
+        rid = rec.get("id", f"#{i}") if isinstance(rec, dict) else f"#{i}"
+        try:
+            if not isinstance(rec, dict):
+                raise ValueError(f"record {rid}: not a JSON object")
+            turns = record_turns(rec, rid)
+            render_segments(turns, cfg.template, rid)
+            images = [os.path.join(cfg.image_folder, p) for p in record_images(rec)]
+            for p in images:
+                if not os.path.isfile(p):
+                    raise FileNotFoundError(f"record {rid}: image not found: {p}")
+        except (ValueError, FileNotFoundError) as e:
+            if not cfg.skip_bad_samples:
+                raise
+            bad.append(str(e))
+            continue
+        samples.append(dict(id=rid, turns=turns, images=images,
+                            length=sum(len(t.split()) for _, t in turns) + 128 * len(images)))  # LLaVA's estimate
+    return samples, bad
+
+
+def epoch_order(n, epoch, seed, global_batch, lengths=None):
+    """The sample order of one epoch (same on every rank). With lengths, each global batch is
+    sorted longest first, so micro-batches hold similar lengths (less padding)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is not None:
+        order = [i for s in range(0, n, global_batch)
+                 for i in sorted(order[s:s + global_batch], key=lambda j: -lengths[j])]
+    return order
+
+
+def micro_batches(order, step, steps_per_epoch, global_batch, micro, rank, world):
+    """Indices of this rank's micro-batches for one optimiser step: global batch -> rank share -> chunks."""
+    k = step % steps_per_epoch
+    share = order[k * global_batch:(k + 1) * global_batch][rank::world]
+    return [share[i:i + micro] for i in range(0, len(share), micro)]
+
+
+def load_batch(samples, idx, tokenizer, cfg, skipped):
+    """Tokenise and load images for one micro-batch -> ids, labels, images (lists). An unreadable image
+    raises (or, with --skip-bad-samples, drops the sample and appends its error to `skipped`)."""
+    from vision import load_image
+    ids, labels, images = [], [], []
+    for i in idx:
+        s = samples[i]
+        try:
+            imgs = [load_image(p) for p in s["images"]]
+        except (ValueError, OSError) as e:
+            if not cfg.skip_bad_samples:
+                raise ValueError(f"record {s['id']}: {e}") from None
+            skipped.append(f"record {s['id']}: {e}")
+            continue
+        seq, lab = tokenize_segments(tokenizer, render_segments(s["turns"], cfg.template, s["id"]),
+                                     cfg.unmask_specials)
+        ids.append(seq), labels.append(lab), images.append(imgs)
+    return ids, labels, images
+
+
+def right_pad(ids, labels, pad_id, device):
+    """Token lists -> ids [B, T] (pad_id), attention mask [B, T], labels [B, T] (-100 on padding)."""
+    T = max(len(x) for x in ids)
+    out = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    lab = torch.full((len(ids), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        out[i, :len(x)], lab[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return out.to(device), mask.to(device), lab.to(device)

@@ -30,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
-from _timing import best_time  # noqa: E402
+from _common import best_time, qwen3_pair  # noqa: E402
 import reason  # noqa: E402
 
 
@@ -43,20 +43,6 @@ def copy_bandwidth(mib=256, repeats=5):
     t = best_time(lambda: dst.copy_(src), repeats)
     return 2 * src.numel() * 4 / t
 
-
-def build(layers):
-    """-> (ours, transformers) Qwen3 0.6B shapes sharing the same random weights."""
-    import transformers
-    cfg = M.Qwen3Config.preset("0.6B", num_hidden_layers=layers)
-    hf_cfg = transformers.Qwen3Config(**cfg.to_hf())
-    hf_cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
-    with torch.device("meta"):
-        ours = M.Qwen3(cfg)
-    state = {k[len("model."):]: v for k, v in hf.state_dict().items() if k.startswith("model.")}
-    ours.load_state_dict(state, assign=True)
-    return ours.eval(), hf
 
 
 def decode_times(ours, hf, batch, prompt_len, new, repeats):
@@ -130,7 +116,7 @@ def main():
     torch.set_num_threads(args.threads)
     import transformers
 
-    ours, hf = build(args.layers)
+    ours, hf = qwen3_pair(args.layers)
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bw = copy_bandwidth()
     ceiling = bw / weight_bytes  # tokens/s at batch 1 if decode only streamed the weights

@@ -12,10 +12,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as M  # noqa: E402
-from _timing import best_time  # noqa: E402
-
-
+from _common import best_time, qwen3_pair  # noqa: E402
 
 
 def main():
@@ -26,18 +23,8 @@ def main():
     args = ap.parse_args()
     import transformers
 
-    cfg = M.Qwen3Config.preset("0.6B", num_hidden_layers=args.layers)
-    hf_cfg = transformers.Qwen3Config(**cfg.to_hf())
-    hf_cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
-    with torch.device("meta"):
-        ours = M.Qwen3(cfg)
-    state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in hf.state_dict().items()
-             if k != "lm_head.weight"}
-    ours.load_state_dict(state, assign=True)  # the very same tensors: no extra memory
-    ours.eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, args.tokens))
+    ours, hf = qwen3_pair(args.layers)
+    ids = torch.randint(0, ours.config.vocab_size, (1, args.tokens))
     with torch.inference_mode():
         assert (ours(ids, last_only=True)[:, -1] - hf(ids, logits_to_keep=1).logits[:, -1]).abs().max() < 1e-3
         t_ours = best_time(lambda: ours(ids, last_only=True), args.repeats)

@@ -18,7 +18,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import anyres  # noqa: E402
 import model as M  # noqa: E402
-from _timing import best_time  # noqa: E402
+from _common import best_time  # noqa: E402
 from vision import SiglipConfig, SiglipVisionTower  # noqa: E402
 
 

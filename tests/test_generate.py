@@ -13,6 +13,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 from model import IMAGE_TOKEN_ID  # noqa: E402
+from _tiny_llava import TILE, llava_onevision_config, text_config  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -167,11 +168,7 @@ def test_greedy_is_argmax():
 
 # ----------------------------------------------------------------------------- VLM
 
-TILE = 56
-TEXT = dict(model_type="qwen3", vocab_size=VOCAB + 32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_theta=1e6)
-VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=2, image_size=TILE, patch_size=14, vision_use_head=False)
+TEXT = text_config(VOCAB + 32, rope_theta=1e6)
 HF_IMAGE_ID = VOCAB + 31   # transformers needs an in-vocab image token; ours is the -200 sentinel
 
 
@@ -180,10 +177,7 @@ def vlm_pair(tmp_path_factory):
     """A tiny random transformers LLaVA-OneVision saved with save_pretrained, and ours loaded from it."""
     if not hasattr(M, "VLM"):
         pytest.skip("model.VLM not present yet")
-    config = transformers.LlavaOnevisionConfig(
-        text_config=TEXT, vision_config=VISION, image_token_index=HF_IMAGE_ID, vision_feature_layer=-1,
-        vision_feature_select_strategy="full", tie_word_embeddings=True,
-        image_grid_pinpoints=[[TILE * i, TILE * j] for i in range(1, 7) for j in range(1, 7)])
+    config = llava_onevision_config(TEXT, HF_IMAGE_ID)
     torch.manual_seed(0)
     hf = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
     randomise(hf, 1, std=0.5)   # larger: the tiny VLM's greedy output varies from token to token

@@ -354,15 +354,9 @@ def test_vlm_loss_equals_llava_onevision(tmp_path):
     import anyres
     import numpy as np
     from PIL import Image
-    vocab, hf_image_id, tile = 128, 127, 56        # transformers needs an in-vocab image id; ours is -200
-    text = dict(model_type="qwen3", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=tile, patch_size=14, vision_use_head=False)
-    config = transformers.LlavaOnevisionConfig(
-        text_config=text, vision_config=vision, image_token_index=hf_image_id, vision_feature_layer=-1,
-        vision_feature_select_strategy="full", tie_word_embeddings=True,
-        image_grid_pinpoints=[[tile * i, tile * j] for i in range(1, 7) for j in range(1, 7)])
+    from _tiny_llava import TILE as tile, llava_onevision_config, text_config
+    vocab, hf_image_id = 128, 127        # transformers needs an in-vocab image token; ours is -200
+    config = llava_onevision_config(text_config(vocab), hf_image_id)
     torch.manual_seed(0)
     hf = transformers.LlavaOnevisionForConditionalGeneration(config).eval()
     with torch.no_grad():

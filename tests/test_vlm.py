@@ -13,14 +13,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import anyres  # noqa: E402
 import model as M  # noqa: E402
 from model import IMAGE_TOKEN_ID  # noqa: E402
+from _tiny_llava import TILE, VISION, llava_onevision_config, text_config  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB, HF_IMAGE_ID, TILE = 128, 127, 56   # transformers needs an in-vocab image token; ours is the -200 sentinel
-TEXT = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rope_theta=1e6)
-VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-              num_attention_heads=2, image_size=TILE, patch_size=14, vision_use_head=False)
+VOCAB, HF_IMAGE_ID = 128, 127   # transformers needs an in-vocab image token; ours is the -200 sentinel
+TEXT = text_config(VOCAB, rope_theta=1e6)
 
 
 def randomise(module, seed):
@@ -33,11 +31,8 @@ def randomise(module, seed):
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """A tiny random transformers LLaVA-OneVision (Qwen3 + SigLIP), saved with save_pretrained."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-    config = LlavaOnevisionConfig(text_config=TEXT, vision_config=VISION, image_token_index=HF_IMAGE_ID,
-                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
-                                  image_grid_pinpoints=[[TILE * i, TILE * j] for i in range(1, 7) for j in range(1, 7)],
-                                  tie_word_embeddings=True)
+    from transformers import LlavaOnevisionForConditionalGeneration
+    config = llava_onevision_config(TEXT, HF_IMAGE_ID)
     torch.manual_seed(0)
     hf = LlavaOnevisionForConditionalGeneration(config).eval()
     randomise(hf, seed=0)

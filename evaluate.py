@@ -11,8 +11,10 @@
 
 Scoring follows the released task files exactly (SPEC §9): the last line of the reply, the regex
 (?i)Answer\\s*:\\s*([^\\n]+), then lmms-eval's MMStar exact match against the answer letter; scores are
-aggregated as lmms-eval's mmstar_aggregate_results (see `aggregate`). Every output JSONL is resumable:
-finished doc_ids are skipped, a torn last line is repaired (records.ResumableJsonl). A doc whose image is
+aggregated as lmms-eval's mmstar_aggregate_results (see `aggregate`). `--answer-match text` (JSONL sets with
+"options", for models that answer with the option's text) instead compares the same prediction, normalised, with
+each option's text: the matching option's letter is scored; no match is wrong and unparsable. Every output JSONL is
+resumable: finished doc_ids are skipped, a torn last line is repaired (records.ResumableJsonl). A doc whose image is
 missing or unreadable gets a record with status "failed" and the reason; it scores 0, is counted in
 n_failed, and is not retried on resume (delete its line to retry).
 
@@ -23,8 +25,8 @@ Library API (shapes.py and the tests call these; models come from model.load_mod
 
     load_docs(source, image_folder=None, limit=None) -> list[Doc]
     run_stage1(docs, vlm, tokenizer, out_path, *, hints="none" | hints.json | callable, batch_size, max_new_tokens)
-    run_stage2(docs, stage1_path, llm, tokenizer, out_path, ReasonSettings(...), *, batch_size) -> records
-    run_e2e(docs, vlm, tokenizer, out_path, *, batch_size, max_new_tokens) -> records
+    run_stage2(docs, stage1_path, llm, tokenizer, out_path, ReasonSettings(...), *, batch_size, answer_match) -> records
+    run_e2e(docs, vlm, tokenizer, out_path, *, batch_size, max_new_tokens, answer_match) -> records
     summarize(records, mode) -> results dict (average, category, l2_category, n_failed, n_unparsable, ...)
     score_table([(label, results), ...]) -> markdown table (percent, MMStar's Table 2 columns)
 """
@@ -55,6 +57,9 @@ _LETTER_PREFIXES = ("", "(", "option ", "the answer is ")
 # The order the paper's Table 2 prints MMStar's categories in (lmms-eval's eval_type_dict order).
 MMSTAR_CATEGORIES = ["coarse perception", "fine-grained perception", "instance reasoning",
                      "logical reasoning", "science & technology", "math"]
+# --answer-match text: option i of a doc's "options" list has letter OPTION_LETTERS[i].
+OPTION_LETTERS = "ABCDEFGH"
+ANSWER_MATCHES = ("letter", "text")
 MMSTAR_SHORT = {"coarse perception": "CP", "fine-grained perception": "FP", "instance reasoning": "IR",
                 "logical reasoning": "LR", "science & technology": "ST", "math": "Math"}
 
@@ -87,14 +92,35 @@ def exact_match(prediction, answer):
     return 0.0
 
 
-def score_reply(reply, answer, parse_answer_line=True):
+def normalize_option_text(text):
+    """Answer-by-text matching: strip, lower-case, collapse inner whitespace, drop one trailing "." and a pair
+    of surrounding quotes (either side of the full stop: '"Red."' and '"red".' both give 'red')."""
+    text = " ".join(text.lower().split()).removesuffix(".")
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip().removesuffix(".")
+    return text
+
+
+def match_option(prediction, options):
+    """-> the letter of the first option whose normalised text equals the normalised prediction, or None."""
+    target = normalize_option_text(prediction)
+    return next((OPTION_LETTERS[i] for i, o in enumerate(options) if normalize_option_text(o) == target), None)
+
+
+def score_reply(reply, answer, parse_answer_line=True, options=None):
     """-> dict(prediction, parsed, correct). Stage 2 parses the `Answer:` line (release); the e2e baseline
-    is scored as plain lmms-eval MMStar (the whole reply is the prediction; `parsed` = reply not empty)."""
+    is scored as plain lmms-eval MMStar (the whole reply is the prediction; `parsed` = reply not empty).
+    With `options` (answer-by-text) the prediction is matched to an option's text instead, adding
+    predicted_letter (None: no match, which is wrong and parsed False)."""
     if parse_answer_line:
         prediction, parsed = extract_answer(reply)
     else:
         prediction, parsed = reply, bool(reply.strip())
-    return {"prediction": prediction, "parsed": parsed, "correct": exact_match(prediction, answer) == 1.0}
+    if options is None:
+        return {"prediction": prediction, "parsed": parsed, "correct": exact_match(prediction, answer) == 1.0}
+    letter = match_option(prediction, options)
+    return {"prediction": prediction, "parsed": letter is not None, "correct": letter == answer,
+            "predicted_letter": letter}
 
 
 def aggregate(scored):
@@ -175,6 +201,7 @@ class Doc:
     l2_category: str
     image_path: str | None = None
     image_bytes: bytes | None = field(default=None, repr=False)
+    options: list[str] | None = None   # option texts in letter order (JSONL "options"), for --answer-match text
 
     def meta(self):
         return {"doc_id": self.doc_id, "index": self.index, "target": self.answer,
@@ -188,7 +215,8 @@ def load_docs(source, image_folder=None, limit=None):
     l2_category), a folder of parquet files, a hub dataset id such as Lin-Chen/MMStar (downloaded with
     huggingface_hub, which honours the offline cache), or a .jsonl file with one question per line:
     {"index", "question" (options inline), "answer" (letter), "category", "l2_category", "image" (path
-    relative to image_folder, default the jsonl's folder)}."""
+    relative to image_folder, default the jsonl's folder), optional "options" (the option texts in letter
+    order A, B, ..., for --answer-match text)}."""
     if source.endswith(".jsonl"):
         docs = _load_jsonl_docs(source, image_folder)
     elif source.endswith(".parquet") or os.path.isdir(source):
@@ -209,10 +237,36 @@ def _load_jsonl_docs(path, image_folder):
             raise ValueError(f"{path}: record {row + 1} lacks {missing}")
         category = rec.get("category", "all")
         image = rec.get("image")
+        options = rec.get("options")
+        if options is not None:
+            _check_options(f"{path}: record {row + 1}", options, str(rec["answer"]))
         docs.append(Doc(doc_id=row, index=str(rec.get("index", row)), question=rec["question"],
                         answer=str(rec["answer"]), category=category, l2_category=rec.get("l2_category", category),
-                        image_path=os.path.join(folder, image) if image else None))
+                        image_path=os.path.join(folder, image) if image else None, options=options))
     return docs
+
+
+def _check_options(where, options, answer):
+    """A JSONL "options" value: 2 to 8 distinct non-empty texts (as normalised), the answer one of their letters."""
+    if not (isinstance(options, list) and 2 <= len(options) <= len(OPTION_LETTERS)
+            and all(isinstance(o, str) for o in options)):
+        raise ValueError(f'{where}: "options" must be a list of 2 to {len(OPTION_LETTERS)} option texts '
+                         f"(letter order A, B, ...), got {options!r}")
+    normal = [normalize_option_text(o) for o in options]
+    if "" in normal or len(set(normal)) < len(normal):
+        raise ValueError(f'{where}: "options" must be distinct and non-empty once normalised, got {normal!r}')
+    if answer not in OPTION_LETTERS[:len(options)]:
+        raise ValueError(f"{where}: answer {answer!r} is not one of the option letters {OPTION_LETTERS[:len(options)]}")
+
+
+def check_answer_match(docs, answer_match):
+    """ValueError unless answer_match is "letter", or "text" with every doc carrying options."""
+    if answer_match not in ANSWER_MATCHES:
+        raise ValueError(f"answer_match {answer_match!r}: expected one of {ANSWER_MATCHES}")
+    bare = next((d for d in docs if answer_match == "text" and not d.options), None)
+    if bare is not None:
+        raise ValueError(f'--answer-match text needs every doc\'s "options"; doc {bare.doc_id} (index {bare.index}) '
+                         f'has none (add "options" to the JSONL records, or use --answer-match letter)')
 
 
 def _parquet_files(source):
@@ -295,16 +349,18 @@ def stage1_record(doc, prompt, hint, description, error=None, generated_tokens=0
     return rec
 
 
-def stage2_record(doc, reply=None, error=None, parse_answer_line=True):
+def stage2_record(doc, reply=None, error=None, parse_answer_line=True, answer_match="letter"):
     """One scored answer: the reply dict from the generation step (text, thinking_tokens, budget_hit,
-    generated_tokens) or an error (failed record: scored as wrong, counted in n_failed)."""
+    generated_tokens) or an error (failed record: scored as wrong, counted in n_failed).
+    answer_match "text" scores against doc.options and adds predicted_letter."""
     rec = doc.meta()
+    text = answer_match == "text"
     if error is not None:
         empty = {"thinking_tokens": 0, "budget_hit": False, "answer_tokens": 0} if parse_answer_line else {}
         return {**rec, "status": "failed", "error": error, "response": "", "prediction": "", "parsed": False,
-                "correct": False, "generated_tokens": 0, **empty}
-    rec.update(status="ok", response=reply["text"], **score_reply(reply["text"], doc.answer, parse_answer_line),
-               generated_tokens=reply["generated_tokens"])
+                "correct": False, **({"predicted_letter": None} if text else {}), "generated_tokens": 0, **empty}
+    score = score_reply(reply["text"], doc.answer, parse_answer_line, doc.options if text else None)
+    rec.update(status="ok", response=reply["text"], **score, generated_tokens=reply["generated_tokens"])
     if parse_answer_line:
         rec.update(thinking_tokens=reply["thinking_tokens"], budget_hit=reply["budget_hit"],
                    answer_tokens=reply["answer_tokens"])
@@ -438,10 +494,13 @@ def run_stage1(docs, vlm, tokenizer, out_path, *, hints="none", batch_size=8, ma
     return _run_batches(docs, out_path, batch_size, "stage 1 (perception)", make_records, show_progress)
 
 
-def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, batch_size=8, show_progress=True):
+def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, batch_size=8, show_progress=True,
+               answer_match="letter"):
     """Reasoning: the text LLM answers each doc from its stage-1 description -> stage-2 JSONL. Returns records.
-    Docs whose stage-1 record failed are recorded as failed (scored wrong, counted)."""
+    Docs whose stage-1 record failed are recorded as failed (scored wrong, counted).
+    answer_match: "letter" (the release) or "text" (match the answer to the docs' option texts)."""
     import reason
+    check_answer_match(docs, answer_match)
     settings = settings or ReasonSettings()
     stage1 = read_stage1(stage1_path, docs)
     device = llm.embed_tokens.weight.device
@@ -449,7 +508,8 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
     def make_records(batch):
         failed = [d for d in batch if stage1[str(d.doc_id)].get("status", "ok") == "failed"]
         ok = [d for d in batch if d not in failed]
-        recs = [stage2_record(d, error="stage 1 failed: " + stage1[str(d.doc_id)].get("error", "")) for d in failed]
+        recs = [stage2_record(d, error="stage 1 failed: " + stage1[str(d.doc_id)].get("error", ""),
+                              answer_match=answer_match) for d in failed]
         if ok:
             outs = reason.run_reasoning(
                 llm, tokenizer, [question_text(d) for d in ok],
@@ -457,23 +517,26 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
                 thinking=settings.thinking, budget=settings.budget, answer_tokens=settings.answer_tokens,
                 nowait=settings.nowait, generator=_batch_generator(settings.seed, ok, device),
                 **settings.sampling())
-            recs += [stage2_record(d, o) for d, o in zip(ok, outs)]
+            recs += [stage2_record(d, o, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
     return _run_batches(docs, out_path, batch_size, f"stage 2 ({settings.label()})", make_records, show_progress)
 
 
-def run_e2e(docs, vlm, tokenizer, out_path, *, batch_size=8, max_new_tokens=1024, show_progress=True):
-    """End-to-end baseline: the VLM answers the MC question directly (greedy), scored as lmms-eval MMStar."""
+def run_e2e(docs, vlm, tokenizer, out_path, *, batch_size=8, max_new_tokens=1024, show_progress=True,
+            answer_match="letter"):
+    """End-to-end baseline: the VLM answers the MC question directly (greedy), scored as lmms-eval MMStar
+    (answer_match "letter") or by matching the whole reply to the docs' option texts ("text")."""
     import reason
+    check_answer_match(docs, answer_match)
 
     def make_records(batch):
         ok, images, failed = _split_images(batch)
-        recs = [stage2_record(d, error=r, parse_answer_line=False) for d, r in failed]
+        recs = [stage2_record(d, error=r, parse_answer_line=False, answer_match=answer_match) for d, r in failed]
         if ok:
             outs = reason.run_perception(vlm, tokenizer, images, None, max_new_tokens=max_new_tokens,
                                          user_texts=[e2e_user_text(d) for d in ok])
-            recs += [stage2_record(d, o, parse_answer_line=False) for d, o in zip(ok, outs)]
+            recs += [stage2_record(d, o, parse_answer_line=False, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
     return _run_batches(docs, out_path, batch_size, "e2e (VLM answers)", make_records, show_progress)
@@ -487,6 +550,7 @@ def check_run_config(path, config):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        old.setdefault("answer_match", "letter")   # runs from before --answer-match were scored by letter
         changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if changed:
             lines = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
@@ -707,24 +771,24 @@ def _stage1_job(args, docs, loader, perception, out_path):
 
 def _stage2_config(args, reasoner, settings, stage1_file):
     return {"data": args.data, "stage1_file": os.path.abspath(stage1_file), "reasoner": reasoner,
-            **asdict(settings), "sampling": settings.sampling()}
+            **asdict(settings), "sampling": settings.sampling(), "answer_match": args.answer_match}
 
 
 def _stage2_job(args, docs, loader, reasoner, settings, stage1_file, out_path):
     check_run_config(out_path[:-len(".jsonl")] + ".config.json", _stage2_config(args, reasoner, settings, stage1_file))
     llm, tok = loader.get(reasoner)
     return run_stage2(docs, stage1_file, llm, tok, out_path, settings, batch_size=args.batch_size,
-                      show_progress=not args.quiet)
+                      show_progress=not args.quiet, answer_match=args.answer_match)
 
 
 def _e2e_job(args, docs, loader):
     out_path = os.path.join(args.out, "e2e.jsonl")
     config = {"data": args.data, "perception": args.perception[0], "max_new_tokens": args.stage1_tokens,
-              "post_prompt": E2E_POST_PROMPT}
+              "post_prompt": E2E_POST_PROMPT, "answer_match": args.answer_match}
     check_run_config(os.path.join(args.out, "e2e.config.json"), config)
     vlm, tok = loader.get(args.perception[0])
     recs = run_e2e(docs, vlm, tok, out_path, batch_size=args.batch_size, max_new_tokens=args.stage1_tokens,
-                   show_progress=not args.quiet)
+                   show_progress=not args.quiet, answer_match=args.answer_match)
     return write_results(args.out, "e2e", recs, "e2e", config)
 
 
@@ -796,6 +860,10 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, help="default: 0.95 thinking / 0.8 non-thinking")
     p.add_argument("--top-k", type=int, help="default: 20")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (each batch: seed and its first doc_id)")
+    p.add_argument("--answer-match", choices=ANSWER_MATCHES, default="letter",
+                   help="letter: lmms-eval's MMStar exact match on the answer letter (the release); text: match "
+                        "the answer to the option texts of a JSONL set with \"options\" (models that answer "
+                        "\"red\" rather than \"B\")")
     p.add_argument("--stage1-tokens", type=int, default=1024, help="max new tokens of the VLM (stage 1 and e2e)")
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (left padded)")
     p.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
@@ -819,6 +887,7 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     docs = load_docs(args.data, args.image_folder, args.limit)
+    check_answer_match(docs, args.answer_match)
     os.makedirs(args.out, exist_ok=True)
     loader = ModelLoader(device, dtype)
     start = time.time()

@@ -126,6 +126,62 @@ def test_summary_counts_failed_and_unparsable():
     assert res["budget_hit_rate"] == 0.5 and res["mean_thinking_tokens"] == 2.5
 
 
+
+# answer-by-text (--answer-match text): (reply, options, gold letter, expected predicted_letter), by hand
+OPTIONS = ["red", "blue star", "green", "yellow"]
+TEXT_REPLIES = [
+    ("<think>\nhmm\n</think>\n\nAnswer: Red.", OPTIONS, "A", "A"),   # case and one trailing "." dropped
+    ("Answer: blue star", OPTIONS, "B", "B"),
+    ("Answer:   BLUE \t Star ", OPTIONS, "A", "B"),                  # inner whitespace collapsed; wrong letter
+    ('Answer: "green"', OPTIONS, "C", "C"),                           # surrounding quotes dropped
+    ("Answer: 'Green'.", OPTIONS, "C", "C"),
+    ('Answer: "Green."', OPTIONS, "C", "C"),
+    ("Answer: B", OPTIONS, "B", None),                                # a letter is not an option's text
+    ("Answer: B", ["a", "b"], "B", "B"),                              # ... unless an option's text is "b"
+    ("Answer: red..", OPTIONS, "A", None),                            # only one trailing "."
+    ("Answer: red star", OPTIONS, "A", None),                         # exact equality, no partial match
+    ("Step 1.\nyellow", OPTIONS, "D", "D"),                           # no Answer: line: the last line is used
+    ("Answer: red\n", OPTIONS, "A", None),                            # the last line is empty
+]
+
+
+@pytest.mark.parametrize("reply,options,gt,letter", TEXT_REPLIES)
+def test_answer_by_text_scoring(reply, options, gt, letter):
+    got = evaluate.score_reply(reply, gt, options=options)
+    assert got["predicted_letter"] == letter
+    assert got["correct"] == (letter == gt)
+    assert got["parsed"] == (letter is not None)
+    assert got["prediction"] == evaluate.extract_answer(reply)[0]       # the same prediction as letter mode
+
+
+def test_answer_by_text_normalisation_and_letter_mode_untouched():
+    assert evaluate.normalize_option_text('  "Blue   STAR."  ') == "blue star"
+    assert evaluate.normalize_option_text("Red.") == evaluate.normalize_option_text("red") == "red"
+    # e2e: the whole reply is the prediction, as in letter mode
+    assert evaluate.score_reply("Red.", "A", parse_answer_line=False, options=OPTIONS)["predicted_letter"] == "A"
+    e2e_reply = evaluate.score_reply("Answer: red", "A", parse_answer_line=False, options=OPTIONS)
+    assert e2e_reply["predicted_letter"] is None
+    # letter mode: no predicted_letter, same result as before ("Red" starts with neither A nor B)
+    assert evaluate.score_reply("Answer: Red.", "A") == {"prediction": "Red.", "parsed": True, "correct": False}
+    doc = evaluate.Doc(0, "0", "q", "B", "c", "l", options=OPTIONS)
+    reply = {"text": "Blue star", "generated_tokens": 2}
+    rec = evaluate.stage2_record(doc, reply, parse_answer_line=False, answer_match="text")
+    assert (rec["predicted_letter"], rec["correct"], rec["parsed"]) == ("B", True, True)
+    assert "predicted_letter" not in evaluate.stage2_record(doc, reply, parse_answer_line=False)
+    failed = evaluate.stage2_record(doc, error="no image", answer_match="text")
+    assert (failed["predicted_letter"], failed["correct"], failed["parsed"]) == (None, False, False)
+    with pytest.raises(ValueError, match="doc 0 .*has none"):
+        evaluate.check_answer_match([evaluate.Doc(0, "0", "q", "B", "c", "l")], "text")
+
+
+def test_run_config_from_before_answer_match_resumes_as_letter(tmp_path):
+    path = str(tmp_path / "stage2.config.json")
+    (tmp_path / "stage2.config.json").write_text(json.dumps({"data": "set.jsonl", "budget": 5}))   # older run
+    evaluate.check_run_config(path, {"data": "set.jsonl", "budget": 5, "answer_match": "letter"})
+    with pytest.raises(ValueError, match="answer_match: was 'letter', now 'text'"):
+        evaluate.check_run_config(path, {"data": "set.jsonl", "budget": 5, "answer_match": "text"})
+
+
 # ----------------------------------------------------------------------------- files
 
 def release_read_stage1(path):
@@ -213,6 +269,44 @@ def test_jsonl_set_and_bad_images(tmp_path):
     assert [d.index for d in ok] == ["a"] and images[0].mode == "RGB"
     assert [d.index for d, _ in failed] == ["b", "c"]
     assert "not found" in failed[0][1] and "gone.png" in failed[0][1] and "corrupt.png" in failed[1][1]
+
+
+
+@pytest.mark.parametrize("options,answer,error", [
+    (["red"], "A", "list of 2 to 8"),
+    (["a", "b", "c", "d", "e", "f", "g", "h", "i"], "A", "list of 2 to 8"),
+    ("red, blue", "A", "list of 2 to 8"),
+    (["red", 3], "A", "list of 2 to 8"),
+    (["red", "Red."], "A", "distinct"),
+    (["red", " "], "A", "non-empty"),
+    (["red", "blue"], "C", "answer 'C' is not one of the option letters AB"),
+])
+def test_jsonl_options_are_validated(tmp_path, options, answer, error):
+    rows = [{"question": "Q?", "answer": "A", "options": ["x", "y"]},
+            {"question": "Q?", "answer": answer, "options": options}]
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: record 2: ") + ".*" + re.escape(error)) as e:
+        evaluate.load_docs(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_jsonl_options_are_stored(tmp_path):
+    rows = [{"question": "Q?", "answer": "B", "options": ["red", "blue star"]}, {"question": "Q?", "answer": "A"}]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = evaluate.load_docs(str(tmp_path / "set.jsonl"))
+    assert docs[0].options == ["red", "blue star"] and docs[1].options is None
+
+
+def test_cli_refuses_text_matching_without_options(tmp_path):
+    rows = [{"question": "Q?", "answer": "A", "options": ["x", "y"]}, {"index": "b", "question": "Q?", "answer": "B"}]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--mode", "stage2", "--data", str(tmp_path / "set.jsonl"),
+           "--out", str(tmp_path / "run"), "--answer-match", "text"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr                  # one line
+    assert proc.stderr.startswith("evaluate.py: error: --answer-match text") and "doc 1 (index b)" in proc.stderr
 
 
 # ----------------------------------------------------------------------------- end to end on tiny models
@@ -324,6 +418,43 @@ def test_stage2_scores_canned_replies_like_the_release(tiny, tmp_path, monkeypat
     expected = lmms_eval_metrics(scores)
     assert res["average"] == pytest.approx(expected.pop("average")) and res["category"] == pytest.approx(expected)
     assert (res["n_failed"], res["n_unparsable"], res["accuracy"]) == (1, 1, pytest.approx(0.5))
+
+
+
+def test_stage2_answer_by_text_end_to_end(tiny, tmp_path, monkeypatch):
+    """Stage 1 on the tiny VLM, then stage 2 --answer-match text with canned replies on a copy of the tiny set
+    that carries option texts; the results equal a hand count and letter mode cannot resume the run."""
+    import reason
+    rows = [{**json.loads(line), "options": OPTIONS} for line in (tiny / "set.jsonl").read_text().splitlines()]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["answer"] for r in rows] == list("ABCDAB")
+    canned = {0: "<think>\nred\n</think>\n\nAnswer: Red.",   # A, right
+              1: "Answer: blue star",                          # B, right
+              2: "Answer: C",                                  # a letter: no option text -> wrong, unparsable
+              4: 'Step 1.\nAnswer: "Yellow"',                  # D, wrong (gold A)
+              5: "so it is the\nBlue  Star"}                   # no Answer: line, last line matches B: right
+
+    def fake(llm, tokenizer, questions, descriptions, **kw):
+        ids = [int(q.split("shape ")[1][0]) for q in questions]
+        return [{"text": canned[i], "generated_tokens": 7, "thinking_tokens": 3, "budget_hit": False,
+                 "answer_tokens": 4} for i in ids]
+    data = ["--data", str(tmp_path / "mc.jsonl"), "--image-folder", str(tiny)]
+    run_cli(tiny, tmp_path, *data, "--mode", "stage1")
+    monkeypatch.setattr(reason, "run_reasoning", fake)
+    run_cli(tiny, tmp_path, *data, "--mode", "stage2", "--answer-match", "text")
+    recs = {r["doc_id"]: r for r in read_lines(tmp_path / "stage2.jsonl")}
+    assert {i: r["predicted_letter"] for i, r in recs.items()} == {0: "A", 1: "B", 2: None, 3: None, 4: "D", 5: "B"}
+    assert [recs[i]["correct"] for i in range(N_DOCS)] == [True, True, False, False, False, True]
+    res = json.loads((tmp_path / "stage2_results.json").read_text())
+    # by hand: docs 0-5 are perception/reasoning alternately, l2 colour/count/relation cyclically; right: 0, 1, 5
+    # perception = mean(colour 1/1, relation 0/1, count 0/1) = 1/3; reasoning = mean(count 1, colour 0, relation 1)
+    # average = mean over l2: colour (0: 1, 3: 0) 1/2, count (1: 1, 4: 0) 1/2, relation (2: 0, 5: 1) 1/2
+    assert res["category"] == pytest.approx({"perception": 1 / 3, "reasoning": 2 / 3})
+    assert res["average"] == pytest.approx(0.5) and res["accuracy"] == pytest.approx(0.5)
+    assert (res["n"], res["n_failed"], res["n_unparsable"]) == (N_DOCS, 1, 1)
+    assert res["config"]["answer_match"] == "text"
+    with pytest.raises(ValueError, match="answer_match: was 'text', now 'letter'"):
+        run_cli(tiny, tmp_path, *data, "--mode", "stage2")
 
 
 def test_stage2_refuses_incomplete_stage1_file(tiny, tmp_path):

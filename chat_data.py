@@ -3,7 +3,7 @@
 A record is {"id", "image" (str | list, optional), "conversations": [{"from": "human"|"gpt"|"system", "value"}]}
 (SPEC §9). train.py reads records (records.read_records), keeps the valid ones here (build_samples), orders
 them per epoch (epoch_order) and splits each global batch into this rank's micro-batches (micro_batches);
-load_batch then renders a template and tokenises:
+BatchLoader then renders a template and tokenises (once per sample: it caches the result, and the images):
 
     turns [(role, text)] --render_segments--> [(text, trained)] --tokenize_segments--> ids, labels (-100 = ignored)
 
@@ -30,7 +30,10 @@ def record_images(record):
 
 
 def record_turns(record, rid):
-    """conversations -> [(role, text)] with roles user/assistant/system; checks <image> count vs images."""
+    """conversations -> [(role, text)] with roles user/assistant/system; checks <image> count vs images.
+    A text document (template "document") -> [("document", [(text, trained), ...])]."""
+    if "conversations" not in record and ("text" in record or "segments" in record):
+        return [("document", document_segments(record, rid))]
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise ValueError(f"record {rid}: 'conversations' must be a non-empty list")
@@ -46,17 +49,35 @@ def record_turns(record, rid):
     return turns
 
 
+def document_segments(record, rid):
+    """{"id", "text"} (every token trained) or {"id", "segments": [[text, trained], ...]} (text already rendered
+    in its chat template, only the trained pieces learned: a corpus can mix templates) -> [(text, trained)]."""
+    segments = [[record["text"], True]] if "text" in record else record["segments"]
+    if not (isinstance(segments, list) and segments and all(
+            isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], bool) for s in segments)):
+        raise ValueError(f"record {rid}: 'segments' must be a non-empty list of [text, trained] pairs")
+    if not any(trained and text for text, trained in segments):
+        raise ValueError(f"record {rid}: nothing to train (no non-empty segment marked trained)")
+    if record_images(record) or any("<image>" in text for text, _ in segments):
+        raise ValueError(f"record {rid}: a text document cannot hold images or <image> marks")
+    return [(text, trained) for text, trained in segments]
+
+
 # ----------------------------------------------------------------------------- templates and labels
 
 def render_segments(turns, template, rid="?"):
     """[(role, text)] -> [(text, trained)] in order. Only assistant turns are trained (SPEC §9):
     their "<|im_start|>assistant\\n" header, content and "<|im_end|>\\n"."""
+    if (template == "document") != (turns[0][0] == "document"):
+        raise ValueError(f"record {rid}: the document template takes {{id, text}} records, the others conversations")
+    if template == "document":  # language-model pretraining: the document says what is trained
+        return turns[0][1]
     if template == "plain":  # LLaVA pretrain: "<image>" + caption + "\n", the prompt text is dropped
         if len(turns) != 2 or "<image>" not in turns[0][1]:
             raise ValueError(f"record {rid}: the plain template needs exactly [human turn with <image>, gpt caption]")
         return [("<image>", False), (turns[1][1] + "\n", True)]
     if template not in ("qwen_1_5", "qwen3"):
-        raise ValueError(f"unknown template {template!r}; choose plain, qwen_1_5 or qwen3")
+        raise ValueError(f"unknown template {template!r}; choose plain, qwen_1_5, qwen3 or document")
     if not any(role == "assistant" for role, _ in turns):
         raise ValueError(f"record {rid}: no gpt turn, nothing to train")
     segments = []
@@ -113,8 +134,14 @@ def build_samples(cfg, records):
             bad.append(str(e))
             continue
         samples.append(dict(id=rid, turns=turns, images=images,
-                            length=sum(len(t.split()) for _, t in turns) + 128 * len(images)))  # LLaVA's estimate
+                            length=_words(turns) + 128 * len(images)))  # LLaVA's length estimate
     return samples, bad
+
+
+def _words(turns):
+    """Words in a record's texts (a document's turn holds its segments)."""
+    texts = [t for role, value in turns for t in ([s for s, _ in value] if role == "document" else [value])]
+    return sum(len(t.split()) for t in texts)
 
 
 def epoch_order(n, epoch, seed, global_batch, lengths=None):
@@ -135,24 +162,63 @@ def micro_batches(order, step, steps_per_epoch, global_batch, micro, rank, world
     return [share[i:i + micro] for i in range(0, len(share), micro)]
 
 
-def load_batch(samples, idx, tokenizer, cfg, skipped):
-    """Tokenise and load images for one micro-batch -> ids, labels, images (lists). An unreadable image
-    raises (or, with --skip-bad-samples, drops the sample and appends its error to `skipped`)."""
-    from vision import load_image
-    ids, labels, images = [], [], []
-    for i in idx:
-        s = samples[i]
-        try:
-            imgs = [load_image(p) for p in s["images"]]
-        except (ValueError, OSError) as e:
-            if not cfg.skip_bad_samples:
-                raise ValueError(f"record {s['id']}: {e}") from None
-            skipped.append(f"record {s['id']}: {e}")
-            continue
-        seq, lab = tokenize_segments(tokenizer, render_segments(s["turns"], cfg.template, s["id"]),
-                                     cfg.unmask_specials)
-        ids.append(seq), labels.append(lab), images.append(imgs)
-    return ids, labels, images
+class BatchLoader:
+    """Micro-batch sample indices -> ids, labels (token lists), images (per-row lists), with two caches.
+
+    Every step used to re-render the template, re-tokenise, re-decode every image and re-tile it. For a tiny
+    model that host-side work is a good part of the step, and its results never change within a run, so:
+      tokens  per sample: ids + labels as int32 [2, L] (8 bytes a token)
+      images  per (path, images in the row): what prepare_image returns (train.py: a model.TiledImage, the
+              uint8 tiles of the image, 3 * S * S bytes a tile: 9 KiB for a 56 px tile, 432 KiB at 384 px)
+    Both are least-recently-used caches of at most cache_bytes each (vision.TensorLRU; 0 = no caching), so a
+    data set larger than the budget still trains, only with fewer hits. What comes out is the same either way.
+
+    An unreadable image raises (or, with --skip-bad-samples, drops the sample and appends its error to
+    `skipped`); a bad image is never cached, so it fails the same way every time it comes up."""
+
+    def __init__(self, samples, tokenizer, cfg, prepare_image=None, cache_bytes=0):
+        from vision import TensorLRU, load_image
+        self.samples, self.tokenizer, self.cfg = samples, tokenizer, cfg
+        # (path, images in its row) -> model input; the default keeps PIL images (a text-only LLM ignores them)
+        self.prepare_image = prepare_image or (lambda path, n_in_row: load_image(path))
+        self.tokens, self.images = TensorLRU(cache_bytes), TensorLRU(cache_bytes)
+
+    def sample_tokens(self, i):
+        """ids, labels (lists) of sample i: render the template and tokenise once, then from the cache."""
+        cached = self.tokens.get(i)
+        if cached is None:
+            s = self.samples[i]
+            ids, labels = tokenize_segments(self.tokenizer, render_segments(s["turns"], self.cfg.template, s["id"]),
+                                            self.cfg.unmask_specials)
+            cached = torch.tensor([ids, labels], dtype=torch.int32)                 # (2, L)
+            self.tokens.put(i, cached, cached.numel() * 4)
+        ids, labels = cached.tolist()
+        return ids, labels
+
+    def image(self, path, n_in_row):
+        key = (path, n_in_row)
+        image = self.images.get(key)
+        if image is None:
+            image = self.prepare_image(path, n_in_row)
+            tiles = getattr(image, "tiles", None)   # a TiledImage: cache it; a PIL image: not worth it
+            if tiles is not None:
+                self.images.put(key, image, tiles.numel() * tiles.element_size())
+        return image
+
+    def __call__(self, idx, skipped):
+        ids, labels, images = [], [], []
+        for i in idx:
+            s = self.samples[i]
+            try:
+                imgs = [self.image(p, len(s["images"])) for p in s["images"]]
+            except (ValueError, OSError) as e:
+                if not self.cfg.skip_bad_samples:
+                    raise ValueError(f"record {s['id']}: {e}") from None
+                skipped.append(f"record {s['id']}: {e}")
+                continue
+            seq, lab = self.sample_tokens(i)
+            ids.append(seq), labels.append(lab), images.append(imgs)
+        return ids, labels, images
 
 
 def right_pad(ids, labels, pad_id, device):

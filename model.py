@@ -132,21 +132,27 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d, c.rms_norm_eps)
             self.k_norm = RMSNorm(self.d, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache, layer_idx):
+    def forward(self, x, cos, sin, mask, kv_cache, layer_idx, query_idx=None):
+        """x [B, T, H] -> [B, T, H]. query_idx [B, Tq]: queries (and outputs) only at those positions -> [B, Tq, H];
+        keys and values still come from every position, and mask must then be the queries' rows [B, 1, Tq, S]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.d)
+        xq, cq, sq = x, cos, sin                                            # queries at every position
+        if query_idx is not None:
+            xq, cq, sq = (at_positions(t, query_idx) for t in (x, cos, sin))   # (B, Tq, H), (B, 1, Tq, D) x 2
+        Tq = xq.shape[1]
+        q = self.q_proj(xq).view(B, Tq, self.nh, self.d)
         k = self.k_proj(x).view(B, T, self.nkv, self.d)
         v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)   # (B, nkv, T, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)                         # (B, nh, T, D)
+        q = apply_rope(q.transpose(1, 2), cq, sq)                           # (B, nh, Tq, D)
         k = apply_rope(k.transpose(1, 2), cos, sin)                         # (B, nkv, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)                          # (B, nkv, S, D)
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.nh != self.nkv)   # (B, nh, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.d))
+                                           enable_gqa=self.nh != self.nkv)   # (B, nh, Tq, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, self.nh * self.d))
 
 
 class MLP(nn.Module):
@@ -168,8 +174,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, kv_cache, layer_idx):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx)
+    def forward(self, x, cos, sin, mask, kv_cache, layer_idx, query_idx=None):
+        """x [B, T, H] -> [B, T, H]; with query_idx [B, Tq], only those positions' outputs [B, Tq, H]."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer_idx, query_idx)
+        x = (x if query_idx is None else at_positions(x, query_idx)) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -198,6 +206,15 @@ class KVCache:
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
 
 
+def at_positions(t, idx):
+    """t [B or 1, T, ...] at positions idx [B, Tq] -> [B, Tq, ...]. A 4-D t (cos / sin [B or 1, 1, T, D], a mask
+    [B, 1, T, S]) is taken along dim 2 -> [B, 1, Tq, ...]."""
+    if t.ndim == 4:   # cos, sin
+        return at_positions(t[:, 0], idx)[:, None]
+    t = t.expand(idx.shape[0], *t.shape[1:])
+    return t.gather(1, idx.view(*idx.shape, *[1] * (t.ndim - 2)).expand(*idx.shape, *t.shape[2:]))
+
+
 def attention_mask_4d(attention_mask, start, T):
     """attention_mask [B, S] (1 real, 0 pad) for all S = start + T cached tokens -> bool [B, 1, T, S].
 
@@ -220,29 +237,61 @@ class Qwen3(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, kv_cache=None, last_only=False):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, kv_cache=None, last_only=False,
+                return_hidden=False, keep=None):
         """input_ids [B, T] (or inputs_embeds [B, T, H]) -> logits [B, T, V] ([B, 1, V] if last_only).
 
-        attention_mask [B, start + T] covers the cached tokens too; None means no padding."""
+        attention_mask [B, start + T] covers the cached tokens too; None means no padding.
+        return_hidden: return the last decoder layer's output [B, T, H] instead (before the final norm);
+        self.logits(hidden) turns any subset of its positions into logits.
+        keep [B, T] bool (training, no kv_cache): only those positions' outputs, [N, H] (return_hidden) or
+        [N, V], in the order of hidden[keep]. Every layer but the last still needs every position (later
+        tokens attend to them), but the last one's outputs are read only at kept positions: it computes keys
+        and values everywhere, queries, attention and MLP only there (train.py keeps the labelled positions,
+        often a fifth of them)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, H)
         B, T, _ = x.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if attention_mask is None:
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+            positions = torch.arange(start, start + T, device=x.device)[None]   # (1, T): the same for every row
             # no padding: is_causal handles a fresh prefill, a single query sees every cached key
             mask = None if (start == 0 or T == 1) else attention_mask_4d(torch.ones(B, start + T, device=x.device), start, T)
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]  # left pads shift positions
             mask = attention_mask_4d(attention_mask, start, T)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        last = len(self.layers) - 1
+        if keep is not None:
+            if kv_cache is not None:
+                raise ValueError("keep= is for training; it cannot be combined with a kv_cache")
+            # per row, the kept positions in order, then (rows with fewer of them) other positions, dropped at the end
+            counts = keep.sum(1)                                                      # (B,)
+            Tq = max(int(counts.max()), 1)      # one query at least: nothing kept still runs (an empty [0, H])
+            query_idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :Tq]   # (B, Tq)
+            causal = torch.arange(T, device=x.device) <= query_idx[..., None]        # (B, Tq, T)
+            last_mask = causal[:, None] if mask is None else at_positions(mask, query_idx)   # (B, 1, Tq, T)
         for i, layer in enumerate(self.layers):
+            args = (x, cos, sin, mask, kv_cache, i) if keep is None or i < last else \
+                (x, cos, sin, last_mask, None, i, query_idx)                        # the last layer: (B, Tq, H)
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, kv_cache, i, use_reentrant=False)
+                x = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, i)
+                x = layer(*args)
         if kv_cache is not None:
             kv_cache.pos += T
-        x = self.norm(x[:, -1:] if last_only else x)
+        if keep is not None:
+            x = x[torch.arange(Tq, device=x.device) < counts[:, None]]              # (N, H)
+        elif last_only:
+            x = x[:, -1:]
+        return x if return_hidden else self.logits(x)
+
+    def logits(self, hidden):
+        """Decoder output [..., H] -> logits [..., V]: final norm, then the LM head (tied: the embedding matrix).
+
+        Both act on each position alone, so they can be applied to only the positions that need logits:
+        generation needs the last one, training only those with a label (often a fifth of the positions,
+        and [positions, V] is the largest tensor of a small model's step)."""
+        x = self.norm(hidden)
         return F.linear(x, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(x)
 
 
@@ -539,7 +588,8 @@ def save_model(model, out_dir, max_shard_bytes=5 * 2**30):
 import re  # noqa: E402
 
 import anyres  # noqa: E402
-from vision import SiglipConfig, SiglipVisionTower, check_image_size, preprocess, to_rgb  # noqa: E402
+from vision import (SiglipConfig, SiglipVisionTower, check_image_size, normalize, resize_to_tile,  # noqa: E402
+                    to_rgb)
 
 IGNORE_INDEX = -100  # label of tokens that are not trained (image features, padding)
 
@@ -632,6 +682,17 @@ def _projector(config):
     return nn.Sequential(*mods)
 
 
+@dataclass
+class TiledImage:
+    """One image cut into tiles for the tower, before normalisation: what VLM.tile_image makes of a PIL image.
+    train.py caches these per image file (decoding + tiling + resizing is the slow, host-side part), and
+    prepare_inputs accepts them wherever it accepts a PIL image."""
+    tiles: torch.Tensor   # [n_tiles, 3, S, S] uint8 (vision.resize_to_tile of each tile)
+    size: tuple           # (width, height) of the original image (AnyRes packing needs it)
+    mode: str             # the tiling it was cut with: anyres / pad / square (see VLM.tiling_mode)
+    key: object = None    # names the image (train.py: its path) for VLM.feature_cache; None = never cached
+
+
 class VLM(nn.Module):
     """SigLIP -> projector -> AnyRes packing -> Qwen3. Prompts carry IMAGE_TOKEN_ID where images go."""
 
@@ -644,6 +705,10 @@ class VLM(nn.Module):
         unpad = "unpad" in config.mm_patch_merge_type
         self.image_newline = nn.Parameter(torch.empty(config.llm.hidden_size)) if unpad else None
         self.max_pixels = None  # per-image pixel limit; None = vision.MAX_PIXELS
+        # Tower outputs per TiledImage.key, reused while the tower is frozen (train.py sets a vision.TensorLRU;
+        # None = off, as for inference). See _tower_features for why it can never serve stale features.
+        self.feature_cache = None
+        self._feature_cache_state = None
 
     def init_connector(self):
         """Fresh projector (PyTorch default Linear init) and newline ~ N(0, 1/H), as LLaVA's pretraining does."""
@@ -655,23 +720,40 @@ class VLM(nn.Module):
                 self.image_newline.normal_(0.0, self.config.llm.hidden_size ** -0.5)
 
     # -- images -> features ---------------------------------------------------------------------------------
-    def _tiling_mode(self, n_images_in_row):
+    def tiling_mode(self, n_images_in_row):
         """Multi-image rows are padded to square, one tile each (released training code)."""
         return "pad" if n_images_in_row > 1 else anyres.parse_aspect_ratio(self.config.image_aspect_ratio)[0]
 
-    def image_pixels(self, images):
-        """images: per-row lists of PIL images -> (pixels [N_tiles, 3, S, S] fp32, tiles per image, sizes (w, h))."""
-        tile = self.config.vision.image_size
-        pixels, counts, sizes = [], [], []
+    def tile_image(self, image, n_images_in_row=1, key=None, name="image"):
+        """PIL image -> TiledImage: size check, RGB, AnyRes (or pad / square) tiles, each resized to the tile."""
+        check_image_size(image.size, name, self.max_pixels)
+        image, tile, mode = to_rgb(image), self.config.vision.image_size, self.tiling_mode(n_images_in_row)
+        tiles = anyres.image_tiles(image, mode, self.config.image_grid_pinpoints, tile)
+        return TiledImage(torch.stack([resize_to_tile(t, tile) for t in tiles]), image.size, mode, key)
+
+    def tiled_images(self, images):
+        """Per-row lists of PIL images or TiledImages -> one TiledImage per image, in reading order."""
+        out = []
         for r, row in enumerate(images):
             for k, image in enumerate(row):
-                check_image_size(image.size, f"row {r} image {k}", self.max_pixels)
-                image = to_rgb(image)
-                tiles = anyres.image_tiles(image, self._tiling_mode(len(row)), self.config.image_grid_pinpoints, tile)
-                pixels += [preprocess(t, tile) for t in tiles]
-                counts.append(len(tiles))
-                sizes.append(image.size)
-        return torch.stack(pixels) if pixels else None, counts, sizes
+                name = f"row {r} image {k}"
+                if isinstance(image, TiledImage):
+                    check_image_size(image.size, name, self.max_pixels)
+                    if image.mode != self.tiling_mode(len(row)):
+                        raise ValueError(f"{name}: tiled for {image.mode!r}, this row needs "
+                                         f"{self.tiling_mode(len(row))!r}")
+                    out.append(image)
+                else:
+                    out.append(self.tile_image(image, len(row), name=name))
+        return out
+
+    def image_pixels(self, images):
+        """images: per-row lists of PIL images (or TiledImages) -> (pixels [N_tiles, 3, S, S] fp32, tiles per
+        image, sizes (w, h))."""
+        tiled = self.tiled_images(images)
+        if not tiled:
+            return None, [], []
+        return normalize(torch.cat([t.tiles for t in tiled])), [len(t.tiles) for t in tiled], [t.size for t in tiled]
 
     def _pack(self, features, size):
         """features [tiles, P*P, H] of one image -> its tokens [T, H] (see anyres.py)."""
@@ -684,53 +766,101 @@ class VLM(nn.Module):
         return anyres.pack_anyres(features, *size, newline, max_tiles, self.config.image_grid_pinpoints,
                                   self.config.vision.image_size)
 
+    def _tower(self, tiles, device, dtype):
+        """uint8 tiles [N, 3, S, S] -> tower features [N, P*P, C]. The tiles travel as uint8 (4x fewer bytes to a
+        GPU) and are normalised there: the same IEEE operations, so the same pixels as on the CPU."""
+        return self.vision(normalize(tiles.to(device)).to(dtype))
+
+    def _tower_features(self, tiled, device, dtype):
+        """TiledImages -> tower features [N_tiles, P*P, C], in order. One tower call, or, with feature_cache and a
+        frozen tower, the cached features of every image seen before and one tower call per new image.
+
+        Never stale: the cache is used only while no tower parameter requires grad, and it is emptied whenever
+        a tower parameter is replaced or changed in place (its storage or autograd version counter moves: an
+        optimiser step, load_state_dict, .to()) or the autocast setting changes. One call per new image, not one
+        for all of them, so an image's features never depend on which other images missed the cache: a resumed
+        run, which starts with an empty cache, computes the very same bits."""
+        params = list(self.vision.parameters())
+        cache = self.feature_cache
+        if cache is None or any(p.requires_grad for p in params) or any(t.key is None for t in tiled):
+            return self._tower(torch.cat([t.tiles for t in tiled]), device, dtype)
+        state = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
+                 torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type), device, dtype)
+        if state != self._feature_cache_state:
+            cache.clear()
+            self._feature_cache_state = state
+        features = []
+        for t in tiled:
+            f = cache.get(t.key)
+            if f is None:
+                f = self._tower(t.tiles, device, dtype)                             # (n_tiles, P*P, C)
+                cache.put(t.key, f, f.numel() * f.element_size())
+            features.append(f)
+        return torch.cat(features)
+
     def encode_images(self, images):
-        """Per-row lists of PIL images -> one [T_i, H] tensor per image, in reading order. One tower call."""
-        pixels, counts, sizes = self.image_pixels(images)
-        if pixels is None:
+        """Per-row lists of PIL images (or TiledImages) -> one [T_i, H] tensor per image, in reading order.
+
+        A frozen tower (no parameter requires grad: pretraining, or finetuning without "vision") runs under
+        no_grad: nothing of it is kept for backward. The projector after it trains as usual."""
+        tiled = self.tiled_images(images)
+        if not tiled:
             return []
         weight = self.projector[0].weight
-        tokens = self.projector(self.vision(pixels.to(weight.device, weight.dtype)))   # (N_tiles, P*P, H)
-        return [self._pack(f, size) for f, size in zip(tokens.split(counts), sizes)]
+        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            features = self._tower_features(tiled, weight.device, weight.dtype)      # (N_tiles, P*P, C)
+        tokens = self.projector(features)                                            # (N_tiles, P*P, H)
+        return [self._pack(f, t.size) for f, t in zip(tokens.split([len(t.tiles) for t in tiled]), tiled)]
 
     # -- splicing ---------------------------------------------------------------------------------------------
     def _check_batch(self, ids, images, labels, padding_side):
+        """ids (and labels): 1-D long tensors, one per row."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if len(images) != len(ids):
             raise ValueError(f"{len(ids)} prompts but {len(images)} image lists")
         vocab = self.config.llm.vocab_size
         for r, row in enumerate(ids):
-            marks = sum(t == IMAGE_TOKEN_ID for t in row)
+            is_image = row == IMAGE_TOKEN_ID
+            marks = int(is_image.sum())
             if marks != len(images[r]):
                 raise ValueError(f"row {r}: the prompt has {marks} <image> marks "
                                  f"but {len(images[r])} images were given")
-            bad = [t for t in row if t != IMAGE_TOKEN_ID and not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"row {r}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+            bad = row[~is_image & ((row < 0) | (row >= vocab))]
+            if len(bad):
+                raise ValueError(f"row {r}: token ids {bad[:5].tolist()} outside the vocabulary [0, {vocab})")
             if labels is not None and len(labels[r]) != len(row):
                 raise ValueError(f"row {r}: {len(labels[r])} labels for {len(row)} tokens")
 
-    def _expand(self, ids, lengths, labels):
-        """Repeat each IMAGE_TOKEN_ID by its image's token count -> per-row (ids, labels) lists."""
-        lengths = iter(lengths)
-        rows = []
+    @staticmethod
+    def _expand(ids, lengths, labels):
+        """Repeat each IMAGE_TOKEN_ID by its image's token count -> per-row (ids, labels) 1-D tensors.
+
+        ids, labels: 1-D long tensors per row; lengths: token count of every image, in reading order.
+        Labels at image positions become IGNORE_INDEX (labels None: all IGNORE_INDEX)."""
+        lengths = torch.tensor(lengths, dtype=torch.long)
+        out, k = [], 0
         for r, row in enumerate(ids):
-            out_ids, out_labels = [], []
-            for j, tok in enumerate(row):
-                n = next(lengths) if tok == IMAGE_TOKEN_ID else 1
-                out_ids += [tok] * n
-                out_labels += [IGNORE_INDEX if tok == IMAGE_TOKEN_ID or labels is None else labels[r][j]] * n
-            rows.append((out_ids, out_labels))
-        return rows
+            is_image = row == IMAGE_TOKEN_ID                                       # (L,)
+            repeats = torch.ones_like(row)
+            n = int(is_image.sum())
+            repeats[is_image] = lengths[k:k + n]
+            k += n
+            lab = (torch.full_like(row, IGNORE_INDEX) if labels is None
+                   else labels[r].masked_fill(is_image, IGNORE_INDEX))                 # never train an image mark
+            out.append((row.repeat_interleave(repeats), lab.repeat_interleave(repeats)))   # (L + image tokens,)
+        return out
 
     def prepare_inputs(self, ids, images, labels=None, padding_side="left"):
-        """ids: B token lists (IMAGE_TOKEN_ID marks images), images: B lists of PIL images, labels: like ids.
-        -> dict(inputs_embeds [B, T, H], attention_mask [B, T] long, labels [B, T] when labels are given).
-        T counts every image's tokens; pads (left or right) get zero embeddings, mask 0 and label -100."""
+        """ids: B token lists (IMAGE_TOKEN_ID marks images), images: B lists of PIL images (or TiledImages),
+        labels: like ids. -> dict(inputs_embeds [B, T, H], attention_mask [B, T] long, labels [B, T] when labels
+        are given). T counts every image's tokens; pads (left or right) get zero embeddings, mask 0 and label -100."""
         if not ids:
             raise ValueError("prepare_inputs: empty batch")
         images = images if images is not None else [[] for _ in ids]
+        ids = [torch.as_tensor(row, dtype=torch.long) for row in ids]
+        labels = None if labels is None else [torch.as_tensor(row, dtype=torch.long) for row in labels]
         self._check_batch(ids, images, labels, padding_side)
         features = self.encode_images(images)
         rows = self._expand(ids, [f.shape[0] for f in features], labels)
@@ -740,7 +870,7 @@ class VLM(nn.Module):
         lab = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         for b, (row_ids, row_labels) in enumerate(rows):
             span = slice(T - len(row_ids), T) if padding_side == "left" else slice(0, len(row_ids))
-            tok[b, span], mask[b, span], lab[b, span] = torch.tensor(row_ids), 1, torch.tensor(row_labels)
+            tok[b, span], mask[b, span], lab[b, span] = row_ids, 1, row_labels
         device = self.llm.embed_tokens.weight.device
         tok, mask, lab = tok.to(device), mask.to(device), lab.to(device)
         is_image = tok == IMAGE_TOKEN_ID                                             # (B, T)
@@ -837,10 +967,13 @@ def _save_vlm(model, out_dir, max_shard_bytes):
 
 def load_vision_tower(path_or_hub_id, dtype=None, device=None):
     """A standalone SigLIP checkpoint (google/siglip-so400m-patch14-384 style: vision_model.* and text_model.*)
-    -> SiglipVisionTower in eval mode. The text tower, logit scale/bias, pooling head and last layer are dropped."""
+    -> SiglipVisionTower in eval mode. The text tower, logit scale/bias, pooling head and last layer are dropped.
+    A VLM checkpoint gives its own tower."""
     folder = _resolve_checkpoint(path_or_hub_id)
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
+    if _is_llava_config(cfg):  # a VLM checkpoint: its tower (e.g. the Shapes world's pretrained captioner)
+        return load_model(folder, dtype, device).vision
     if cfg.get("model_type") not in ("siglip", "siglip_vision_model"):
         raise CheckpointError(f"{folder}: model_type {cfg.get('model_type')!r} is not a SigLIP checkpoint")
     config = SiglipConfig.from_hf(cfg)

@@ -13,6 +13,13 @@ The same command runs on one CPU process or under torchrun (DDP; --fsdp for 4B/8
 folder holds checkpoint.pt (full state, for --resume), metrics.jsonl, and at the end the model
 (model.save_model layout) with tokenizer.json, loadable by model.load_model / reason.py.
 
+On small models a good part of a step used to be work that repeats every step or whose result nobody
+reads. Now each sample is tokenised once and each image decoded and tiled once (chat_data.BatchLoader caches,
+--cache-mb), a frozen vision tower runs without autograd and once per image (VLM.feature_cache,
+--feature-cache-mb), and the LM head, final norm and last decoder layer run only at labelled positions
+(LossSum). None of it changes the loss beyond float rounding; bench/bench_train_shapes.py measures it
+against the code before.
+
 Loss normalisation: every micro-batch backpropagates the *sum* of its token losses; once the
 whole global batch is done (all micro-batches on all ranks) the gradients are divided by the
 global count of labelled tokens. That equals transformers' mean token loss over the global
@@ -37,7 +44,7 @@ import torch.nn.functional as F
 
 import model as M
 import records as R
-from chat_data import IGNORE, build_samples, epoch_order, load_batch, micro_batches, right_pad
+from chat_data import IGNORE, BatchLoader, build_samples, epoch_order, micro_batches, right_pad
 
 STAGES = {  # SPEC §10; "train" names the VLM parts that get gradients (a plain LLM is all "llm")
     "pretrain": dict(template="plain", train="projector", lr=1e-3, vision_lr=0.0, global_batch=512,
@@ -64,12 +71,13 @@ class TrainConfig:
     llm: str = opt("0.6B", "Qwen3 size (tiny: random init from the preset)", ["0.6B", "1.7B", "4B", "8B", "tiny"])
     llm_path: str = opt("", "Qwen3 checkpoint folder or hub id (default Qwen/Qwen3-<llm>)")
     llm_overrides: str = opt("", "tiny only: Qwen3Config fields, e.g. hidden_size=96,num_hidden_layers=3")
-    vision: str = opt("so400m", "SigLIP tower (tiny: random init from the preset)", ["so400m", "tiny"])
-    vision_path: str = opt("google/siglip-so400m-patch14-384", "standalone SigLIP checkpoint (pretrain)")
+    vision: str = opt("so400m", "SigLIP tower (tiny, shapes: random init from the preset)", ["so400m", "tiny", "shapes"])
+    vision_path: str = opt("google/siglip-so400m-patch14-384", "SigLIP checkpoint, or a VLM folder whose tower to take (pretrain)")
     init: str = opt("", "start from a previous stage's output folder (instead of --llm/--vision)")
     tokenizer: str = opt("", "tokenizer.json or checkpoint folder (default: the --init / LLM folder)")
     # recipe: None = the stage preset (STAGES)
-    template: str = opt(None, "chat template", ["plain", "qwen_1_5", "qwen3"])
+    template: str = opt(None, "chat template (document: {id, text} records, every token trained)",
+                        ["plain", "qwen_1_5", "qwen3", "document"])
     train: str = opt(None, "parts that get gradients, comma list of llm,projector,image_newline,vision")
     lr: float = opt(None, "learning rate of the LLM, projector and image_newline", type_=float)
     vision_lr: float = opt(None, "learning rate of the vision tower", type_=float)
@@ -88,6 +96,11 @@ class TrainConfig:
                                        "<|im_end|> token of system and user turns")
     skip_bad_samples: bool = opt(False, "skip (count and log) bad records and unreadable images instead of stopping")
     grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30%% more compute")
+    cache_mb: int = opt(1024, "host memory per rank for each of two caches (least recently used dropped first): "
+                              "tokenised samples, and every image's preprocessed tiles (uint8); 0 = off")
+    feature_cache_mb: int = opt(512, "memory per rank, on the model's device, for the vision tower's output per "
+                                     "image, reused while the tower is frozen (--train without vision); 0 = off. "
+                                     "Never with --fsdp (a rank skipping the tower would stall the others)")
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients, optimiser state (4B/8B)")
     precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
     seed: int = opt(0, "data order and random init")
@@ -112,7 +125,15 @@ class LossSum(nn.Module):
     """Wraps a Qwen3 or VLM so one module (what DDP/FSDP wrap) maps a batch to the summed token loss.
 
     forward(ids, labels, images) -> (sum of cross-entropy over labelled tokens, labelled count, tokens
-    in the batch, rows truncated). Right padding; sequences (after image splicing) cut at max_length."""
+    in the batch, rows truncated). Right padding; sequences (after image splicing) cut at max_length.
+
+    Two shortcuts, both exact for the loss (only float rounding can differ):
+      * no padding mask: with right padding and causal attention a real token attends only to earlier
+        tokens, all real; pads sit after them and are never read. (Pads attend to anything: nobody reads them.)
+      * outputs only where a label is (Qwen3.forward(keep=...)): the final norm and LM head act on each
+        position alone, so they run on the N labelled positions ([N, V]) instead of all B * T ([B, T, V], the
+        largest tensor of a small model's step), and so do the last layer's queries, attention and MLP. In
+        chat data most positions are system prompt, question, image or padding, without a label."""
 
     def __init__(self, model, pad_id, max_length):
         super().__init__()
@@ -133,12 +154,13 @@ class LossSum(nn.Module):
         T = min(mask.shape[1], self.max_length)
         inputs = {k: v[:, :T] for k, v in inputs.items()}
         mask, labels = mask[:, :T], labels[:, :T]
-        logits = llm(**inputs, attention_mask=None if bool(mask.all()) else mask)   # (B, T, V)
-        # position t predicts token t+1: shift the labels (not the logits: no [B, T, V] copy), as transformers
+        # position t predicts token t+1: shift the labels, as transformers (the ignored last slot pads it)
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)                       # (B, T)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                               reduction="sum")
-        return loss, (targets != IGNORE).sum(), mask.sum(), truncated
+        labelled = targets != IGNORE                                               # (B, T)
+        hidden = llm(**inputs, attention_mask=None, keep=labelled, return_hidden=True)   # (N, H); see the docstring
+        logits = llm.logits(hidden)                                                # (N, V)
+        loss = F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
+        return loss, labelled.sum(), mask.sum(), truncated
 
 
 # ----------------------------------------------------------------------------- model
@@ -200,12 +222,32 @@ def build_model(cfg, tokenizer):
     else:
         from vision import SiglipConfig, SiglipVisionTower
         llm = build_llm(cfg, tokenizer.get_vocab_size())
-        tower = (init_weights(SiglipVisionTower(SiglipConfig.preset("tiny"))) if cfg.vision == "tiny"
+        tower = (init_weights(SiglipVisionTower(SiglipConfig.preset(cfg.vision))) if cfg.vision != "so400m"
                  else M.load_vision_tower(cfg.vision_path, dtype=torch.float32))
         model = M.build_vlm(llm, tower)   # fresh projector + image_newline
     if cfg.image_aspect_ratio and hasattr(model, "llm"):
         model.config.image_aspect_ratio = cfg.image_aspect_ratio   # e.g. square (pretrain) -> anyres_max_9
     return model.float().train()
+
+
+def image_preparer(model):
+    """(path, images in its row) -> what the model takes for that image: a VLM gets the image already tiled
+    (model.TiledImage, cached per path by chat_data.BatchLoader), a text-only LLM a PIL image (it ignores it)."""
+    if not hasattr(model, "tile_image"):
+        return None
+    from vision import load_image
+
+    def prepare(path, n_in_row):
+        return model.tile_image(load_image(path), n_in_row, key=(path, model.tiling_mode(n_in_row)), name=path)
+    return prepare
+
+
+def images_repeat(samples, steps, cfg):
+    """Whether some image comes up twice in this run: more than one epoch, or a file shared by records. If not,
+    a tower feature cache would never hit, and it costs: it runs the tower one image at a time (see
+    model.VLM._tower_features), so train.py then leaves it off."""
+    paths = [p for s in samples for p in s["images"]]
+    return steps * cfg.global_batch > len(samples) or len(set(paths)) < len(paths)
 
 
 def set_trainable(model, parts):
@@ -411,6 +453,10 @@ def train(args=None):
         if hasattr(m, "grad_checkpointing"):
             m.grad_checkpointing = cfg.grad_checkpointing
     wrapped = wrap(LossSum(model, pad_id, cfg.max_length), cfg, device, world)
+    loader = BatchLoader(samples, tokenizer, cfg, image_preparer(model), cfg.cache_mb * 2**20)
+    if hasattr(model, "vision") and cfg.feature_cache_mb > 0 and not cfg.fsdp and images_repeat(samples, total, cfg):
+        from vision import TensorLRU
+        model.feature_cache = TensorLRU(cfg.feature_cache_mb * 2**20)   # used only while the tower is frozen
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     # optimiser
@@ -436,7 +482,7 @@ def train(args=None):
         sums = torch.zeros(4, dtype=torch.float64)  # loss sum, labelled tokens, tokens, truncated rows
         skipped = []                                 # unreadable images (--skip-bad-samples)
         for j, idx in enumerate(chunks):
-            ids, labels, images = load_batch(samples, idx, tokenizer, cfg, skipped)
+            ids, labels, images = loader(idx, skipped)
             sync = j == len(chunks) - 1 or not hasattr(wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else wrapped.no_sync()), \
                     torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -475,7 +521,9 @@ def train(args=None):
         bar.close()
     if stop == total:
         save_final(model, wrapped, cfg, rank)
-        log(dict(event="done", steps=total, truncated_total=stats["truncated"], skipped_total=stats["skipped"]))
+        caches = dict(tokens=loader.tokens, images=loader.images, features=getattr(model, "feature_cache", None))
+        log(dict(event="done", steps=total, truncated_total=stats["truncated"], skipped_total=stats["skipped"],
+                 cache_hits={k: [c.hits, c.misses] for k, c in caches.items() if c is not None}))  # [hits, misses]
     if started:
         dist.destroy_process_group()
     return dict(out=cfg.out, steps=stop, losses=losses)

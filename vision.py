@@ -33,8 +33,12 @@ class SiglipConfig:
 
     PRESETS = {
         "so400m": {},
-        # 56 px tiles of 4x4 patches: fast enough for the CPU demo (shapes.py) and the tests
+        # 56 px tiles of 4x4 patches: fast enough for the tests
         "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=56),
+        # the Shapes world's tower (shapes_backbones.py): same tiles, deep enough that every patch token of a tile
+        # carries the shape's kind (with "tiny", kinds stayed the captioners' main error)
+        "shapes": dict(hidden_size=96, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4,
+                       image_size=56),
     }
 
     @classmethod
@@ -201,9 +205,58 @@ def load_image(path, max_pixels=None):
 def preprocess(image, size=384):
     """PIL image (any mode) -> pixels [3, size, size] float32: RGB, bicubic resize, /255, (x - 0.5) / 0.5.
     Matches transformers' SigLIP image processor (PIL backend) value for value."""
+    return normalize(resize_to_tile(image, size))
+
+
+def resize_to_tile(image, size=384):
+    """PIL image (any mode) -> [3, size, size] uint8: RGB, bicubic resize. The first half of preprocess:
+    4x smaller than the float pixels, so this is what train.py caches per image."""
     image = to_rgb(image)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)      # (3, S, S) uint8
-    x = (x.double() * (1 / 255)).float()                                # rescale in fp64, as transformers
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)   # (3, S, S) uint8
+
+
+def normalize(tiles):
+    """uint8 [..., 3, S, S] -> float32 pixels: /255, (x - 0.5) / 0.5. The second half of preprocess;
+    elementwise, so one call on a stack of tiles gives the same bits as one call per tile."""
+    x = (tiles.double() * (1 / 255)).float()                            # rescale in fp64, as transformers
     return (x - 0.5) / 0.5
+
+
+class TensorLRU:
+    """A cache that keeps what it was given until a byte budget is full, then drops the least recently used
+    entries. Values are anything; the caller says how many bytes each holds. A value over the whole budget is
+    not kept. hits / misses count lookups (train.py logs them)."""
+
+    def __init__(self, max_bytes):
+        from collections import OrderedDict
+        self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
+        self._items = OrderedDict()   # key -> (value, nbytes), least recently used first
+
+    def __len__(self):
+        return len(self._items)
+
+    def get(self, key):
+        """The value stored under key (now the most recently used), or None."""
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key, value, nbytes):
+        if key in self._items:
+            self.bytes -= self._items.pop(key)[1]
+        if nbytes > self.max_bytes:
+            return
+        while self.bytes + nbytes > self.max_bytes:
+            self.bytes -= self._items.popitem(last=False)[1][1]
+        self._items[key] = (value, nbytes)
+        self.bytes += nbytes
+
+    def clear(self):
+        self._items.clear()
+        self.bytes = 0

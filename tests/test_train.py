@@ -407,13 +407,13 @@ def test_cli_accepts_every_preset_override_flag():
     ("valid", "{tmp}/missing.jsonl"),                                      # the missing data file is named
 ])
 def test_cli_errors_are_one_line(tmp_path, tokenizer, says):
-    import shapes
+    import shapes_world
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     argv = ["--stage", "text", "--llm", "tiny", "--data", f"{tmp_path}/missing.jsonl", "--out", str(tmp_path / "o")]
     if tokenizer:
         path = tmp_path / "tokenizer.json"
         if tokenizer == "valid":
-            shapes.train_tokenizer(["a red circle"] * 4, vocab_size=300).save(str(path))
+            shapes_world.train_tokenizer(["a red circle"] * 4, vocab_size=300).save(str(path))
         else:
             path.write_text("{}")
         argv += ["--tokenizer", str(path)]
@@ -422,3 +422,117 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer, says):
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error:") and says.format(tmp=tmp_path) in last, run.stderr
+
+
+# ----------------------------------------------------------------------------- the fast paths
+
+def test_loss_at_labelled_positions_equals_the_full_vocabulary_loss():
+    """LossSum applies the final norm + LM head only at labelled positions and no padding mask (right padding +
+    causal attention): same loss and gradients as logits at every position with the padding mask, as before."""
+    torch.manual_seed(0)
+    llm = T.init_weights(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=96, tie_word_embeddings=False)))
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (13, 6, 9)]
+    labels = [[T.IGNORE] * 3 + x[3:] for x in ids]
+    labels[1] = [T.IGNORE] * 6                                   # a row without any label
+    loss, n, n_tok, _ = T.LossSum(llm, pad_id=0, max_length=100)(ids, labels, [[], [], []])
+    loss.backward()
+    ours = {k: p.grad.clone() for k, p in llm.named_parameters()}
+    llm.zero_grad()
+    ids_t, mask, labels_t = T.right_pad(ids, labels, 0, "cpu")
+    logits = llm(ids_t, attention_mask=mask)                     # (B, T, V): every position, padding masked
+    assert torch.equal(llm.logits(llm(ids_t, attention_mask=mask, return_hidden=True)), logits)
+    targets = torch.nn.functional.pad(labels_t[:, 1:], (0, 1), value=T.IGNORE)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=T.IGNORE,
+                                            reduction="sum")
+    ref.backward()
+    assert n.item() == (13 - 3) + (9 - 3) and n_tok.item() == 13 + 6 + 9   # labels 3.. are all predicted
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for k, p in llm.named_parameters():
+        assert torch.allclose(ours[k], p.grad, rtol=1e-5, atol=1e-7), k
+    zero, n0, _, _ = T.LossSum(llm, pad_id=0, max_length=100)([ids[1]], [labels[1]], [[]])
+    assert zero.item() == 0.0 and n0.item() == 0                 # no label at all: a zero loss, no error
+
+
+@pytest.mark.parametrize("padding_mask", [False, True])
+def test_qwen3_keep_computes_the_last_layer_only_where_needed(padding_mask):
+    """Qwen3.forward(keep=...) == the full forward read at the kept positions, with or without a padding mask,
+    with gradient checkpointing, for rows keeping many, few or no positions; gradients too."""
+    torch.manual_seed(0)
+    llm = T.init_weights(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=96, num_hidden_layers=3))).train()
+    ids = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    keep = torch.zeros(3, 12, dtype=torch.bool)
+    keep[0, 3:11], keep[1, [2, 5]] = True, True                  # row 2 keeps nothing
+    am = mask if padding_mask else None
+    full = llm(ids, attention_mask=am, return_hidden=True)[keep]
+    got = llm(ids, attention_mask=am, keep=keep, return_hidden=True)
+    assert got.shape == (10, 64) and torch.allclose(got, full, atol=1e-6)
+    assert torch.allclose(llm(ids, attention_mask=am, keep=keep), llm(ids, attention_mask=am)[keep], atol=1e-6)
+    assert llm(ids, keep=torch.zeros_like(keep)).shape == (0, 96)
+    grads = []
+    for checkpointing, k in ((False, None), (False, keep), (True, keep)):
+        llm.grad_checkpointing = checkpointing
+        out = llm(ids, attention_mask=am, return_hidden=True)[keep] if k is None else \
+            llm(ids, attention_mask=am, keep=k, return_hidden=True)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in llm.named_parameters() if p.grad is not None})
+        llm.zero_grad(set_to_none=True)
+    for g in grads[1:]:
+        assert g.keys() == grads[0].keys() and all(torch.allclose(g[n], grads[0][n], atol=1e-6) for n in g)
+
+
+def test_batch_loader_caches_tokens_and_tiles(tmp_path, tiny_tok, image_data):
+    """BatchLoader's caches change nothing but the speed: same ids, labels and tiles as without them, the second
+    time from the cache; an unreadable image is never cached (it fails, or is skipped, every time)."""
+    from vision import SiglipConfig
+    cfg = T.parse_args(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "o")).resolve()
+    tok = T.load_tokenizer(cfg)
+    samples, _ = T.build_samples(cfg, [json.loads(line) for line in open(cfg.data)])
+    vlm = M.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size())),
+                      SiglipConfig.preset("tiny"))
+    cached = D.BatchLoader(samples, tok, cfg, T.image_preparer(vlm), cache_bytes=2**24)
+    fresh = D.BatchLoader(samples, tok, cfg, T.image_preparer(vlm), cache_bytes=0)
+    idx = list(range(len(samples)))
+    want = fresh(idx, [])
+    for _ in range(2):
+        got = cached(idx, [])
+        assert got[:2] == want[:2]                               # ids, labels
+        for row_got, row_want in zip(got[2], want[2]):
+            assert [(t.size, t.mode, t.key) for t in row_got] == [(t.size, t.mode, t.key) for t in row_want]
+            assert all(torch.equal(a.tiles, b.tiles) for a, b in zip(row_got, row_want))
+    s = samples[0]
+    assert (s["images"][0], 1) in [k for k in cached.images._items]
+    assert cached.tokens.hits == cached.tokens.misses == len(samples)
+    assert cached.images.misses == cached.images.hits == 8    # 6 one-image rows + a pair (tiled to pad)
+    assert want[0][0] == D.tokenize_segments(tok, D.render_segments(s["turns"], cfg.template), False)[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    bad = [dict(s, id="bad", images=[str(broken)])]
+    loader = D.BatchLoader(bad, tok, cfg, T.image_preparer(vlm), cache_bytes=2**24)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="record bad:.*broken.png"):
+            loader([0], [])
+    assert len(loader.images) == 0
+    cfg.skip_bad_samples = True
+    skipped = []
+    assert loader([0], skipped) == ([], [], []) and len(skipped) == 1
+
+
+def test_vlm_frozen_tower_run_uses_the_feature_cache_and_resumes_exactly(tmp_path, tiny_tok, image_data):
+    """Finetuning without the tower (its outputs cached per image): the losses of a run without any cache,
+    and a run stopped and resumed (empty caches again) continues bit for bit."""
+    frozen = ("--train", "llm,projector,image_newline", "--max-steps", "4")
+    straight = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "a", *frozen))["losses"]
+    done = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")][-1]
+    hits, misses = done["cache_hits"]["features"]
+    assert misses == 8 and hits > 0                                # 6 single images + the pair, tiled to pad
+    uncached = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "c", *frozen,
+                                "--cache-mb", "0", "--feature-cache-mb", "0"))["losses"]
+    assert uncached == pytest.approx(straight, rel=1e-6)
+    first = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "b", *frozen, "--stop-after", "2"))["losses"]
+    second = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "b", *frozen, "--resume"))["losses"]
+    assert first + second == straight
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -241,3 +241,85 @@ def test_corrupt_image_file_error_names_the_file(tmp_path):
     path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
         load_image(path)
+
+
+# ----------------------------------------------------------------------------- the training fast paths
+
+def _expand_reference(ids, lengths, labels):
+    """The token-by-token splice prepare_inputs used before it was vectorised (kept here as the reference)."""
+    lengths, rows = iter(lengths), []
+    for r, row in enumerate(ids):
+        out_ids, out_labels = [], []
+        for j, tok in enumerate(row):
+            n = next(lengths) if tok == IMAGE_TOKEN_ID else 1
+            out_ids += [tok] * n
+            out_labels += [-100 if tok == IMAGE_TOKEN_ID or labels is None else labels[r][j]] * n
+        rows.append((out_ids, out_labels))
+    return rows
+
+
+def test_vectorised_expand_matches_the_token_by_token_reference():
+    g = torch.Generator().manual_seed(0)
+    ids = [text(3, 1) + [IMAGE_TOKEN_ID] + text(5, 2), [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID] + text(4, 3), text(6, 4), []]
+    labels = [[t if torch.rand(1, generator=g).item() < 0.5 else -100 for t in row] for row in ids]
+    lengths = [17, 5, 9]
+    for lab in (labels, None):
+        got = M.VLM._expand([torch.tensor(r, dtype=torch.long) for r in ids], lengths,
+                            None if lab is None else [torch.tensor(r, dtype=torch.long) for r in lab])
+        assert [(a.tolist(), b.tolist()) for a, b in got] == _expand_reference(ids, lengths, lab)
+
+
+def test_tiled_images_give_the_pixels_of_fresh_preprocessing(ours):
+    """A TiledImage (what train.py caches per file: uint8 tiles) gives bit for bit the pixels of preprocessing the
+    PIL image per tile as before, and prepare_inputs takes it wherever it takes the PIL image."""
+    from vision import preprocess
+    rows = [[image(150, 100, 0)], [image(60, 40, 1), image(40, 70, 2)]]          # anyres; two images: pad
+    for row in rows:
+        for im in row:
+            mode = ours.tiling_mode(len(row))
+            tiles = anyres.image_tiles(im, mode, ours.config.image_grid_pinpoints, TILE)
+            fresh = torch.stack([preprocess(t, TILE) for t in tiles])
+            tiled = ours.tile_image(im, len(row), key="x")
+            assert tiled.tiles.dtype == torch.uint8 and tiled.size == im.size and tiled.mode == mode
+            assert torch.equal(ours.image_pixels([[tiled] * len(row)])[0][:len(tiles)], fresh)
+            assert torch.equal(ours.image_pixels([[im] * len(row)])[0], ours.image_pixels([[tiled] * len(row)])[0])
+    ids = [text(3, 1) + [IMAGE_TOKEN_ID] + text(2, 2), [IMAGE_TOKEN_ID] + text(2, 3) + [IMAGE_TOKEN_ID]]
+    tiled = [[ours.tile_image(im, len(row)) for im in row] for row in rows]
+    with torch.no_grad():
+        a = ours.prepare_inputs(ids, rows, padding_side="right")["inputs_embeds"]
+        b = ours.prepare_inputs(ids, tiled, padding_side="right")["inputs_embeds"]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="tiled for 'anyres'"):     # cut for a single-image row, used in a pair
+        ours.prepare_inputs([[IMAGE_TOKEN_ID, IMAGE_TOKEN_ID]], [[tiled[0][0], tiled[0][0]]])
+
+
+def test_feature_cache_serves_only_a_frozen_unchanged_tower():
+    """VLM.feature_cache holds tower outputs per image key: used while no tower parameter requires grad, never
+    when the tower trains, and emptied when the frozen tower's weights change (no stale features)."""
+    from vision import TensorLRU
+    torch.manual_seed(0)
+    vlm = M.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), M.SiglipConfig.preset("tiny"))
+    images = [[vlm.tile_image(image(90, 60, 0), key="a")], [vlm.tile_image(image(60, 60, 1), key="b")]]
+
+    def encode():
+        return torch.cat(vlm.encode_images(images))
+
+    fresh = encode()                                             # no cache: the reference
+    vlm.feature_cache = cache = TensorLRU(2**24)
+    out = encode()                                               # the tower trains: the cache stays out of it
+    assert len(cache) == 0 and cache.hits == cache.misses == 0 and torch.equal(out, fresh)
+    out.sum().backward()
+    assert vlm.vision.layers[0].mlp.fc1.weight.grad is not None   # and the gradient reaches the tower
+    vlm.vision.requires_grad_(False)
+    assert torch.equal(encode(), fresh) and len(cache) == 2 and cache.misses == 2
+    assert torch.equal(encode(), fresh) and cache.hits == 2       # frozen: served from the cache, same bits
+    with torch.no_grad():
+        vlm.vision.layers[0].mlp.fc1.weight.mul_(1.5)             # the frozen tower changes in place ...
+    vlm.feature_cache = None
+    changed = encode()
+    vlm.feature_cache = cache
+    assert not torch.equal(changed, fresh)
+    assert torch.equal(encode(), changed) and cache.misses == 4   # ... so the cache was emptied, not served
+    vlm.vision.requires_grad_(True)
+    hits = cache.hits
+    assert torch.equal(encode(), changed) and cache.hits == hits  # training again: not used

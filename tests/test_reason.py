@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 import reason  # noqa: E402
-import shapes  # noqa: E402
+import shapes_world  # noqa: E402
 
 RELEASE_QWEN3_PY = "/work/shared/reference/seed_repo/lmms_eval_custom_files/qwen3.py"
 REFLEXIVE_TEXT = ("Wait, but maybe I should check again. Hmm, now another option. Alternatively, verify it. "
@@ -25,8 +25,8 @@ REFLEXIVE_TEXT = ("Wait, but maybe I should check again. Hmm, now another option
 
 @pytest.fixture(scope="module")
 def tok():
-    """A small byte-level BPE (shapes.train_tokenizer) that knows a few reflexive words and the chat tokens."""
-    return shapes.train_tokenizer(shapes.tokenizer_corpus(n_scenes=30) + [REFLEXIVE_TEXT] * 20, vocab_size=600)
+    """A small byte-level BPE (shapes_world.train_tokenizer) that knows a few reflexive words and the chat tokens."""
+    return shapes_world.train_tokenizer(shapes_world.tokenizer_corpus(n_scenes=10) + [REFLEXIVE_TEXT] * 200, vocab_size=600)
 
 
 def tiny_llm(tok, seed=0):

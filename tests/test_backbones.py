@@ -1,0 +1,64 @@
+"""The toy backbones shipped in backbones/ (shapes_backbones.py): they load strictly, are the files the manifest
+names, and reproduce the held-out numbers the manifest recorded when they were trained (greedy, one thread)."""
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+import shapes_backbones as B
+
+FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "backbones")
+MANIFEST = json.load(open(os.path.join(FOLDER, "manifest.json")))
+
+
+def test_shipped_files_are_the_manifests_and_small():
+    total = 0
+    for rel, digest in MANIFEST["files"].items():
+        data = open(os.path.join(FOLDER, rel), "rb").read()
+        assert hashlib.sha256(data).hexdigest() == digest, rel
+        total += len(data)
+    assert set(MANIFEST["files"]) == {f"{m}/{f}" for m in ("lm-S", "lm-L", "captioner") for f in B.SHIPPED}
+    assert total <= 20 * 2 ** 20, total
+
+
+def test_backbones_load_strictly_with_the_recorded_shapes():
+    for size, overrides in B.SIZES.items():
+        lm = M.load_model(os.path.join(FOLDER, f"lm-{size}"))   # load_model refuses a missing or extra key
+        assert isinstance(lm, M.Qwen3) and lm.lm_head is not None   # untied head (see shapes_backbones.SIZES)
+        for item in overrides.split(","):
+            key, value = item.split("=")
+            assert str(getattr(lm.config, key)).lower() == value.lower(), (size, key)
+    captioner = M.load_model(os.path.join(FOLDER, "captioner"))
+    assert isinstance(captioner, M.VLM) and captioner.config.vision.image_size == 56
+    assert M.load_model(os.path.join(FOLDER, "lm-S")).config == captioner.llm.config
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    torch.set_num_threads(1)   # as when the numbers were recorded
+    work = tmp_path_factory.mktemp("backbones")
+    return work, B.heldout_data(str(work / "heldout"))
+
+
+@pytest.mark.parametrize("size", sorted(B.SIZES))
+@pytest.mark.parametrize("kind", ["extract", "caption"])
+def test_language_models_reproduce_their_held_out_accuracy(heldout, size, kind):
+    work, data = heldout
+    got = B.reasoner_accuracy(os.path.join(FOLDER, f"lm-{size}"), data, kind, str(work / f"{size}-{kind}"))
+    assert got == MANIFEST["heldout"][f"lm-{size} on true {kind} descriptions"]
+
+
+def test_captioner_reproduces_its_held_out_facts(heldout):
+    work, data = heldout
+    got = B.captioner_facts(os.path.join(FOLDER, "captioner"), data, str(work / "captioner"))
+    assert got == MANIFEST["heldout"]["captioner: confirmed facts in held-out captions"]
+
+
+def test_world_tokenizer_reproduces_the_shipped_one():
+    import shapes_world
+    ours = json.loads(shapes_world.world_tokenizer().to_str())
+    for name in ("lm-S", "lm-L", "captioner"):
+        assert json.load(open(os.path.join(FOLDER, name, "tokenizer.json"))) == ours, name

@@ -43,18 +43,18 @@ BACKBONES = os.path.join(ROOT, "backbones")
 class RunConfig:
     """Everything the main job does; the defaults fit 10 minutes on 2 CPU cores with the install (README)."""
     out: str = "runs/shapes"
-    n_train: int = 1000           # training scenes (~6.4 questions each)
-    n_eval: int = 52              # held-out scenes -> ~330 multiple-choice questions
+    n_train: int = 3000           # training scenes (~6.4 questions each); images are rendered in ~10 s
+    n_eval: int = 52              # held-out scenes -> 327 multiple-choice questions
     sizes: dict = field(default_factory=lambda: {"S": os.path.join(BACKBONES, "lm-S"),
                                                  "L": os.path.join(BACKBONES, "lm-L")})
-    tower: str = os.path.join(BACKBONES, "captioner")   # a VLM folder: its pretrained tower is used, frozen
-    pretrain_steps: int = 60      # connector pretraining (projector + image_newline)
-    caption_steps: int = 200      # captioning: the perception module of Caption+Think, and where the others start
-    finetune_steps: int = 100     # QA (end-to-end) and extraction tuning: the same steps and batch
+    tower: str = os.path.join(BACKBONES, "captioner")   # a VLM folder: its pretrained tower is used
+    pretrain_steps: int = 100     # connector pretraining (projector + image_newline)
+    caption_steps: int = 500      # captioning: the perception module of Caption+Think, and where the others start
+    finetune_steps: int = 200     # QA (end-to-end) and extraction tuning: the same steps and batch
     batch: int = 16
-    pretrain_lr: float = 3e-3
-    finetune_lr: float = 1e-3
-    vision_lr: float = 5e-4       # the tower trains only in the captioning stage (as the paper's, at a lower lr)
+    pretrain_lr: float = 1e-2
+    finetune_lr: float = 2e-3
+    vision_lr: float = 1e-3       # the tower trains only in the captioning stage (the paper trains it at a lower lr)
     stage1_tokens: int = 64       # descriptions are 25-40 tokens
     budget: int = 64              # thinking budget of the toy reasoner (its traces are 10-40 tokens)
     eval_batch: int = 64
@@ -62,7 +62,7 @@ class RunConfig:
     seed: int = 0
 
 
-QUICK = dict(n_train=120, n_eval=24, pretrain_steps=20, caption_steps=40, finetune_steps=30, batch=8)  # tests/test_pipeline.py
+QUICK = dict(n_train=400, n_eval=24, pretrain_steps=50, caption_steps=250, finetune_steps=40)  # tests/test_pipeline.py
 METHODS = ("e2e", "extract+think", "caption+think", "true-descriptions")
 LABELS = {"e2e": "end-to-end VLM", "extract+think": "Extract+Think", "caption+think": "Caption+Think",
           "true-descriptions": "reasoner on true descriptions", "blind": "blind baseline (no image)"}

@@ -27,7 +27,7 @@ import records
 import shapes_world as W
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Qwen3Config overrides of the "tiny" preset; L has ~3x the parameters of S (and ~3x its compute per token). The output head is untied: with
+# Qwen3Config overrides of the "tiny" preset; L has ~3x the parameters of S. The output head is untied: with
 # Qwen3's tied head the four colour embeddings collapsed onto one vector (cosine 0.995 after 2000 steps) while
 # the model could not yet copy a colour from its context, and copying never formed (colour loss stayed ln 4);
 # untied, the same run copies colours after ~1000 steps.

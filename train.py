@@ -169,7 +169,7 @@ def tokenizer_file(cfg):
     """--tokenizer (a tokenizer.json or a folder), else the tokenizer.json of the --init / LLM checkpoint."""
     if cfg.llm == "tiny" and not (cfg.tokenizer or cfg.init or cfg.llm_path):
         raise ValueError("--llm tiny starts from random weights: pass --tokenizer (a tokenizer.json or a folder "
-                         "holding one, e.g. runs/shapes/data/tokenizer.json from `python shapes.py --data-only`)")
+                         "holding one, e.g. backbones/lm-S/tokenizer.json, the Shapes world's)")
     source = cfg.tokenizer or cfg.init or cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}"
     if source.endswith(".json"):
         return source

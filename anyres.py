@@ -216,7 +216,7 @@ def pack_anyres(features, width, height, newline, max_tiles=9, candidates=None, 
 def pack_single(features, newline):
     """features [1, P*P, C] of a one-tile image -> [P*P (+1), C].
 
-    SPEC §5 says 729 per multi-image tile; the released llava_arch.py appends one image_newline to a
+    The paper's description says 729 per multi-image tile; the released llava_arch.py appends one image_newline to a
     single-tile image whenever the merge type contains 'unpad' (transformers too), so we do that."""
     flat = features[0]
     return flat if newline is None else torch.cat([flat, newline.to(flat.dtype)[None]], dim=0)

@@ -1,7 +1,7 @@
 """LLaVA conversation records -> chat-templated token ids and labels, validated samples, and batch order.
 
 A record is {"id", "image" (str | list, optional), "conversations": [{"from": "human"|"gpt"|"system", "value"}]}
-(SPEC §9). train.py reads records (records.read_records), keeps the valid ones here (build_samples), orders
+(LLaVA-NeXT's format). train.py reads records (records.read_records), keeps the valid ones here (build_samples), orders
 them per epoch (epoch_order) and splits each global batch into this rank's micro-batches (micro_batches);
 BatchLoader then renders a template and tokenises (once per sample: it caches the result, and the images):
 
@@ -66,7 +66,7 @@ def document_segments(record, rid):
 # ----------------------------------------------------------------------------- templates and labels
 
 def render_segments(turns, template, rid="?"):
-    """[(role, text)] -> [(text, trained)] in order. Only assistant turns are trained (SPEC §9):
+    """[(role, text)] -> [(text, trained)] in order. Only assistant turns are trained (as the released LLaVA-NeXT code):
     their "<|im_start|>assistant\\n" header, content and "<|im_end|>\\n"."""
     if (template == "document") != (turns[0][0] == "document"):
         raise ValueError(f"record {rid}: the document template takes {{id, text}} records, the others conversations")

@@ -9,7 +9,7 @@
     --grid    perception model x reasoner x thinking on/off x budget, stage-1 outputs cached per perception
               model; writes grid.md, grid.csv and PNG plots.
 
-Scoring follows the released task files exactly (SPEC §9): the last line of the reply, the regex
+Scoring follows the released task files exactly (stage_2_utils.py, lmms-eval's mmstar utils): the last line of the reply, the regex
 (?i)Answer\\s*:\\s*([^\\n]+), then lmms-eval's MMStar exact match against the answer letter; scores are
 aggregated as lmms-eval's mmstar_aggregate_results (see `aggregate`). `--answer-match text` (JSONL sets with
 "options", for models that answer with the option's text) instead compares the same prediction, normalised, with
@@ -371,7 +371,7 @@ def stage2_record(doc, reply=None, error=None, parse_answer_line=True, answer_ma
 
 @dataclass
 class ReasonSettings:
-    """Stage-2 decoding (SPEC §8). temperature/top_p/top_k left None take the release's values for the
+    """Stage-2 decoding (the release's qwen3.py). temperature/top_p/top_k left None take the release's values for the
     mode: thinking T 0.6 / top-p 0.95 / top-k 20, non-thinking T 0.7 / top-p 0.8 / top-k 20."""
     thinking: bool = True
     budget: int = 4096            # thinking tokens; the reply is capped at budget + answer_tokens

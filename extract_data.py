@@ -6,7 +6,7 @@
         --backend local --llm runs/reasoner --vlm runs/vlm --batch-size 8
     python extract_data.py merge --data train.json --out all.jsonl part0.captions.jsonl part1.captions.jsonl
 
-Per sample with an image (LLaVA record, SPEC §9):
+Per sample with an image (LLaVA record):
   1. text model:  its question-answer pairs -> declarative statements   (release prompt, byte for byte)
   2. vision model: image resized to 512x512 + statements -> fine-grained description (release prompt)
   3. text model:  its questions -> "Contents to observe" hint            (prompts.hint_prompt, as reason.py)

@@ -42,7 +42,7 @@ class Qwen3Config:
     qk_norm: bool = True           # Qwen2: False
     max_position_embeddings: int = 40960
 
-    PRESETS = {  # SPEC §2: (hidden, intermediate, layers, q heads, kv heads, tied)
+    PRESETS = {  # the Qwen3 configs: (hidden, intermediate, layers, q heads, kv heads, tied)
         "0.6B": (1024, 3072, 28, 16, 8, True),
         "1.7B": (2048, 6144, 28, 16, 8, True),
         "4B": (2560, 9728, 36, 32, 8, True),

@@ -1,7 +1,7 @@
 """Every prompt string and chat template of Extract+Think, written out by hand (no jinja).
 
     qwen3_chat(messages, thinking)      Qwen3's own chat template (text LLM: hint, reasoning)
-    llava_chat(user_text)               LLaVA-NeXT "qwen_1_5" conversation (the VLM)           SPEC §7
+    llava_chat(user_text)               LLaVA-NeXT "qwen_1_5" conversation (the VLM)           conversation.py
     perception_prompt(hint)             stage 1: "Describe the fine-grained content ..."      stage_1_utils.py
     stage2_prompt(question, desc, thinking)  stage 2: role + Description + Question + post  qwen3.py
     hint_prompt(question) / parse_hint  "Contents to observe" instruction (paper Figure A5)

@@ -4,7 +4,7 @@
 
 Library API (used by evaluate.py and extract_data.py; every function is batched over its lists):
 
-    nowait_token_ids(tokenizer) -> set[int]                    reflexive tokens to mask (SPEC §8)
+    nowait_token_ids(tokenizer) -> set[int]                    reflexive tokens to mask (NoWait)
     NoWait(token_ids, think_end_id=None)                       logits processor: mask them
     ThinkingBudget(budget, closing, think_end_index, answer_tokens=1024, stop_id=None)
                                                                logits processor: per-row thinking budget
@@ -19,7 +19,7 @@ Library API (used by evaluate.py and extract_data.py; every function is batched 
                                        generated_tokens)
 
 Perception and Reasoning are dataclasses that also allow r["text"]-style access (records code uses dicts).
-Decoding defaults follow the release (SPEC §8): perception and hints greedy; reasoning with thinking
+Decoding defaults follow the release (qwen3.py): perception and hints greedy; reasoning with thinking
 T 0.6 / top-p 0.95 / top-k 20 and a 4096-token thinking budget, without thinking T 0.7 / top-p 0.8 / top-k 20.
 """
 import argparse
@@ -36,7 +36,7 @@ import prompts
 
 # ----------------------------------------------------------------------------- NoWait
 
-# SPEC §8: the reflexive words of NoWait, then the 30 extra cores the released id list also contains.
+# The reflexive words of NoWait (Wang et al.), then the 30 extra cores the released id list also contains.
 REFLEXIVE_WORDS = ("wait", "alternatively", "hmm", "but", "however", "alternative", "another", "check",
                    "double-check", "oh", "maybe", "verify", "other", "again", "now", "ah", "anyway", "anyhow")
 RELEASE_EXTRA_CORES = ("alternatives", "andwait", "anyways", "callcheck", "checked", "checkedchanged", "checking",
@@ -147,7 +147,7 @@ class ThinkingBudget(_RowScanner):
     After </think> a row may write `answer_tokens` more tokens; then `stop_id` is forced (generate drops
     it and ends the row).
 
-    Not reproduced from the released processor (SPEC §8 quirks): it also multiplies the raw "\\n" / </think>
+    Not reproduced from the released processor (its quirks): it also multiplies the raw "\\n" / </think>
     logits in the last 5 % of the budget, acts on batch row 0 only, and keeps forcing after a natural </think>.
 
     Per row, read after generation (and observe(output)): thinking_tokens (up to and including </think>;
@@ -309,7 +309,7 @@ def run_perception(vlm, tokenizer, images, hints=None, max_new_tokens=1024, user
 
 
 def sampling_defaults(thinking, temperature=None, top_p=None, top_k=None):
-    """SPEC §8 sampling for the mode, any given value taking precedence -> (temperature, top_p, top_k)."""
+    """The release's sampling for the mode, any given value taking precedence -> (temperature, top_p, top_k)."""
     base = (0.6, 0.95, 20) if thinking else (0.7, 0.8, 20)
     return tuple(b if g is None else g for g, b in zip((temperature, top_p, top_k), base))
 

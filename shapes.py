@@ -279,11 +279,14 @@ def result_table(summary: dict) -> str:
 
 
 def gallery(data: dict, summary: dict, size: str, path: str, n: int = 6) -> str:
-    """A PNG of n held-out questions, one per category in order (a fixed rule, whatever the models answer):
+    """A PNG of n held-out questions: category k from the k-th held-out scene on (a fixed rule, whatever the
+    models answer):
     the image, the question, the extraction-tuned description and each method's answer beside the truth."""
     from PIL import Image, ImageDraw
     rows = records.read_jsonl(data["eval"])
-    picked = [next(r for r in rows if r["l2_category"] == c) for c in (W.PERCEPTION + W.REASONING)[:n]]
+    scenes = list(dict.fromkeys(r["scene_seed"] for r in rows))   # held-out scenes in order
+    picked = [next(r for r in rows if r["l2_category"] == c and scenes.index(r["scene_seed"]) >= k)
+              for k, c in enumerate((W.PERCEPTION + W.REASONING)[:n])]   # category k from scene k on
     root = os.path.join(summary["out"], "eval")
     stage1 = {r["index"]: r for r in records.read_jsonl(os.path.join(root, f"extract+think-{size}", "stage1.jsonl"))}
     answers = {m: {r["index"]: r for r in records.read_jsonl(os.path.join(
@@ -294,6 +297,7 @@ def gallery(data: dict, summary: dict, size: str, path: str, n: int = 6) -> str:
     for k, r in enumerate(picked):
         image = Image.open(os.path.join(os.path.dirname(data["eval"]), r["image"])).convert("RGB")
         sheet.paste(image.resize((224, 224), Image.Resampling.NEAREST), (10, k * height + 12))
+        draw.rectangle((9, k * height + 11, 234, k * height + 236), outline=(128, 128, 128))
         description = stage1[r["index"]]["filtered_resps"][0]
         lines = [f"[{r['l2_category']}] {r['question'].replace(chr(10), '   ')}", f"truth: {r['answer_text']}",
                  *_wrap(f"Extract+Think description ({size}): {description}", 120)]
@@ -351,8 +355,8 @@ def example(cfg: RunConfig, data: dict, models: dict, size: str) -> dict:
     """A reason.py command on the first held-out question (a fixed rule), run once: -> command, reply, truth."""
     row = records.read_jsonl(data["eval"])[0]
     command = ["python", "reason.py", "--image", os.path.join(os.path.dirname(data["eval"]), row["image"]),
-               "--question", row["question"], "--perception-model", models["extract"],
-               "--reasoner", cfg.sizes[size], "--hint", row["hint"], "--greedy", "--budget", str(cfg.budget),
+               "--question", row["question"], "--perception-model", os.path.relpath(models["extract"]),
+               "--reasoner", os.path.relpath(cfg.sizes[size]), "--hint", row["hint"], "--greedy", "--budget", str(cfg.budget),
                "--max-new-tokens", str(cfg.stage1_tokens)]
     done = subprocess.run([sys.executable, os.path.join(ROOT, "reason.py"), *command[2:], "--json"],
                           capture_output=True, text=True, timeout=300)

@@ -1,6 +1,6 @@
 """Train every stage of Extract+Think: config -> data (chat_data.py) -> model -> optimiser -> loop.
 
-Stages (SPEC §10), each a preset whose values any flag overrides:
+Stages (the paper and LLaVA-OneVision's recipe), each a preset whose values any flag overrides:
   pretrain  VLM, projector only, lr 1e-3, global batch 512, square 384 images, `plain` template
   finetune  VLM, everything (LLM + projector 1e-5, vision 2e-6), global batch 256, anyres_max_9, `qwen_1_5`
   text      plain Qwen3 LLM (the reasoner), lr 1e-5, global batch 256, `qwen3` chat template
@@ -46,7 +46,7 @@ import model as M
 import records as R
 from chat_data import IGNORE, BatchLoader, build_samples, epoch_order, micro_batches, right_pad
 
-STAGES = {  # SPEC §10; "train" names the VLM parts that get gradients (a plain LLM is all "llm")
+STAGES = {  # paper + LLaVA-OneVision; "train" names the VLM parts that get gradients (a plain LLM is all "llm")
     "pretrain": dict(template="plain", train="projector", lr=1e-3, vision_lr=0.0, global_batch=512,
                      image_aspect_ratio="square"),
     "finetune": dict(template="qwen_1_5", train="llm,projector,image_newline,vision", lr=1e-5, vision_lr=2e-6,

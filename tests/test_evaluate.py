@@ -20,7 +20,8 @@ sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 import records  # noqa: E402
 
-RELEASE = "/work/shared/reference/seed_repo/lmms_eval_custom_files"
+from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
+RELEASE = os.path.join(SEED_REPO, "lmms_eval_custom_files")
 
 
 # ----------------------------------------------------------------------------- oracles (the release's logic)

@@ -23,7 +23,8 @@ import prompts
 from records import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASE = "/work/shared/reference/seed_repo/visual_extraction_tuning_pipeline.py"
+from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
+RELEASE = os.path.join(SEED_REPO, "visual_extraction_tuning_pipeline.py")
 MAX_TOKENS = ["--max-statement-tokens", "6", "--max-description-tokens", "8", "--max-hint-tokens", "6"]
 
 

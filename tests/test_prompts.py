@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prompts  # noqa: E402
 
-HINTS_JSON = "/work/shared/reference/seed_repo/lmms_eval_custom_files/mmstar/question_specific_info_qwen3_8B.json"
+from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
+HINTS_JSON = os.path.join(SEED_REPO, "lmms_eval_custom_files/mmstar/question_specific_info_qwen3_8B.json")
 
 
 def qwen3_tokenizer_dir():

@@ -18,7 +18,8 @@ import model as M  # noqa: E402
 import reason  # noqa: E402
 import shapes_world  # noqa: E402
 
-RELEASE_QWEN3_PY = "/work/shared/reference/seed_repo/lmms_eval_custom_files/qwen3.py"
+from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
+RELEASE_QWEN3_PY = os.path.join(SEED_REPO, "lmms_eval_custom_files/qwen3.py")
 REFLEXIVE_TEXT = ("Wait, but maybe I should check again. Hmm, now another option. Alternatively, verify it. "
                   "However the other shape is red. Oh, anyway, waiting is checked.")
 

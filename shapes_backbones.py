@@ -47,6 +47,11 @@ CAPTION_BATCH = 16
 EVAL_SCENES = 52       # held-out numbers: the main job's held-out scenes (seed 0)
 
 
+def corpus_text() -> str:
+    """The language models' corpus as written to lm_corpus.jsonl (its hash is in the manifest)."""
+    return "".join(json.dumps(d) + "\n" for d in W.lm_documents(LM_SCENES))
+
+
 def lm_command(out: str, size: str, corpus: str, tokenizer: str) -> list[str]:
     return ["train.py", "--stage", "text", "--template", "document", "--llm", "tiny", "--llm-overrides",
             SIZES[size], "--tokenizer", tokenizer, "--data", corpus, "--out", out, "--global-batch", str(LM_BATCH),
@@ -186,7 +191,9 @@ def main(argv=None) -> None:
         tokenizer = os.path.join(args.work, "tokenizer.json")
         W.world_tokenizer().save(tokenizer)
         corpus = os.path.join(args.work, "lm_corpus.jsonl")
-        records.atomic_write_text(corpus, "".join(json.dumps(d) + "\n" for d in W.lm_documents(LM_SCENES)))
+        text = corpus_text()
+        records.atomic_write_text(corpus, text)
+        manifest["corpus_sha256"] = hashlib.sha256(text.encode()).hexdigest()
         data = W.build_dataset(os.path.join(args.work, "captions"), n_train=CAPTION_SCENES, n_eval=0)
         runs = {name: os.path.join(args.work, name) for name in ("lm-S", "lm-L", "captioner")}
         commands = {f"lm-{s}": lm_command(runs[f"lm-{s}"], s, corpus, tokenizer) for s in SIZES}

@@ -164,21 +164,25 @@ def _q(l2, question, answer, options, hint, focus, trace):
             "options": list(options), "hint": hint, "focus": focus, "trace": trace}
 
 
-def ask_colour(scene, rng):
+def _full_cell(scene, rng):
+    """A cell that holds a shape, drawn uniformly; None for an empty scene."""
     full = [i for i, c in enumerate(scene["cells"]) if c]
-    if not full:
+    return rng.choice(full) if full else None
+
+
+def ask_colour(scene, rng):
+    i = _full_cell(scene, rng)
+    if i is None:
         return None
-    i = rng.choice(full)
     pos, colour = POSITIONS[i], scene["cells"][i]["colour"]
     return _q("colour", f"What colour is the shape in the {pos}?", colour, COLOURS,
               f"the colour of the shape in the {pos}", f"The shape in the {pos} is {colour}.", cell_sentence(scene, i))
 
 
 def ask_shape(scene, rng):
-    full = [i for i, c in enumerate(scene["cells"]) if c]
-    if not full:
+    i = _full_cell(scene, rng)
+    if i is None:
         return None
-    i = rng.choice(full)
     pos, kind = POSITIONS[i], scene["cells"][i]["kind"]
     return _q("shape", f"What shape is in the {pos}?", kind, KINDS,
               f"the shape in the {pos}", f"The shape in the {pos} is a {kind}.", cell_sentence(scene, i))

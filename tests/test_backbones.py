@@ -62,3 +62,7 @@ def test_world_tokenizer_reproduces_the_shipped_one():
     ours = json.loads(shapes_world.world_tokenizer().to_str())
     for name in ("lm-S", "lm-L", "captioner"):
         assert json.load(open(os.path.join(FOLDER, name, "tokenizer.json"))) == ours, name
+
+
+def test_the_language_models_corpus_is_regenerated_exactly():
+    assert hashlib.sha256(B.corpus_text().encode()).hexdigest() == MANIFEST["corpus_sha256"]

@@ -21,7 +21,7 @@ n_failed, and is not retried on resume (delete its line to retry).
 A doc is one multiple-choice question; `doc_id` is its row position in the dataset file (as in lmms-eval),
 `index` is the dataset's own id (MMStar: the key of the precomputed hints file).
 
-Library API (shapes.py and the tests call these; models come from model.load_model / load_tokenizer):
+Library API (shapes.py and the tests call these; models come from checkpoints.load_model / load_tokenizer):
 
     load_docs(source, image_folder=None, limit=None) -> list[Doc]
     run_stage1(docs, vlm, tokenizer, out_path, *, hints="none" | hints.json | callable, batch_size, max_new_tokens)
@@ -732,9 +732,9 @@ class ModelLoader:
 
     def get(self, path):
         if path not in self.cache:
-            import model
-            self.cache[path] = (model.load_model(path, dtype=self.dtype, device=self.device),
-                                model.load_tokenizer(path))
+            import checkpoints
+            self.cache[path] = (checkpoints.load_model(path, dtype=self.dtype, device=self.device),
+                                checkpoints.load_tokenizer(path))
         return self.cache[path]
 
     def drop(self, path):

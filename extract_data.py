@@ -174,13 +174,14 @@ class LocalBackend:
 
     def __init__(self, args):
         import torch
+        import checkpoints as C
         import model as M
         import reason
         self.M, self.reason, self.args = M, reason, args
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        self.llm, self.llm_tok = M.load_model(args.llm, dtype, device), M.load_tokenizer(args.llm)
-        self.vlm, self.vlm_tok = M.load_model(args.vlm, dtype, device), M.load_tokenizer(args.vlm)
+        self.llm, self.llm_tok = C.load_model(args.llm, dtype, device), C.load_tokenizer(args.llm)
+        self.vlm, self.vlm_tok = C.load_model(args.vlm, dtype, device), C.load_tokenizer(args.vlm)
 
     def _generate(self, model, tokenizer, ids, images, max_new_tokens):
         """Token id prompts -> decoded replies (special tokens skipped, as the release decodes)."""

@@ -1,21 +1,22 @@
-"""The language side of Extract+Think, in one file.
+"""The models of Extract+Think, in pipeline order.
 
-Qwen3 decoder (and Qwen2, for the LLaVA-OneVision baseline) -> static KV cache -> batched
-generation -> strict safetensors loading/saving. The VLM (vision tower + projector + image
-splicing) is the last section of this file.
+Qwen3 decoder (and Qwen2, for the LLaVA-OneVision baseline) -> static KV cache -> batched generation ->
+the VLM (vision tower + projector + AnyRes packing + image splicing). Reading and writing checkpoints of
+every layout is checkpoints.py.
 
 Shapes: B batch, T new tokens, S tokens in the cache, H hidden, nh / nkv query / key-value
 heads, D head_dim, V vocab.
 """
-import json
-import math
-import os
+import re
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+import anyres
+from vision import SiglipConfig, SiglipVisionTower, check_image_size, normalize, resize_to_tile, to_rgb
 
 IMAGE_TOKEN_ID = -200  # LLaVA's sentinel where image features are spliced; never a real token id
 
@@ -394,23 +395,6 @@ def generate(model, prompts, images=None, *, max_new_tokens, temperature=0.0, to
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def load_tokenizer(path_or_id):
-    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (no transformers needed)."""
-    path = os.path.join(_resolve_checkpoint(path_or_id, need_config=False), "tokenizer.json")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path_or_id}: no tokenizer.json in the checkpoint folder")
-    return read_tokenizer_file(path)
-
-
-def read_tokenizer_file(path):
-    """tokenizer.json -> `tokenizers.Tokenizer`; a corrupt file is a CheckpointError naming it."""
-    from tokenizers import Tokenizer
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:  # the Rust side raises a bare Exception ("Model missing. at line 1 column 2")
-        raise CheckpointError(f"{path}: not a valid tokenizer.json ({e})") from None
-
-
 def encode(tokenizer, text):
     """Text -> token ids, with IMAGE_TOKEN_ID wherever the literal "<image>" stands.
 
@@ -424,172 +408,10 @@ def encode(tokenizer, text):
     return ids
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def _as_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def _resolve_checkpoint(path_or_id, need_config=True):
-    """A local folder, or a hub id fetched with huggingface_hub (which also serves its offline cache)."""
-    path = str(path_or_id)
-    if os.path.isdir(path):
-        folder = path
-    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise CheckpointError(f"{path}: not a checkpoint folder (nor a hub id like 'owner/name')")
-    else:
-        from huggingface_hub import snapshot_download
-        try:
-            folder = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-        except Exception as e:  # offline, unknown repo, gated, ...: one clear message
-            raise CheckpointError(f"{path}: could not fetch from the hub ({type(e).__name__}: {e})") from None
-    if need_config and not os.path.exists(os.path.join(folder, "config.json")):
-        raise CheckpointError(f"{path}: not a checkpoint folder (no config.json)")
-    return folder
-
-
-def _read_safetensors(folder, device="cpu"):
-    """All tensors of a checkpoint folder: model.safetensors, or the shards named by model.safetensors.index.json."""
-    from safetensors.torch import load_file
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(folder, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    tensors = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            raise CheckpointError(f"{folder}: shard {name} named in the index is missing")
-        tensors.update(load_file(path, device=str(device)))
-    return tensors
-
-
-def _load_strict(module, state_dict, source):
-    """Assign state_dict (our names) into a module built on the meta device; any mismatch is one error."""
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
-                   for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        parts = [f"{title} ({len(keys)}): {', '.join(keys[:20])}{' ...' if len(keys) > 20 else ''}"
-                 for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                     ("wrong shapes", wrong)) if keys]
-        raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(parts))
-    module.load_state_dict(state_dict, strict=True, assign=True)
-
-
-def _write_safetensors(state_dict, folder, max_shard_bytes=5 * 2**30):
-    """Write tensors as model.safetensors, or as numbered shards plus an index when over max_shard_bytes.
-    Every file is written to a temporary name and renamed, so a crash never leaves a torn file."""
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    shards, size = [{}], 0
-    for k, t in state_dict.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t.detach().contiguous().cpu()
-        size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(folder, name + ".tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state_dict.values())
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        _atomic_json({"metadata": {"total_size": total}, "weight_map": weight_map}, index)
-    elif os.path.exists(index):
-        os.remove(index)  # a stale index would point the loader at old shards
-
-
-def _atomic_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-# Qwen3/Qwen2 key map: ours -> checkpoint. Everything lives under "model." except the untied head.
-def _llm_key_to_hf(key, prefix="model."):
-    return key if key.startswith("lm_head.") else prefix + key
-
-
-def _llm_state_from_hf(tensors, config, source, prefix="model."):
-    """Checkpoint tensors -> our names. Unknown keys are kept as-is so _load_strict reports them."""
-    ours = {}
-    for k, t in tensors.items():
-        if k == "lm_head.weight" and config.tie_word_embeddings:
-            # some tied checkpoints still store the head; dropping it is lossless only if it IS the embedding
-            emb = tensors.get(prefix + "embed_tokens.weight")
-            if emb is None or not torch.equal(emb, t):
-                raise CheckpointError(f"{source}: tied checkpoint holds an lm_head.weight that differs from embed_tokens")
-            continue
-        ours[k[len(prefix):] if k.startswith(prefix) else k] = t
-    return ours
-
-
-def _load_llm(folder, cfg, dtype, device):
-    config = Qwen3Config.from_hf(cfg)
-    with torch.device("meta"):
-        model = Qwen3(config)
-    tensors = _read_safetensors(folder, device or "cpu")
-    state = {k: (t.to(dtype) if dtype else t) for k, t in _llm_state_from_hf(tensors, config, folder).items()}
-    _load_strict(model, state, folder)
-    return model
-
-
-def _is_llava_config(cfg):
-    return "mm_vision_tower" in cfg or cfg.get("model_type") in ("llava", "llava_onevision", "llava_qwen_3")
-
-
-def load_model(path_or_hub_id, dtype=None, device=None):
-    """A Qwen3/Qwen2 LLM or, when config.json describes a LLaVA model, the VLM; in eval mode.
-
-    Built on the meta device and filled with assign=True: weights are read once, never initialised."""
-    folder = _resolve_checkpoint(path_or_hub_id)
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
-    dtype = _as_dtype(dtype)
-    model = (_load_vlm if _is_llava_config(cfg) else _load_llm)(folder, cfg, dtype, device)
-    return model.eval()
-
-
-def save_model(model, out_dir, max_shard_bytes=5 * 2**30):
-    """Save in the layout load_model (and transformers) reads: config.json + safetensors (sharded if large)."""
-    if hasattr(model, "vision"):  # the VLM (last section of this file)
-        return _save_vlm(model, out_dir, max_shard_bytes)
-    state = {_llm_key_to_hf(k): v for k, v in model.state_dict().items()}
-    _write_safetensors(state, out_dir, max_shard_bytes)
-    _atomic_json({**model.config.to_hf(), "torch_dtype": str(model.embed_tokens.weight.dtype).replace("torch.", "")},
-                 os.path.join(out_dir, "config.json"))
-
-
-# ---- VLM (vision helper owns from here to end of file) ----
+# ----------------------------------------------------------------------------- VLM
 #
 # SigLIP tower (vision.py) -> mlp2x_gelu projector -> AnyRes packing (anyres.py) -> features spliced into the
 # LLM's input embeddings wherever IMAGE_TOKEN_ID stands (one masked_scatter for the whole batch).
-# Checkpoints: the released LLaVA-NeXT / Extract+Think layout (load + save), transformers'
-# LlavaOnevisionForConditionalGeneration layout (load), and standalone SigLIP + Qwen3 folders (fresh assembly).
-import re  # noqa: E402
-
-import anyres  # noqa: E402
-from vision import (SiglipConfig, SiglipVisionTower, check_image_size, normalize, resize_to_tile,  # noqa: E402
-                    to_rgb)
 
 IGNORE_INDEX = -100  # label of tokens that are not trained (image features, padding)
 
@@ -889,107 +711,6 @@ class VLM(nn.Module):
         return self.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"])
 
 
-# -- checkpoint key maps: (checkpoint prefix, our prefix), first match wins --------------------------------
-_RELEASED_KEYS = [("model.vision_tower.vision_tower.vision_model.", "vision."), ("model.mm_projector.", "projector."),
-                  ("model.image_newline", "image_newline"), ("model.", "llm."), ("lm_head.", "llm.lm_head.")]
-_TRANSFORMERS_KEYS = [  # in-memory names (model.*) and the on-disk names transformers 4.x / 5.x write
-    ("model.vision_tower.vision_model.", "vision."), ("model.vision_tower.", "vision."),
-    ("vision_tower.vision_model.", "vision."), ("vision_tower.", "vision."),
-    ("model.multi_modal_projector.linear_1.", "projector.0."),
-    ("model.multi_modal_projector.linear_2.", "projector.2."),
-    ("multi_modal_projector.linear_1.", "projector.0."),
-    ("multi_modal_projector.linear_2.", "projector.2."),
-    ("model.image_newline", "image_newline"), ("image_newline", "image_newline"),
-    ("model.language_model.", "llm."), ("language_model.model.", "llm."),
-    ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head.")]
-
-
-def _vision_key(key, config):
-    """SigLIP name below vision_model. -> ours (encoder.layers.N -> layers.N); None for weights LLaVA drops:
-    the pooling head and the last layer of a full-depth tower (standalone SigLIP checkpoints)."""
-    if key.startswith("head."):
-        return None
-    if key.startswith("encoder.layers."):
-        if int(key.split(".")[2]) == config.num_layers_used:
-            return None
-        return key.replace("encoder.layers.", "layers.", 1)
-    return key
-
-
-def _vlm_state_from_checkpoint(tensors, config, table, source):
-    """Checkpoint tensors -> our names. Unmapped keys pass through so _load_strict names them."""
-    state = {}
-    for key, t in tensors.items():
-        ours = next((new + key[len(old):] for old, new in table if key.startswith(old)), key)
-        if ours.startswith("vision."):
-            inner = _vision_key(ours[len("vision."):], config.vision)
-            if inner is None:
-                continue
-            ours = "vision." + inner
-        state[ours] = t
-    head = state.get("llm.lm_head.weight")
-    if head is not None and config.llm.tie_word_embeddings:
-        if not torch.equal(head, state.get("llm.embed_tokens.weight", head.new_empty(0))):
-            raise CheckpointError(f"{source}: tied checkpoint holds an lm_head.weight that differs from embed_tokens")
-        del state["llm.lm_head.weight"]
-    return state
-
-
-def _released_key(ours):
-    """Our name -> the released LLaVA-NeXT name (inverse of _RELEASED_KEYS)."""
-    if ours.startswith("vision."):
-        inner = ours[len("vision."):]
-        inner = "encoder." + inner if inner.startswith("layers.") else inner
-        return "model.vision_tower.vision_tower.vision_model." + inner
-    if ours.startswith("llm."):
-        return _llm_key_to_hf(ours[4:])
-    return "model.mm_projector." + ours[10:] if ours.startswith("projector.") else "model." + ours
-
-
-def _load_vlm(folder, cfg, dtype, device):
-    config = VLMConfig.from_hf(cfg)
-    table = _TRANSFORMERS_KEYS if cfg.get("model_type") == "llava_onevision" else _RELEASED_KEYS
-    with torch.device("meta"):
-        model = VLM(config)
-    tensors = _read_safetensors(folder, device or "cpu")
-    state = _vlm_state_from_checkpoint(tensors, config, table, folder)
-    _load_strict(model, {k: (t.to(dtype) if dtype else t) for k, t in state.items()}, folder)
-    return model
-
-
-def _save_vlm(model, out_dir, max_shard_bytes):
-    """The released layout: LLaVA config.json + model.* / lm_head keys (sharded above max_shard_bytes)."""
-    state = {_released_key(k): v for k, v in model.state_dict().items()}
-    _write_safetensors(state, out_dir, max_shard_bytes)
-    dtype = str(model.llm.embed_tokens.weight.dtype).replace("torch.", "")
-    _atomic_json({**model.config.to_hf(), "torch_dtype": dtype}, os.path.join(out_dir, "config.json"))
-
-
-def load_vision_tower(path_or_hub_id, dtype=None, device=None):
-    """A standalone SigLIP checkpoint (google/siglip-so400m-patch14-384 style: vision_model.* and text_model.*)
-    -> SiglipVisionTower in eval mode. The text tower, logit scale/bias, pooling head and last layer are dropped.
-    A VLM checkpoint gives its own tower."""
-    folder = _resolve_checkpoint(path_or_hub_id)
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
-    if _is_llava_config(cfg):  # a VLM checkpoint: its tower (e.g. the Shapes world's pretrained captioner)
-        return load_model(folder, dtype, device).vision
-    if cfg.get("model_type") not in ("siglip", "siglip_vision_model"):
-        raise CheckpointError(f"{folder}: model_type {cfg.get('model_type')!r} is not a SigLIP checkpoint")
-    config = SiglipConfig.from_hf(cfg)
-    with torch.device("meta"):
-        tower = SiglipVisionTower(config)
-    state = {}
-    for key, t in _read_safetensors(folder, device or "cpu").items():
-        if key.startswith(("text_model.", "logit_scale", "logit_bias")):
-            continue
-        inner = _vision_key(key[len("vision_model."):], config) if key.startswith("vision_model.") else key
-        if inner is not None:
-            state[inner] = t.to(dtype) if dtype else t
-    _load_strict(tower, state, folder)
-    return tower.eval()
-
-
 def build_vlm(llm, vision_tower, **options):
     """A VLM around an existing Qwen3 and a vision tower (a SiglipVisionTower, or a SiglipConfig for a random one),
     with a freshly initialised projector and newline on the LLM's device and dtype. options: VLMConfig fields."""
@@ -1000,11 +721,3 @@ def build_vlm(llm, vision_tower, **options):
     vlm.to(weight.device, weight.dtype)  # moves the new parts (and the tower); the LLM is already there
     vlm.init_connector()
     return vlm
-
-
-def assemble_vlm(siglip_path, qwen3_path, dtype=None, device=None, **options):
-    """Fresh VLM for pretraining from a standalone SigLIP folder and a standalone Qwen3 folder (or hub ids)."""
-    llm = load_model(qwen3_path, dtype, device)
-    if not isinstance(llm, Qwen3):
-        raise CheckpointError(f"{qwen3_path}: expected a text-only Qwen3 checkpoint, got a VLM")
-    return build_vlm(llm, load_vision_tower(siglip_path, _as_dtype(dtype), device), **options)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import checkpoints as C
 import model as M
 import prompts
 
@@ -487,11 +488,11 @@ def resolve_hint(args, llm, tokenizer, log):
 
 def _load(path, want_vlm, device, dtype, role):
     """-> (model, tokenizer); a text LLM where a VLM is needed (or the reverse) is an error."""
-    net = M.load_model(path, dtype=dtype, device=device)
+    net = C.load_model(path, dtype=dtype, device=device)
     if hasattr(net, "vision") != want_vlm:
         kind = "a VLM (LLaVA checkpoint)" if want_vlm else "a text-only LLM checkpoint"
         raise ValueError(f"{path}: the {role} must be {kind}")
-    return net, M.load_tokenizer(path)
+    return net, C.load_tokenizer(path)
 
 
 def _two_stage(args, image, vlm, vlm_tok, device, dtype, log):

@@ -115,8 +115,8 @@ def heldout_data(folder: str) -> dict:
 def reasoner_accuracy(lm: str, data: dict, kind: str, work: str) -> float:
     """Stage 2 with `lm` on the true descriptions (kind "extract": description + focus; "caption": the
     description alone), greedy, scored by the answer's text -> accuracy over the held-out questions."""
+    import checkpoints as C
     import evaluate
-    import model as M
     rows = records.read_jsonl(data["eval"])
     scenes = {s["image"]: s["scene"] for s in records.read_jsonl(data["scenes"])}
     os.makedirs(work, exist_ok=True)
@@ -128,7 +128,7 @@ def reasoner_accuracy(lm: str, data: dict, kind: str, work: str) -> float:
     if os.path.exists(out):
         os.remove(out)
     docs = evaluate.load_docs(data["eval"])
-    recs = evaluate.run_stage2(docs, stage1, M.load_model(lm), M.load_tokenizer(lm), out,
+    recs = evaluate.run_stage2(docs, stage1, C.load_model(lm), C.load_tokenizer(lm), out,
                                evaluate.ReasonSettings(budget=64, answer_tokens=8, greedy=True), batch_size=64,
                                show_progress=False, answer_match="text")
     return sum(r["correct"] for r in recs) / len(recs)
@@ -137,9 +137,10 @@ def reasoner_accuracy(lm: str, data: dict, kind: str, work: str) -> float:
 def captioner_facts(captioner: str, data: dict, work: str) -> float:
     """Stage 1 of the captioner in its own template (plain: "<image>" -> caption) on every held-out image ->
     share of the facts in its captions that the scene graphs confirm."""
+    import checkpoints as C
     import model as M
     import vision
-    vlm, tok = M.load_model(captioner), M.load_tokenizer(captioner)
+    vlm, tok = C.load_model(captioner), C.load_tokenizer(captioner)
     scenes = [s for s in records.read_jsonl(data["scenes"]) if s["split"] == "eval"]
     folder = os.path.dirname(data["eval"])
     images = [[vision.load_image(os.path.join(folder, s["image"]))] for s in scenes]

@@ -11,7 +11,7 @@ Stages (the paper and LLaVA-OneVision's recipe), each a preset whose values any 
 
 The same command runs on one CPU process or under torchrun (DDP; --fsdp for 4B/8B). Each run
 folder holds checkpoint.pt (full state, for --resume), metrics.jsonl, and at the end the model
-(model.save_model layout) with tokenizer.json, loadable by model.load_model / reason.py.
+(checkpoints.save_model layout) with tokenizer.json, loadable by checkpoints.load_model / reason.py.
 
 On small models a good part of a step used to be work that repeats every step or whose result nobody
 reads. Now each sample is tokenised once and each image decoded and tiled once (chat_data.BatchLoader caches,
@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints as C
 import model as M
 import records as R
 from chat_data import IGNORE, BatchLoader, build_samples, epoch_order, micro_batches, right_pad
@@ -173,14 +174,14 @@ def tokenizer_file(cfg):
     source = cfg.tokenizer or cfg.init or cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}"
     if source.endswith(".json"):
         return source
-    path = os.path.join(M._resolve_checkpoint(source, need_config=False), "tokenizer.json")
+    path = os.path.join(C._resolve_checkpoint(source, need_config=False), "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{source}: no tokenizer.json (pass --tokenizer)")
     return path
 
 
 def load_tokenizer(cfg):
-    return M.read_tokenizer_file(tokenizer_file(cfg))
+    return C.read_tokenizer_file(tokenizer_file(cfg))
 
 
 def init_weights(module):
@@ -209,21 +210,21 @@ def build_llm(cfg, vocab_size):
     """Qwen3 from --llm-path / the hub, or (tiny) randomly initialised from the preset + overrides."""
     overrides = parse_overrides(cfg.llm_overrides)
     if cfg.llm != "tiny":
-        return M.load_model(cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}", dtype=torch.float32)
+        return C.load_model(cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}", dtype=torch.float32)
     return init_weights(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=vocab_size, **overrides)))
 
 
 def build_model(cfg, tokenizer):
     """--init folder, or a fresh Qwen3 (text stage), or a fresh VLM from SigLIP + Qwen3 (pretrain)."""
     if cfg.init:
-        model = M.load_model(cfg.init, dtype=torch.float32)
+        model = C.load_model(cfg.init, dtype=torch.float32)
     elif cfg.stage == "text":
         model = build_llm(cfg, tokenizer.get_vocab_size())
     else:
         from vision import SiglipConfig, SiglipVisionTower
         llm = build_llm(cfg, tokenizer.get_vocab_size())
         tower = (init_weights(SiglipVisionTower(SiglipConfig.preset(cfg.vision))) if cfg.vision != "so400m"
-                 else M.load_vision_tower(cfg.vision_path, dtype=torch.float32))
+                 else C.load_vision_tower(cfg.vision_path, dtype=torch.float32))
         model = M.build_vlm(llm, tower)   # fresh projector + image_newline
     if cfg.image_aspect_ratio and hasattr(model, "llm"):
         model.config.image_aspect_ratio = cfg.image_aspect_ratio   # e.g. square (pretrain) -> anyres_max_9
@@ -377,7 +378,7 @@ def load_checkpoint(path, wrapped, optimizer, scheduler, cfg, rank):
 
 
 def save_final(model, wrapped, cfg, rank):
-    """The trained model in model.save_model's layout plus tokenizer.json, for load_model / reason.py."""
+    """The trained model in checkpoints.save_model's layout plus tokenizer.json, for load_model / reason.py."""
     if cfg.fsdp and dist.is_initialized():  # gather the shards into a plain copy on rank 0
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -387,7 +388,7 @@ def save_final(model, wrapped, cfg, rank):
             plain.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()}, assign=True)
             model = plain
     if rank == 0:
-        M.save_model(model, cfg.out)
+        C.save_model(model, cfg.out)
         src, dst = tokenizer_file(cfg), os.path.join(cfg.out, "tokenizer.json")
         if os.path.abspath(src) != os.path.abspath(dst):
             shutil.copyfile(src, dst + ".tmp")

@@ -20,6 +20,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
 import train as T  # noqa: E402
 
@@ -47,7 +48,7 @@ def build(which, layers):
     hf_cfg = transformers.Qwen3Config(**cfg.to_hf())
     hf_cfg._attn_implementation = "sdpa"
     hf = transformers.Qwen3ForCausalLM(hf_cfg)
-    hf.load_state_dict({M._llm_key_to_hf(k): v for k, v in ours.state_dict().items()}, strict=False)
+    hf.load_state_dict({C._llm_key_to_hf(k): v for k, v in ours.state_dict().items()}, strict=False)
     hf.tie_weights()
     return hf.train()
 

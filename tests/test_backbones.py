@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import checkpoints as C
 import model as M
 import shapes_backbones as B
 
@@ -26,14 +27,14 @@ def test_shipped_files_are_the_manifests_and_small():
 
 def test_backbones_load_strictly_with_the_recorded_shapes():
     for size, overrides in B.SIZES.items():
-        lm = M.load_model(os.path.join(FOLDER, f"lm-{size}"))   # load_model refuses a missing or extra key
+        lm = C.load_model(os.path.join(FOLDER, f"lm-{size}"))   # load_model refuses a missing or extra key
         assert isinstance(lm, M.Qwen3) and lm.lm_head is not None   # untied head (see shapes_backbones.SIZES)
         for item in overrides.split(","):
             key, value = item.split("=")
             assert str(getattr(lm.config, key)).lower() == value.lower(), (size, key)
-    captioner = M.load_model(os.path.join(FOLDER, "captioner"))
+    captioner = C.load_model(os.path.join(FOLDER, "captioner"))
     assert isinstance(captioner, M.VLM) and captioner.config.vision.image_size == 56
-    assert M.load_model(os.path.join(FOLDER, "lm-S")).config == captioner.llm.config
+    assert C.load_model(os.path.join(FOLDER, "lm-S")).config == captioner.llm.config
 
 
 @pytest.fixture(scope="module")

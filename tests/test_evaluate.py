@@ -318,8 +318,9 @@ FAST = ["--stage1-tokens", "6", "--budget", "5", "--answer-tokens", "4", "--batc
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random text LLM + VLM (saved with model.save_model, tokenizer from shapes_world.train_tokenizer) and a
+    """A tiny random text LLM + VLM (saved with checkpoints.save_model, tokenizer from shapes_world.train_tokenizer) and a
     6-question multiple-choice set (JSONL + PNGs made here; doc 3's image is missing)."""
+    import checkpoints
     import model
     import prompts
     import shapes_world
@@ -337,7 +338,7 @@ def tiny(tmp_path_factory):
     vlm = model.build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab)),
                           vision.SiglipConfig.preset("tiny"))
     for name, m in (("llm", llm), ("vlm", vlm)):
-        model.save_model(m, str(root / name))
+        checkpoints.save_model(m, str(root / name))
         tokenizer.save(str(root / name / "tokenizer.json"))
     rows = []
     for i in range(N_DOCS):
@@ -381,11 +382,11 @@ def test_stage1_then_stage2_equals_two_stage(tiny, tmp_path):
 
 
 def test_e2e_mode(tiny, tmp_path, monkeypatch):
-    import model
+    import checkpoints
     spy = PromptSpy(monkeypatch)
     run_cli(tiny, tmp_path, "--mode", "e2e")
     question = "What colour is shape 0?\nOptions: A: red, B: blue, C: green, D: yellow"
-    assert spy.texts(model.load_tokenizer(str(tiny / "vlm")))[0] == (
+    assert spy.texts(checkpoints.load_tokenizer(str(tiny / "vlm")))[0] == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n" + question +
         "\nAnswer with the option's letter from the given choices directly<|im_end|>\n<|im_start|>assistant\n")
     recs = {r["doc_id"]: r for r in read_lines(tmp_path / "e2e.jsonl")}
@@ -612,8 +613,8 @@ class PromptSpy:
 @pytest.mark.parametrize("thinking", [True, False])
 def test_mmstar_prompts_are_byte_identical_to_the_release(tiny, tmp_path, monkeypatch, thinking):
     pytest.importorskip("pyarrow")
-    import model
-    tokenizer = model.load_tokenizer(str(tiny / "vlm"))
+    import checkpoints
+    tokenizer = checkpoints.load_tokenizer(str(tiny / "vlm"))
     make_mmstar_parquet(str(tmp_path / "mmstar.parquet"), [Image.new("RGB", (30 + 20 * i, 40)) for i in range(3)])
     (tmp_path / "hints.json").write_text(json.dumps(MMSTAR_HINTS))
     common = ["--data", str(tmp_path / "mmstar.parquet"), "--perception", str(tiny / "vlm"), "--reasoner",

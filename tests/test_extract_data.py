@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import extract_data as X
+import checkpoints as C
 import model as M
 import prompts
 from records import read_jsonl
@@ -163,7 +164,7 @@ def tiny_models(tmp_path_factory):
     vlm = tiny_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size()))).eval()
     paths = {}
     for name, model in (("llm", llm), ("vlm", vlm)):
-        M.save_model(model, str(root / name))
+        C.save_model(model, str(root / name))
         tok.save(str(root / name / "tokenizer.json"))
         paths[name] = str(root / name)
     return paths
@@ -239,7 +240,7 @@ def test_local_backend_end_to_end(tmp_path, tiny_models, monkeypatch):
     caps = check_outputs(tmp_path, data, tmp_path / "extract.captions.jsonl", out)
     assert {r["index"]: r["status"] for r in caps} == {0: "done", 1: "skipped", 2: "failed", 3: "done", 4: "failed"}
     # what the models were given: the exact chat texts, one 512x512 image per step-2 row
-    tok = M.load_tokenizer(tiny_models["llm"])
+    tok = C.load_tokenizer(tiny_models["llm"])
     texts = lambda ids: "<image>".join(tok.decode(part, skip_special_tokens=False) for part in split_at_image(ids))
     sent = {texts(row) for ids, _ in calls for row in ids}
     args = fake_args(image_folder=str(tmp_path / "imgs"))
@@ -275,8 +276,8 @@ class ChatServer:
     fail_if(text) -> HTTP code for requests whose text matches; delay: seconds added to each request."""
 
     def __init__(self, models, delay=0.0, timeout_sleep=2.0):
-        self.llm, self.vlm = M.load_model(models["llm"]), M.load_model(models["vlm"])
-        self.tok = M.load_tokenizer(models["llm"])
+        self.llm, self.vlm = C.load_model(models["llm"]), C.load_model(models["vlm"])
+        self.tok = C.load_tokenizer(models["llm"])
         self.plan, self.fail_if, self.delay, self.timeout_sleep = deque(), None, delay, timeout_sleep
         self.requests, self.lock = [], threading.Lock()
         server = self

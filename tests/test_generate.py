@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
 from model import IMAGE_TOKEN_ID  # noqa: E402
 from _tiny_llava import TILE, llava_onevision_config, text_config  # noqa: E402
@@ -56,13 +57,13 @@ def hf_greedy(hf, rows, new_tokens, **extra):
 
 @pytest.fixture(scope="module")
 def text_pair(tmp_path_factory):
-    """(ours, transformers) Qwen3 with the same tiny random weights: saved by model.save_model, read by
+    """(ours, transformers) Qwen3 with the same tiny random weights: saved by checkpoints.save_model, read by
     transformers' AutoModelForCausalLM."""
     torch.manual_seed(0)
     ours = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB))
     randomise(ours, 0)
     folder = str(tmp_path_factory.mktemp("tiny_qwen3"))
-    M.save_model(ours.eval(), folder)
+    C.save_model(ours.eval(), folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return ours, hf
 
@@ -183,7 +184,7 @@ def vlm_pair(tmp_path_factory):
     randomise(hf, 1, std=0.5)   # larger: the tiny VLM's greedy output varies from token to token
     folder = str(tmp_path_factory.mktemp("tiny_llava_ov"))
     hf.save_pretrained(folder)
-    return M.load_model(folder), hf
+    return C.load_model(folder), hf
 
 
 def picture(width, height, seed):

@@ -7,6 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+import checkpoints as C
 import model as M
 
 VOCAB = 320
@@ -42,7 +43,7 @@ def saved(m, path, **kw):
 @pytest.mark.parametrize("kind,tied", [("qwen3", True), ("qwen3", False), ("qwen2", True)])
 def test_logits_match_transformers_fp32(tmp_path, kind, tied):
     ref = hf_model(kind, tied)
-    ours = M.load_model(saved(ref, tmp_path))
+    ours = C.load_model(saved(ref, tmp_path))
     ids = torch.randint(0, VOCAB, (2, 13))
     with torch.no_grad():
         diff = (ours(ids) - ref(ids).logits).abs().max().item()
@@ -51,7 +52,7 @@ def test_logits_match_transformers_fp32(tmp_path, kind, tied):
 
 def test_logits_match_transformers_bf16(tmp_path):
     ref = hf_model().to(torch.bfloat16)
-    ours = M.load_model(saved(ref, tmp_path), dtype="bf16")
+    ours = C.load_model(saved(ref, tmp_path), dtype="bf16")
     assert ours.embed_tokens.weight.dtype == torch.bfloat16
     ids = torch.randint(0, VOCAB, (2, 13))
     with torch.no_grad():
@@ -60,13 +61,13 @@ def test_logits_match_transformers_bf16(tmp_path):
 
 
 def test_qwen2_flags_come_from_config(tmp_path):
-    ours = M.load_model(saved(hf_model("qwen2"), tmp_path))
+    ours = C.load_model(saved(hf_model("qwen2"), tmp_path))
     assert ours.config.attention_bias and not ours.config.qk_norm
     assert ours.layers[0].self_attn.q_proj.bias is not None and ours.layers[0].self_attn.o_proj.bias is None
 
 
 def test_left_padded_batch_equals_each_row_alone(tmp_path):
-    ours = M.load_model(saved(hf_model(), tmp_path))
+    ours = C.load_model(saved(hf_model(), tmp_path))
     rows = [torch.randint(0, VOCAB, (n,)) for n in (9, 4, 7)]
     ids, mask = M._left_pad([r.tolist() for r in rows], "cpu")
     with torch.no_grad():
@@ -77,7 +78,7 @@ def test_left_padded_batch_equals_each_row_alone(tmp_path):
 
 
 def test_kv_cache_decode_equals_full_forward(tmp_path):
-    ours = M.load_model(saved(hf_model(), tmp_path))
+    ours = C.load_model(saved(hf_model(), tmp_path))
     rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (10, 6)]
     ids, mask = M._left_pad(rows, "cpu")
     T = ids.shape[1]
@@ -105,7 +106,7 @@ def test_sharded_checkpoints_load(tmp_path, tied):
     ref = hf_model(tied=tied)
     path = saved(ref, tmp_path, max_shard_size="40KB")
     assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
-    ours = M.load_model(path)
+    ours = C.load_model(path)
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
@@ -127,21 +128,21 @@ def test_bad_keys_raise_one_error_naming_the_key(tmp_path, edit, needle):
     path = saved(hf_model(), tmp_path)
     _edit_checkpoint(path, edit)
     with pytest.raises(M.CheckpointError, match=needle):
-        M.load_model(path)
+        C.load_model(path)
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(M.CheckpointError, match="no config.json"):
-        M.load_model(str(tmp_path))
+        C.load_model(str(tmp_path))
     with pytest.raises(M.CheckpointError, match="not a checkpoint folder"):
-        M.load_model(str(tmp_path / "nowhere"))
+        C.load_model(str(tmp_path / "nowhere"))
 
 
 def test_save_reload_round_trip_is_exact_and_transformers_reads_it(tmp_path):
-    ours = M.load_model(saved(hf_model(tied=False), tmp_path / "a"))
-    M.save_model(ours, tmp_path / "b", max_shard_bytes=50_000)
+    ours = C.load_model(saved(hf_model(tied=False), tmp_path / "a"))
+    C.save_model(ours, tmp_path / "b", max_shard_bytes=50_000)
     assert os.path.exists(tmp_path / "b" / "model.safetensors.index.json")
-    again = M.load_model(str(tmp_path / "b"))
+    again = C.load_model(str(tmp_path / "b"))
     for (k, v), (k2, v2) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "b").eval()

@@ -14,6 +14,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
 import reason  # noqa: E402
 import shapes_world  # noqa: E402
@@ -198,14 +199,14 @@ def test_final_answer_parses_the_last_line_like_the_release():
 
 @pytest.fixture(scope="module")
 def checkpoints(tok, tmp_path_factory):
-    """A tiny Qwen3 reasoner and a tiny VLM (tiny SigLIP tower), saved with model.save_model + tokenizer.json."""
+    """A tiny Qwen3 reasoner and a tiny VLM (tiny SigLIP tower), saved with checkpoints.save_model + tokenizer.json."""
     import vision
     root = tmp_path_factory.mktemp("reason_cli")
     llm = tiny_llm(tok, seed=3)
-    M.save_model(llm, str(root / "llm"))
+    C.save_model(llm, str(root / "llm"))
     tok.save(str(root / "llm" / "tokenizer.json"))
     vlm = M.build_vlm(tiny_llm(tok, seed=4), vision.SiglipConfig.preset("tiny"))
-    M.save_model(vlm, str(root / "vlm"))
+    C.save_model(vlm, str(root / "vlm"))
     tok.save(str(root / "vlm" / "tokenizer.json"))
     Image.new("RGB", (90, 60), (220, 40, 40)).save(root / "red.png")
     with open(root / "hints.json", "w") as f:

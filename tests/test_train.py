@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import chat_data as D
+import checkpoints as C
 import model as M
 import train as T
 from model import IMAGE_TOKEN_ID
@@ -175,7 +176,7 @@ def test_llm_loss_equals_transformers(tmp_path):
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, initializer_range=0.2)).eval()
     hf.save_pretrained(tmp_path)
-    ours = T.LossSum(M.load_model(str(tmp_path)), pad_id=0, max_length=100)
+    ours = T.LossSum(C.load_model(str(tmp_path)), pad_id=0, max_length=100)
     ids = [torch.randint(1, 96, (n,)).tolist() for n in (11, 7)]
     labels = [[T.IGNORE] * 4 + x[4:] for x in ids]             # prompt masked, padding masked by right_pad
     loss, n, _, _ = ours(ids, labels, [[], []])
@@ -187,7 +188,7 @@ def test_llm_loss_equals_transformers(tmp_path):
 # ----------------------------------------------------------------------------- runs
 
 def final_weights(out):
-    return M.load_model(str(out)).state_dict()
+    return C.load_model(str(out)).state_dict()
 
 
 def metrics(out):
@@ -200,7 +201,7 @@ def test_text_stage_learns_reloads_and_generates(tmp_path, tiny_tok):
     result = T.train(text_args(tiny_tok, data, tmp_path / "o", "--epochs", "4"))
     losses = result["losses"]
     assert len(losses) == 16 and losses[-1] < 0.6 * losses[0]
-    llm = M.load_model(str(tmp_path / "o"))
+    llm = C.load_model(str(tmp_path / "o"))
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tmp_path / "o" / "tokenizer.json"))
     prompt = M.encode(tok, "<|im_start|>user\nwhat colour is the blue circle?<|im_end|>\n<|im_start|>assistant\n")
@@ -287,16 +288,16 @@ def test_pretrain_step_changes_only_the_projector(tmp_path, tiny_tok, image_data
     args = vlm_args(tiny_tok, image_data, "pretrain", tmp_path / "pre", "--max-steps", "1", "--warmup-ratio", "0")
     before = initial_state(args)
     T.train(args)
-    assert M.load_model(str(tmp_path / "pre")).config.image_aspect_ratio == "square"
-    assert changed_parts(before, M.load_model(str(tmp_path / "pre")).state_dict()) == {"projector"}
+    assert C.load_model(str(tmp_path / "pre")).config.image_aspect_ratio == "square"
+    assert changed_parts(before, C.load_model(str(tmp_path / "pre")).state_dict()) == {"projector"}
 
 
 def test_finetune_step_changes_every_part(tmp_path, tiny_tok, image_data):
     T.train(vlm_args(tiny_tok, image_data, "pretrain", tmp_path / "pre", "--max-steps", "1"))
     T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "ft", "--init", str(tmp_path / "pre"),
                      "--max-steps", "1", "--warmup-ratio", "0"))
-    before = M.load_model(str(tmp_path / "pre")).state_dict()
-    after = M.load_model(str(tmp_path / "ft"))
+    before = C.load_model(str(tmp_path / "pre")).state_dict()
+    after = C.load_model(str(tmp_path / "ft"))
     assert after.config.image_aspect_ratio == "anyres_max_9"
     assert changed_parts(before, after.state_dict()) == PARTS
     same = {k for k in before if torch.equal(before[k], after.state_dict()[k])}
@@ -339,7 +340,7 @@ def test_vlm_tiny_run_learns_reloads_and_generates(tmp_path, tiny_tok, image_dat
     assert sum(losses[-2:]) < 0.7 * sum(losses[:2])
     from PIL import Image
     from tokenizers import Tokenizer
-    vlm, tok = M.load_model(str(out)), Tokenizer.from_file(str(out / "tokenizer.json"))
+    vlm, tok = C.load_model(str(out)), Tokenizer.from_file(str(out / "tokenizer.json"))
     prompt = M.encode(tok, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                            "<image>\nWhat colour is the box?<|im_end|>\n<|im_start|>assistant\n")
     image = Image.open(os.path.join(image_data["folder"], "1.png"))
@@ -363,7 +364,7 @@ def test_vlm_loss_equals_llava_onevision(tmp_path):
         for name, p in hf.named_parameters():
             p.copy_((1 if "norm" in name else 0) + 0.1 * torch.randn_like(p))
     hf.save_pretrained(tmp_path)
-    ours = M.load_model(str(tmp_path))
+    ours = C.load_model(str(tmp_path))
     rng = np.random.default_rng(0)
     pic = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))   # noqa: E731
     g = torch.Generator().manual_seed(0)

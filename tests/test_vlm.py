@@ -11,6 +11,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import anyres  # noqa: E402
+import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
 from model import IMAGE_TOKEN_ID  # noqa: E402
 from _tiny_llava import TILE, VISION, llava_onevision_config, text_config  # noqa: E402
@@ -43,7 +44,7 @@ def hf_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(hf_checkpoint):
-    return M.load_model(hf_checkpoint[1])
+    return C.load_model(hf_checkpoint[1])
 
 
 def image(width, height, seed):
@@ -114,15 +115,15 @@ def test_padded_batch_of_two_samples_matches_transformers(hf_checkpoint, ours, p
 # ----------------------------------------------------------------------------- checkpoint layouts
 
 def test_released_and_transformers_layouts_give_identical_logits(hf_checkpoint, ours, tmp_path):
-    M.save_model(ours, str(tmp_path / "released"))
-    released = M.load_model(str(tmp_path / "released"))
+    C.save_model(ours, str(tmp_path / "released"))
+    released = C.load_model(str(tmp_path / "released"))
     # transformers' in-memory names (model.language_model.*, model.vision_tower.*, tied lm_head.weight present)
     from safetensors.torch import save_file
     memory = tmp_path / "hf_memory_names"
     memory.mkdir()
     save_file({k: v.clone() for k, v in hf_checkpoint[0].state_dict().items()}, str(memory / "model.safetensors"))
     (memory / "config.json").write_text((open(os.path.join(hf_checkpoint[1], "config.json")).read()))
-    in_memory = M.load_model(str(memory))
+    in_memory = C.load_model(str(memory))
     ids = [text(3, 10) + [IMAGE_TOKEN_ID] + text(3, 11)]
     images = [[image(120, 80, 6)]]
     want, _ = our_logits(ours, ids, images, "left")
@@ -133,7 +134,7 @@ def test_released_and_transformers_layouts_give_identical_logits(hf_checkpoint, 
 
 def test_saved_layout_uses_released_names_and_config(ours, tmp_path):
     from safetensors.torch import load_file
-    M.save_model(ours, str(tmp_path))
+    C.save_model(ours, str(tmp_path))
     keys = set(load_file(str(tmp_path / "model.safetensors")))
     tower = "model.vision_tower.vision_tower.vision_model."
     for key in (tower + "embeddings.patch_embedding.weight", tower + "encoder.layers.1.mlp.fc2.bias",
@@ -150,13 +151,13 @@ def test_saved_layout_uses_released_names_and_config(ours, tmp_path):
 
 def test_loading_names_missing_and_unexpected_keys(ours, tmp_path):
     from safetensors.torch import load_file, save_file
-    M.save_model(ours, str(tmp_path))
+    C.save_model(ours, str(tmp_path))
     state = load_file(str(tmp_path / "model.safetensors"))
     del state["model.mm_projector.2.bias"]
     state["model.mm_projector.9.weight"] = torch.zeros(1)
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(M.CheckpointError, match=r"missing keys.*projector\.2\.bias.*unexpected keys.*projector\.9"):
-        M.load_model(str(tmp_path))
+        C.load_model(str(tmp_path))
 
 
 def test_released_config_for_so400m_checkpoint():
@@ -179,8 +180,8 @@ def test_fresh_assembly_from_standalone_siglip_and_qwen3(tmp_path):
     randomise(siglip, seed=1)
     siglip.save_pretrained(tmp_path / "siglip")
     llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB))
-    M.save_model(llm, str(tmp_path / "qwen3"))
-    vlm = M.assemble_vlm(str(tmp_path / "siglip"), str(tmp_path / "qwen3"))
+    C.save_model(llm, str(tmp_path / "qwen3"))
+    vlm = C.assemble_vlm(str(tmp_path / "siglip"), str(tmp_path / "qwen3"))
     assert len(vlm.vision.layers) == 2      # the last SigLIP layer and the pooling head are dropped
     assert torch.equal(vlm.vision.layers[1].mlp.fc1.weight, siglip.vision_model.encoder.layers[1].mlp.fc1.weight)
     assert torch.equal(vlm.llm.embed_tokens.weight, llm.embed_tokens.weight)

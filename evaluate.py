@@ -42,7 +42,6 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import records
@@ -304,18 +303,13 @@ def _load_parquet_docs(files):
 
 def load_image(doc):
     """Doc -> RGB PIL image; ValueError saying what is wrong (the record is then marked failed)."""
-    if doc.image_bytes is not None:
-        try:
-            image = Image.open(io.BytesIO(doc.image_bytes))
-            image.load()
-            return image.convert("RGB")
-        except Exception as e:
-            raise ValueError(f"doc {doc.doc_id} (index {doc.index}): embedded image unreadable: {e}") from e
+    import vision
+    if doc.image_bytes is not None:   # parquet: the same loader and rule as image files
+        return vision.load_image(doc.image_bytes, name=f"doc {doc.doc_id} (index {doc.index}): embedded image")
     if doc.image_path is None:
         raise ValueError(f"doc {doc.doc_id} (index {doc.index}): no image")
     if not os.path.exists(doc.image_path):
         raise ValueError(f"doc {doc.doc_id} (index {doc.index}): image file not found: {doc.image_path}")
-    import vision
     return vision.load_image(doc.image_path)
 
 

@@ -395,10 +395,14 @@ def generate(model, prompts, images=None, *, max_new_tokens, temperature=0.0, to
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def encode(tokenizer, text):
+def encode(tokenizer, text, image_marks=True):
     """Text -> token ids, with IMAGE_TOKEN_ID wherever the literal "<image>" stands.
 
-    Each chunk between <image> marks is tokenized on its own, as LLaVA's tokenizer_image_token does."""
+    Each chunk between <image> marks is tokenized on its own, as LLaVA's tokenizer_image_token does.
+    image_marks=False: a prompt for a text-only LLM, where "<image>" (in a question or a description) is plain
+    text, tokenized as the release's text models see it."""
+    if not image_marks:
+        return tokenizer.encode(text, add_special_tokens=False).ids
     ids = []
     for i, chunk in enumerate(text.split("<image>")):
         if i:

@@ -278,8 +278,9 @@ def stop_ids(tokenizer):
     return {tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None}
 
 
-def _encode_all(tokenizer, texts):
-    return [M.encode(tokenizer, t) for t in texts]
+def _encode_all(tokenizer, texts, image_marks=False):
+    """Prompts -> token ids. Only VLM prompts (image_marks) turn "<image>" into the image sentinel."""
+    return [M.encode(tokenizer, t, image_marks) for t in texts]
 
 
 def run_hint(llm, tokenizer, questions, max_new_tokens=256, on_token=None):
@@ -303,7 +304,7 @@ def run_perception(vlm, tokenizer, images, hints=None, max_new_tokens=1024, user
         user_texts = ["<image>\n" + prompts.perception_prompt(h) for h in hints]
     if len(user_texts) != len(images):
         raise ValueError(f"{len(images)} images but {len(user_texts)} prompts")
-    ids = _encode_all(tokenizer, [prompts.llava_chat(t) for t in user_texts])
+    ids = _encode_all(tokenizer, [prompts.llava_chat(t) for t in user_texts], image_marks=True)
     out = M.generate(vlm, ids, [[im] for im in images], max_new_tokens=max_new_tokens,
                      stop_ids=stop_ids(tokenizer), on_token=on_token)
     return [Perception(tokenizer.decode(o, skip_special_tokens=True), len(o)) for o in out]
@@ -388,14 +389,12 @@ def run_reasoning(llm, tokenizer, questions, descriptions, *, thinking=True, bud
 
 # ----------------------------------------------------------------------------- command line
 
-ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
-
-
 def final_answer(reply):
-    """The released MMStar parse: last line of the reply, 'Answer: X' -> X (else the last line itself)."""
-    last = reply.strip().split("\n")[-1]
-    m = ANSWER_PATTERN.search(last)
-    return (m.group(1) if m else last).strip()
+    """What evaluate.py scores for this stage-2 reply (its one parser, the release's: the last line, then
+    'Answer: X' -> X, else the line itself), stripped for display. A reply ending in a newline has an empty last
+    line: the release scores it 0, and so this shows nothing."""
+    import evaluate  # evaluate imports this module lazily; the parser lives with the scoring
+    return evaluate.extract_answer(reply)[0].strip()
 
 
 class Stream:
@@ -512,7 +511,7 @@ def _two_stage(args, image, vlm, vlm_tok, device, dtype, log):
                       **({"temperature": 0.0} if args.greedy else {}))[0]
     stream.close()
     return dict(hint=hint, description=desc.text, thinking=r.thinking, answer=r.answer, reply=r.text,
-                final=final_answer(r.answer or r.text), thinking_tokens=r.thinking_tokens, budget_hit=r.budget_hit,
+                final=final_answer(r.text), thinking_tokens=r.thinking_tokens, budget_hit=r.budget_hit,
                 answer_tokens=r.answer_tokens)
 
 
@@ -524,7 +523,8 @@ def _end_to_end(args, image, vlm, vlm_tok, log):
     out = run_perception(vlm, vlm_tok, [image], user_texts=[user], max_new_tokens=args.max_new_tokens,
                          on_token=stream)[0]
     stream.close()
-    return dict(answer=out.text, reply=out.text, final=final_answer(out.text), answer_tokens=out.generated_tokens)
+    # the e2e baseline is scored on its whole reply (lmms-eval MMStar), not on an "Answer:" line
+    return dict(answer=out.text, reply=out.text, final=out.text.strip(), answer_tokens=out.generated_tokens)
 
 
 def run(args):

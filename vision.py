@@ -6,6 +6,7 @@ SiglipVisionModel(...).hidden_states[-2]. Only the layers up to that one are bui
 
 Shapes: N tiles, S tile side in pixels, P = S / patch patches per side, C hidden, nh heads, D head dim.
 """
+import io
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -186,20 +187,23 @@ def check_image_size(size, name="image", max_pixels=None):
                          "(raise max_pixels / vision.MAX_PIXELS to allow it)")
 
 
-def load_image(path, max_pixels=None):
-    """Read an image file -> RGB PIL image. Missing, unreadable, corrupt, truncated or too large files
-    raise ValueError naming the file."""
+def load_image(source, max_pixels=None, name=None):
+    """An image file (path) or its encoded bytes (e.g. a parquet cell) -> RGB PIL image, by one rule for both:
+    the pixel limit is checked on the header before decoding, transparency goes onto white (to_rgb).
+    Missing, unreadable, corrupt, truncated or too large images raise ValueError naming `name` (default: the
+    path, or "image bytes")."""
+    name = name or (str(source) if not isinstance(source, bytes) else "image bytes")
     try:
-        with Image.open(path) as image:
-            check_image_size(image.size, str(path), max_pixels)   # header only: no pixels decoded yet
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            check_image_size(image.size, name, max_pixels)        # header only: no pixels decoded yet
             image.load()                                           # truncated / corrupt data fails here
             return to_rgb(image)
     except ValueError as e:
-        if str(path) in str(e):
+        if name in str(e):
             raise
-        raise ValueError(f"{path}: cannot read image ({e})") from e
+        raise ValueError(f"{name}: cannot read image ({e})") from e
     except Exception as e:  # PIL raises many types on bad data (OSError, SyntaxError, EOFError, ...)
-        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
 
 
 def preprocess(image, size=384):

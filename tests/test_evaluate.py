@@ -632,3 +632,18 @@ def test_mmstar_prompts_are_byte_identical_to_the_release(tiny, tmp_path, monkey
                 f"<|im_end|>\n<|im_start|>assistant\n" + ("" if thinking else "<think>\n\n</think>\n\n")
                 for i in range(3)]
     assert spy.texts(tokenizer) == expected
+
+
+def test_parquet_bytes_and_image_files_load_by_one_rule(tmp_path):
+    """The same transparent PNG, embedded (MMStar parquet) or as a file, gives the same RGB pixels: transparency
+    onto white, as vision.load_image does (a plain convert("RGB") would keep the hidden black)."""
+    image = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
+    image.putpixel((1, 1), (200, 10, 10, 255))
+    path = tmp_path / "t.png"
+    image.save(path)
+    from_bytes = evaluate.load_image(evaluate.Doc(0, "0", "q", "A", "c", "c", image_bytes=path.read_bytes()))
+    from_file = evaluate.load_image(evaluate.Doc(1, "1", "q", "A", "c", "c", image_path=str(path)))
+    assert from_bytes.tobytes() == from_file.tobytes()
+    assert from_bytes.getpixel((0, 0)) == (255, 255, 255) and from_bytes.getpixel((1, 1)) == (200, 10, 10)
+    with pytest.raises(ValueError, match=r"doc 2 \(index 2\): embedded image"):
+        evaluate.load_image(evaluate.Doc(2, "2", "q", "A", "c", "c", image_bytes=b"not a png"))

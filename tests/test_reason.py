@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
+import prompts  # noqa: E402
 import reason  # noqa: E402
 import shapes_world  # noqa: E402
 
@@ -170,6 +171,20 @@ def test_run_reasoning_batched_records_per_row(tok):
     assert all(r.answer == r.text.strip() for r in plain)
 
 
+def test_a_literal_image_mark_is_plain_text_for_the_text_only_reasoner(tok, monkeypatch):
+    """A question or description that contains "<image>" reaches the text LLM as text, tokenized as the release's
+    text models see it (only VLM prompts turn the mark into the image sentinel -200)."""
+    seen = []
+    real = M.generate
+    monkeypatch.setattr(M, "generate", lambda model, ids, *a, **k: seen.extend(ids) or real(model, ids, *a, **k))
+    llm = tiny_llm(tok)
+    question, description = "What is in <image> 1?", "The <image> shows a red circle."
+    rows = reason.run_reasoning(llm, tok, [question], [description], budget=4, answer_tokens=2, temperature=0.0)
+    chat = prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(question, description, True)}])
+    assert rows and seen[0] == ids_of(tok, chat) and M.IMAGE_TOKEN_ID not in seen[0]
+    assert M.encode(tok, "a <image> b") != M.encode(tok, "a <image> b", image_marks=False)
+
+
 def test_run_reasoning_with_a_seeded_generator_is_reproducible(tok):
     llm = tiny_llm(tok, seed=2)
     run = lambda: [r.text for r in reason.run_reasoning(llm, tok, ["Which?", "Where is it?"], ["A star."] * 2,
@@ -193,6 +208,15 @@ def test_incremental_decoder_never_splits_a_multibyte_character(tok):
 def test_final_answer_parses_the_last_line_like_the_release():
     assert reason.final_answer("thinking...\nAnswer: B") == "B"
     assert reason.final_answer("Answer: A\nso C") == "so C"
+
+
+def test_the_command_line_shows_what_evaluation_scores():
+    """One parser: a reply that ends in a newline has an empty last line, which the release scores 0; the
+    command line must not show "B" for it."""
+    import evaluate
+    for reply in ("<think>\nx\n</think>\n\nAnswer: B\n", "Answer: B", "Answer: B \n\n", "B"):
+        assert reason.final_answer(reply) == evaluate.score_reply(reply, "B")["prediction"].strip()
+        assert bool(reason.final_answer(reply) == "B") == evaluate.score_reply(reply, "B")["correct"]
 
 
 # ----------------------------------------------------------------------------- the command

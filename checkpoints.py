@@ -47,7 +47,8 @@ def _resolve_checkpoint(path_or_id, need_config=True):
         try:
             folder = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
         except Exception as e:  # offline, unknown repo, gated, ...: one clear message
-            raise CheckpointError(f"{path}: could not fetch from the hub ({type(e).__name__}: {e})") from None
+            why = " ".join(str(e).split())   # huggingface_hub's messages span lines; ours is one
+            raise CheckpointError(f"{path}: could not fetch from the hub ({type(e).__name__}: {why})") from None
     if need_config and not os.path.exists(os.path.join(folder, "config.json")):
         raise CheckpointError(f"{path}: not a checkpoint folder (no config.json)")
     return folder

@@ -423,17 +423,10 @@ def train(args=None):
     cfg = (args if isinstance(args, TrainConfig) else TrainConfig(**args) if isinstance(args, dict)
            else parse_args(args)).resolve()
     rank, world, device, started = setup_distributed()
-    os.makedirs(cfg.out, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    resuming = cfg.resume and os.path.exists(ckpt_path)
-    if cfg.resume and not resuming and rank == 0:
-        print(f"--resume: no {ckpt_path} yet, starting fresh", file=sys.stderr)
-    if rank == 0:
-        print(json.dumps(asdict(cfg), indent=1))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    # data
+    # data: checked before anything is printed or written, so bad input is one error and no empty run folder
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.token_to_id("<|endoftext|>")
     records = R.read_records(cfg.data)  # errors name the file and line
@@ -446,6 +439,14 @@ def train(args=None):
         raise ValueError(f"{len(samples)} samples < one global batch of {cfg.global_batch}; lower --global-batch")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     lengths = [s["length"] for s in samples] if cfg.group_by_length else None
+
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    resuming = cfg.resume and os.path.exists(ckpt_path)
+    if cfg.resume and not resuming and rank == 0:
+        print(f"--resume: no {ckpt_path} yet, starting fresh", file=sys.stderr)
+    if rank == 0:
+        print(json.dumps(asdict(cfg), indent=1))
 
     # model
     model = build_model(cfg, tokenizer).to(device)
@@ -543,8 +544,10 @@ def parse_args(argv=None):
                            help=("turn off " if f.default else "") + meta["help"])
         else:
             kind = meta["type"] or (type(f.default) if f.default is not None else str)  # None defaults: str fields
-            p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], required=f.name in ("stage", "data"),
-                           help=meta["help"] + (f" (default: {f.default})" if f.default not in (None, "") else ""))
+            required = f.name in ("stage", "data")
+            p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], required=required,
+                           help=meta["help"] + (f" (default: {f.default})" if f.default not in (None, "") and
+                                                not required else ""))
     return TrainConfig(**vars(p.parse_args(argv)))
 
 

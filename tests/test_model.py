@@ -174,3 +174,16 @@ def test_encode_puts_the_image_sentinel_where_image_marks_stand():
     tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     assert M.encode(tok, "a <image> b<image>") == [0, M.IMAGE_TOKEN_ID, 1, M.IMAGE_TOKEN_ID]
+
+
+def test_a_hub_failure_is_one_line_naming_the_id(monkeypatch):
+    """huggingface_hub's offline / not-found errors span several lines; the CheckpointError is one."""
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find the requested files\nin the local cache.\n"
+                                                             "Please check your connection.")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(M.CheckpointError) as err:
+        C.load_model("owner/name")
+    assert "\n" not in str(err.value) and str(err.value).startswith("owner/name: could not fetch from the hub")

@@ -421,8 +421,10 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer, says):
     run = subprocess.run([sys.executable, os.path.join(root, "train.py"), *argv], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
-    last = run.stderr.strip().splitlines()[-1]
+    assert len(run.stderr.strip().splitlines()) == 1 and not run.stdout, (run.stdout, run.stderr)  # no config dump
+    last = run.stderr.strip()
     assert last.startswith("train.py: error:") and says.format(tmp=tmp_path) in last, run.stderr
+    assert not (tmp_path / "o").exists()   # bad input leaves no empty run folder
 
 
 # ----------------------------------------------------------------------------- the fast paths

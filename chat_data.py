@@ -17,7 +17,7 @@ import model as M
 from model import IMAGE_TOKEN_ID
 from prompts import EMPTY_THINK, LLAVA_SYSTEM
 
-IGNORE = -100  # label of tokens without loss (as transformers / PyTorch cross_entropy ignore_index)
+IGNORE = M.IGNORE_INDEX  # label of tokens without loss (model.py's, as PyTorch cross_entropy's ignore_index)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 

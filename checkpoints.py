@@ -35,6 +35,15 @@ def _as_dtype(dtype):
     return _DTYPES[dtype]
 
 
+def device_and_dtype(device="auto", dtype=None):
+    """The one rule for where models run: device "auto" (or None) = CUDA if present, else CPU; dtype None =
+    bfloat16 on CUDA, float32 on CPU. A CUDA device without CUDA is a ValueError. -> (device str, dtype name)."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu or auto)")
+    return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
 def _resolve_checkpoint(path_or_id, need_config=True):
     """A local folder, or a hub id fetched with huggingface_hub (which also serves its offline cache)."""
     path = str(path_or_id)

@@ -878,8 +878,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    import checkpoints
+    device, dtype = checkpoints.device_and_dtype(args.device, args.dtype)
     docs = load_docs(args.data, args.image_folder, args.limit)
     check_answer_match(docs, args.answer_match)
     os.makedirs(args.out, exist_ok=True)

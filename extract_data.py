@@ -173,20 +173,18 @@ class LocalBackend:
     """The project's own checkpoints: a text LLM for steps 1 and 3, a VLM for step 2. Greedy, batched."""
 
     def __init__(self, args):
-        import torch
         import checkpoints as C
         import model as M
         import reason
         self.M, self.reason, self.args = M, reason, args
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        device, dtype = C.device_and_dtype(args.device, args.dtype)
         self.llm, self.llm_tok = C.load_model(args.llm, dtype, device), C.load_tokenizer(args.llm)
         self.vlm, self.vlm_tok = C.load_model(args.vlm, dtype, device), C.load_tokenizer(args.vlm)
 
     def _generate(self, model, tokenizer, ids, images, max_new_tokens):
         """Token id prompts -> decoded replies (special tokens skipped, as the release decodes)."""
-        stop = {tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None}
-        out = self.M.generate(model, ids, images, max_new_tokens=max_new_tokens, stop_ids=stop)
+        out = self.M.generate(model, ids, images, max_new_tokens=max_new_tokens,
+                              stop_ids=self.reason.stop_ids(tokenizer))
         return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
     def _vlm_ids(self, prompt):

@@ -531,10 +531,7 @@ def run(args):
     """The whole command -> the result dict (the --json object)."""
     import vision
     image = vision.load_image(args.image)        # a bad image fails before any model is loaded
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu or auto)")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    device, dtype = C.device_and_dtype(args.device, args.dtype)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     log = sys.stderr if args.json else sys.stdout

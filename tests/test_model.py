@@ -187,3 +187,13 @@ def test_a_hub_failure_is_one_line_naming_the_id(monkeypatch):
     with pytest.raises(M.CheckpointError) as err:
         C.load_model("owner/name")
     assert "\n" not in str(err.value) and str(err.value).startswith("owner/name: could not fetch from the hub")
+
+
+def test_one_device_rule(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert C.device_and_dtype("auto") == ("cpu", "float32") and C.device_and_dtype(None, "bfloat16") == ("cpu",
+                                                                                                         "bfloat16")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        C.device_and_dtype("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert C.device_and_dtype("auto") == ("cuda", "bfloat16") and C.device_and_dtype("cpu") == ("cpu", "float32")

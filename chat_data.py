@@ -78,13 +78,13 @@ def render_segments(turns, template, rid="?"):
         return [("<image>", False), (turns[1][1] + "\n", True)]
     if template not in ("qwen_1_5", "qwen3"):
         raise ValueError(f"unknown template {template!r}; choose plain, qwen_1_5, qwen3 or document")
-    if not any(role == "assistant" for role, _ in turns):
-        raise ValueError(f"record {rid}: no gpt turn, nothing to train")
-    segments = []
+    segments, dropped = [], template == "qwen_1_5" and turns[0][0] != "user"
     if template == "qwen_1_5":
-        if turns[0][0] != "user":  # the reference drops a leading non-human turn
+        if dropped:  # the reference drops a leading non-human turn
             turns = turns[1:]
         segments.append((f"<|im_start|>system\n{LLAVA_SYSTEM}<|im_end|>\n", False))
+    if not any(role == "assistant" for role, _ in turns):   # checked after the drop: [gpt, human] has none left
+        raise ValueError(f"record {rid}: no gpt turn to train{' once its leading gpt turn is dropped' if dropped else ''}")
     for role, text in turns:
         if template == "qwen_1_5" and text.count("<image>") == 1 and not text.startswith("<image>"):
             text = "<image>\n" + text.replace("<image>", "").strip()  # the reference moves a lone image first

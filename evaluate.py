@@ -224,6 +224,8 @@ def load_docs(source, image_folder=None, limit=None):
         docs = _load_parquet_docs(_parquet_files(_download_dataset(source)))
     else:
         raise ValueError(f"dataset {source!r}: expected a .jsonl file, a .parquet file or folder, or a hub id")
+    if not docs:
+        raise ValueError(f"{source}: no records (an empty multiple-choice set)")
     return docs[:limit] if limit else docs
 
 

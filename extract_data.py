@@ -343,6 +343,8 @@ def count_status(captions):
 
 def run(args):
     data = read_records(args.data)
+    if not data:
+        raise ValueError(f"{args.data}: no records to convert")
     start, end = resolve_range(args, len(data))
     captions_path = args.captions or default_captions_path(args.out)
     store = ResumableJsonl(captions_path, "index")

@@ -166,9 +166,14 @@ class SiglipVisionTower(nn.Module):
 
 def to_rgb(image):
     """Any PIL mode -> RGB. Transparency is composited onto white, as transformers' image processors do.
-    (The released training code uses image.convert('RGB'), which differs only for transparent pixels.)"""
+    (The released training code uses image.convert('RGB'), which differs only for transparent pixels.)
+    16-bit greyscale (PNG mode I;16) is scaled to 8 bits, not clipped."""
     if image.mode == "RGB":
         return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):   # 16/32-bit grey: PIL's convert would clip at 255
+        peak = 65535 if image.mode.startswith("I;16") else max(1, image.getextrema()[1])
+        grey = (np.asarray(image, dtype=np.float64) * (255 / peak)).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

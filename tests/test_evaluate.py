@@ -647,3 +647,10 @@ def test_parquet_bytes_and_image_files_load_by_one_rule(tmp_path):
     assert from_bytes.getpixel((0, 0)) == (255, 255, 255) and from_bytes.getpixel((1, 1)) == (200, 10, 10)
     with pytest.raises(ValueError, match=r"doc 2 \(index 2\): embedded image"):
         evaluate.load_image(evaluate.Doc(2, "2", "q", "A", "c", "c", image_bytes=b"not a png"))
+
+
+def test_an_empty_set_is_named_as_such(tmp_path):
+    empty = tmp_path / "mc.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"mc\.jsonl: no records"):
+        evaluate.load_docs(str(empty))

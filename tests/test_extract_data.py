@@ -507,3 +507,14 @@ def test_shards_merge_into_the_unsharded_result(tmp_path, server, capsys):
     assert "indices missing: 4-5" in capsys.readouterr().err
     assert X.main(["merge", "--total", str(len(data)), "--out", str(merged), *parts, parts[0]]) == 2
     assert "index 0 appears twice" in capsys.readouterr().err
+
+
+def test_an_empty_input_is_named_as_such(tmp_path, capsys):
+    empty = tmp_path / "train.json"
+    empty.write_text("[]")
+    argv = ["--data", str(empty), "--out", str(tmp_path / "extract.jsonl"), "--backend", "openai",
+            "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    assert X.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"extract_data.py: error: {empty}: no records to convert"
+    assert not (tmp_path / "extract.jsonl").exists()

@@ -94,3 +94,14 @@ def test_append_rejects_record_without_key_before_writing(tmp_path):
     with pytest.raises(ValueError, match="no key 'index'"):
         out.append([{"index": 0}, {"caption": "x"}])
     assert not p.exists() or p.read_text() == ""
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"b": "caf\xff"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2 is not UTF-8 \(byte 0xff"):
+        read_jsonl(str(path))
+    listing = tmp_path / "bad.json"
+    listing.write_bytes(b'[{"b": "\xff"}]')
+    with pytest.raises(ValueError, match=r"bad\.json: not UTF-8"):
+        read_records(str(listing))

@@ -539,3 +539,13 @@ def test_vlm_frozen_tower_run_uses_the_feature_cache_and_resumes_exactly(tmp_pat
     assert first + second == straight
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_conversation_with_nothing_to_train_is_an_error_naming_the_record():
+    """[gpt, human]: the released template drops the leading gpt turn, which leaves no labelled token; that is an
+    error naming the record, never a silent loss of 0."""
+    turns = D.record_turns({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "q"}]}, "r7")
+    with pytest.raises(ValueError, match="record r7: no gpt turn to train once its leading gpt turn is dropped"):
+        D.render_segments(turns, "qwen_1_5", "r7")
+    with pytest.raises(ValueError, match="record r8: no gpt turn to train"):
+        D.render_segments([("user", "q")], "qwen3", "r8")

@@ -142,3 +142,14 @@ def test_grad_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in tower.layers.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 0..65535 ramp saved as a 16-bit PNG loads as a 0..255 ramp (PIL's convert("RGB") saturates it)."""
+    ramp = (np.arange(1024, dtype=np.uint32).reshape(4, 256) * 64).astype(np.uint16)   # 0 .. 65472
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "I;16"
+    out = np.asarray(vision.load_image(str(path)))
+    expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert out.shape == (4, 256, 3) and (out[..., 0] == expected).all() and (out[..., 0] == out[..., 2]).all()

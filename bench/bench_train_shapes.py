@@ -14,9 +14,9 @@ The two codes' runs are interleaved per row (old, new, old, new: --repeats, the 
 that load from other processes hits both alike, and the loss of every step is compared: the change must not
 move it (beyond float noise). "tower cache hits": the new run's VLM.feature_cache hit rate.
 
-  config  LLM (Qwen3 tiny preset + overrides)                                    vision
-  S       hidden 64,  intermediate 256, 4 layers, 4 q / 2 kv heads of 16, vocab ~800  tiny SigLIP (56 px tiles, 14 px
-  L       hidden 128, intermediate 512, 6 layers, 4 q / 2 kv heads of 32, vocab ~800  patches, hidden 64, 2 layers)
+  config  LLM (Qwen3 tiny preset + overrides, shapes_backbones.SIZES)                   vision
+  S       hidden 64,  intermediate 256, 4 layers, 4 q / 2 kv heads of 16, untied head   tiny SigLIP (56 px tiles,
+  L       hidden 128, intermediate 384, 4 layers, 4 q / 2 kv heads of 32, untied head   14 px patches, hidden 64)
 
   stage     trains                       template   images
   finetune  llm,projector,image_newline  qwen_1_5   anyres_max_9: 112 px -> base + 2x2 tiles -> 88 tokens
@@ -26,17 +26,18 @@ Each picture is shared by --qa-per-image records (as a shapes-world scene gives 
 is seen several times per epoch, as in real fine-tuning; the per-image caches of the new code profit from that.
 
 Measured 2026-12-02 on the project's 2-core x86_64 VM (Intel Xeon, AVX-512), torch 2.13.0+cpu, 1 thread per run,
-while another user's two training processes shared the cores (load average ~3): absolute numbers are low and
-noisy, the ratios (each code's best of 2 interleaved runs) are what to read. Default flags:
+on a quiet machine; default flags (each code's best of 2 interleaved runs):
 
 | config | stage | old samples/s | new samples/s | new/old | old tokens/s | new tokens/s | max loss diff | tower cache hits |
 |---|---|---|---|---|---|---|---|---|
-| S | finetune | 69.0 | 94.6 | 1.37x | 11531 | 15804 | 8.2e-07 | 67% |
-| S | pretrain | 231.3 | 265.3 | 1.15x | 14994 | 17203 | 1.3e-06 | 67% |
-| L | finetune | 26.0 | 31.1 | 1.20x | 4343 | 5195 | 8.2e-07 | 67% |
-| L | pretrain | 101.9 | 103.3 | 1.01x | 6604 | 6700 | 1.3e-06 | 67% |
+| S | finetune | 77.2 | 98.1 | 1.27x | 12821 | 16291 | 1.3e-06 | 67% |
+| S | pretrain | 234.2 | 279.3 | 1.19x | 15188 | 18109 | 6.4e-07 | 67% |
+| L | finetune | 43.1 | 52.1 | 1.21x | 7163 | 8652 | 1.5e-06 | 67% |
+| L | pretrain | 149.0 | 161.6 | 1.08x | 9659 | 10476 | 1.3e-06 | 67% |
 
-No image seen twice (--qa-per-image 1 --images 256: train.py then leaves the tower cache off): S finetune 1.23x,
+An earlier run of the same bench under load (another user's two training processes, load ~3; L then had 6 layers
+and intermediate 512) gave S finetune 1.37x and L finetune 1.20x.
+Under that load, with no image seen twice (--qa-per-image 1 --images 256: train.py then leaves the tower cache off): S finetune 1.23x,
 L finetune 1.15x. Micro-batches of 4 (train.py's default): S finetune 1.22x, S pretrain 1.09x.
 
 Why not more: what is left is the decoder's own arithmetic. On S finetune (16 x ~185 positions) one layer's
@@ -58,14 +59,11 @@ import tarfile
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from shapes_backbones import SIZES  # noqa: E402
 
 BASE = "d38ad7b"   # the commit before the training fast paths (loss at labelled positions, per-image caches)
-CONFIGS = {
-    "S": "hidden_size=64,intermediate_size=256,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,"
-         "head_dim=16",
-    "L": "hidden_size=128,intermediate_size=512,num_hidden_layers=6,num_attention_heads=4,num_key_value_heads=2,"
-         "head_dim=32",
-}
+CONFIGS = SIZES   # the Shapes world's two LLM sizes, as shapes_backbones.py trains them
 STAGES = {  # stage -> (data file, extra train.py flags)
     "finetune": ("qa.jsonl", ["--train", "llm,projector,image_newline", "--image-aspect-ratio", "anyres_max_9"]),
     "pretrain": ("captions.jsonl", ["--train", "projector,image_newline", "--image-aspect-ratio", "square"]),

@@ -172,17 +172,6 @@ def train_size(cfg: RunConfig, data: dict, size: str, say) -> dict:
     return out
 
 
-def true_stage1(data: dict, path: str) -> str:
-    """A stage-1 samples file (lmms-eval format) holding the true extraction descriptions: stage 2 on it
-    measures the reasoner alone, an upper bound for Extract+Think with a perfect perception module."""
-    rows = records.read_jsonl(data["eval"])
-    if not os.path.exists(path):
-        records.atomic_write_text(path, "".join(json.dumps({"doc_id": i, "index": r["index"], "filtered_resps":
-                                                            [r["true_description"]]}) + "\n"
-                                                for i, r in enumerate(rows)))
-    return path
-
-
 def evaluate_size(cfg: RunConfig, data: dict, size: str, models: dict, say) -> dict:
     """evaluate.py for every method of this size -> {method: results dict}."""
     root, log = os.path.join(cfg.out, "eval"), os.path.join(cfg.out, f"eval-{size}.log")
@@ -199,7 +188,7 @@ def evaluate_size(cfg: RunConfig, data: dict, size: str, models: dict, say) -> d
         "caption+think": (["--mode", "two-stage", "--perception", models["caption"], "--hints", "none", *stage2],
                           "stage2_results.json"),
         "true-descriptions": (["--mode", "stage2", "--stage1-file",
-                               true_stage1(data, os.path.join(root, "true_stage1.jsonl")), *stage2],
+                               W.true_stage1(data, os.path.join(root, "true_stage1.jsonl")), *stage2],
                               "stage2_results.json"),
     }
     return {name: evaluate_step([*argv, *common], os.path.join(root, f"{name}-{size}"), results, log, say)

@@ -117,13 +117,8 @@ def reasoner_accuracy(lm: str, data: dict, kind: str, work: str) -> float:
     description alone), greedy, scored by the answer's text -> accuracy over the held-out questions."""
     import checkpoints as C
     import evaluate
-    rows = records.read_jsonl(data["eval"])
-    scenes = {s["image"]: s["scene"] for s in records.read_jsonl(data["scenes"])}
     os.makedirs(work, exist_ok=True)
-    stage1 = os.path.join(work, f"true-{kind}.jsonl")
-    texts = [r["true_description"] if kind == "extract" else W.describe(scenes[r["image"]]) for r in rows]
-    records.atomic_write_text(stage1, "".join(json.dumps({"doc_id": i, "filtered_resps": [t]}) + "\n"
-                                              for i, t in enumerate(texts)))
+    stage1 = W.true_stage1(data, os.path.join(work, f"true-{kind}.jsonl"), kind)
     out = os.path.join(work, f"stage2-{kind}.jsonl")
     if os.path.exists(out):
         os.remove(out)

@@ -554,6 +554,18 @@ def build_dataset(out_dir: str, n_train: int = 600, n_eval: int = 48, seed: int 
     return paths
 
 
+def true_stage1(data: dict, path: str, kind: str = "extract") -> str:
+    """A stage-1 samples file (lmms-eval format) holding the held-out questions' true descriptions: kind "extract"
+    (the cells + the statement the question needs) or "caption" (the cells alone). Stage 2 on it measures the
+    reasoner alone, an upper bound for a two-stage method with a perfect perception module. -> path."""
+    scenes = {s["image"]: s["scene"] for s in records.read_jsonl(data["scenes"])}
+    rows = records.read_jsonl(data["eval"])
+    texts = [r["true_description"] if kind == "extract" else describe(scenes[r["image"]]) for r in rows]
+    _write_jsonl(path, [{"doc_id": i, "index": r["index"], "filtered_resps": [t]}
+                        for i, (r, t) in enumerate(zip(rows, texts))])
+    return path
+
+
 def blind_baseline(rows: list[dict], n_train: int, seed: int = 0) -> list[float]:
     """The best image-blind guesser, measured: for each held-out row, the share of training questions with the
     same text whose answer is each option; pick the most frequent one (ties: expected score of a random pick).

@@ -16,6 +16,7 @@ import torch
 import model as M
 from model import IMAGE_TOKEN_ID
 from prompts import EMPTY_THINK, LLAVA_SYSTEM
+from vision import resolve_image_path
 
 IGNORE = M.IGNORE_INDEX  # label of tokens without loss (model.py's, as PyTorch cross_entropy's ignore_index)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -114,7 +115,8 @@ def tokenize_segments(tokenizer, segments, unmask_specials=False):
 # ----------------------------------------------------------------------------- samples and batches
 
 def build_samples(cfg, records):
-    """Validate every record up front: structure, <image> count, image files. Returns kept samples
+    """Validate every record up front: structure, <image> count, image paths (inside --image-folder:
+    vision.resolve_image_path) and files. Returns kept samples
     [dict(id, turns, images (full paths), length)] and the error of each skipped record (--skip-bad-samples)."""
     samples, bad = [], []
     for i, rec in enumerate(records):
@@ -124,7 +126,8 @@ def build_samples(cfg, records):
                 raise ValueError(f"record {rid}: not a JSON object")
             turns = record_turns(rec, rid)
             render_segments(turns, cfg.template, rid)
-            images = [os.path.join(cfg.image_folder, p) for p in record_images(rec)]
+            images = [resolve_image_path(cfg.image_folder, p, f"record {rid}", cfg.allow_outside_images)
+                      for p in record_images(rec)]
             for p in images:
                 if not os.path.isfile(p):
                     raise FileNotFoundError(f"record {rid}: image not found: {p}")
@@ -168,7 +171,7 @@ class BatchLoader:
     Every step used to re-render the template, re-tokenise, re-decode every image and re-tile it. For a tiny
     model that host-side work is a good part of the step, and its results never change within a run, so:
       tokens  per sample: ids + labels as int32 [2, L] (8 bytes a token)
-      images  per (path, images in the row): what prepare_image returns (train.py: a model.TiledImage, the
+      images  per (path, images in the row): what prepare_image returns (train.py: a vlm.TiledImage, the
               uint8 tiles of the image, 3 * S * S bytes a tile: 9 KiB for a 56 px tile, 432 KiB at 384 px)
     Both are least-recently-used caches of at most cache_bytes each (vision.TensorLRU; 0 = no caching), so a
     data set larger than the budget still trains, only with fewer hits. What comes out is the same either way.
@@ -219,14 +222,3 @@ class BatchLoader:
             seq, lab = self.sample_tokens(i)
             ids.append(seq), labels.append(lab), images.append(imgs)
         return ids, labels, images
-
-
-def right_pad(ids, labels, pad_id, device):
-    """Token lists -> ids [B, T] (pad_id), attention mask [B, T], labels [B, T] (-100 on padding)."""
-    T = max(len(x) for x in ids)
-    out = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    lab = torch.full((len(ids), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(ids, labels)):
-        out[i, :len(x)], lab[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return out.to(device), mask.to(device), lab.to(device)

@@ -11,14 +11,16 @@
 Models are built on the meta device and filled with assign=True: weights are read once, never initialised.
 The key maps are tables of (checkpoint prefix, our prefix); our names are model.py's module names.
 """
-import json
 import os
+from dataclasses import fields
 
 import torch
 
 import records
-from model import VLM, CheckpointError, Qwen3, Qwen3Config, VLMConfig, build_vlm
+from model import CheckpointError, Qwen3, Qwen3Config
+from quantize import check_mode, is_quantized, quantize_model
 from vision import SiglipConfig, SiglipVisionTower
+from vlm import VLM, VLMConfig, build_vlm
 
 
 # ----------------------------------------------------------------------------- files
@@ -63,13 +65,56 @@ def _resolve_checkpoint(path_or_id, need_config=True):
     return folder
 
 
+def _read_json_object(path):
+    """A checkpoint's JSON file (config.json, the shard index) -> dict; not JSON, or not an object: a named error."""
+    try:
+        data = records.read_json(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+# config.json keys that name a config field of ours, with the type it must have (an int is a valid float)
+_CONFIG_TYPES = {f.name: f.type for c in (Qwen3Config, SiglipConfig) for f in fields(c)
+                 if f.type in (int, float, bool, str)}
+
+
+def _read_config(folder):
+    """folder/config.json -> dict, every known key (also under text_config / vision_config) of the right type."""
+    path = os.path.join(folder, "config.json")
+    cfg = _read_json_object(path)
+    for where, d in [("", cfg)] + [(k + ".", cfg[k]) for k in ("text_config", "vision_config")
+                                   if isinstance(cfg.get(k), dict)]:
+        for key, value in d.items():
+            want = _CONFIG_TYPES.get(key)
+            if want and not (isinstance(value, want) or want is float and isinstance(value, int)) or \
+                    want in (int, float) and isinstance(value, bool):
+                raise CheckpointError(f"{path}: {where}{key} is {value!r}, expected {want.__name__}")
+    return cfg
+
+
+def _config_from(build, cfg, folder, *args):
+    """build(cfg, *args) (a from_hf); any error it raises on a malformed config.json becomes one naming the file."""
+    try:
+        return build(cfg, *args)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        why = f"lacks the key {e}" if isinstance(e, KeyError) else str(e).removeprefix("config.json: ")
+        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: {why}") from None
+
+
 def _read_safetensors(folder, device="cpu"):
-    """All tensors of a checkpoint folder: model.safetensors, or the shards named by model.safetensors.index.json."""
+    """All tensors of a checkpoint folder: model.safetensors, or the shards named by model.safetensors.index.json.
+    A corrupt index or shard (truncated, a huge header length, a pickle renamed .safetensors) is an error naming it."""
     from safetensors.torch import load_file
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n and os.path.basename(n) == n
+                                                       for n in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names in the folder")
+        files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -79,7 +124,10 @@ def _read_safetensors(folder, device="cpu"):
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise CheckpointError(f"{folder}: shard {name} named in the index is missing")
-        tensors.update(load_file(path, device=str(device)))
+        try:
+            tensors.update(load_file(path, device=str(device)))
+        except Exception as e:  # safetensors' SafetensorError, OSError
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors
 
 
@@ -114,8 +162,7 @@ def _write_safetensors(state_dict, folder, max_shard_bytes=5 * 2**30):
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(folder, name + ".tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+        records.atomic_write(os.path.join(folder, name), lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
     index = os.path.join(folder, "model.safetensors.index.json")
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
@@ -146,7 +193,7 @@ def _llm_state_from_hf(tensors, config, source, prefix="model."):
 
 
 def _load_llm(folder, cfg, dtype, device):
-    config = Qwen3Config.from_hf(cfg)
+    config = _config_from(Qwen3Config.from_hf, cfg, folder)
     with torch.device("meta"):
         model = Qwen3(config)
     tensors = _read_safetensors(folder, device or "cpu")
@@ -159,21 +206,24 @@ def _is_llava_config(cfg):
     return "mm_vision_tower" in cfg or cfg.get("model_type") in ("llava", "llava_onevision", "llava_qwen_3")
 
 
-def load_model(path_or_hub_id, dtype=None, device=None):
+def load_model(path_or_hub_id, dtype=None, device=None, quantize=None):
     """A Qwen3/Qwen2 LLM or, when config.json describes a LLaVA model, the VLM; in eval mode.
 
-    Built on the meta device and filled with assign=True: weights are read once, never initialised."""
+    Built on the meta device and filled with assign=True: weights are read once, never initialised.
+    quantize="int8": then the LLM's linears and LM head become int8 weight-only layers (quantize.py)."""
+    check_mode(quantize)   # a bad value fails before any weight is read
     folder = _resolve_checkpoint(path_or_hub_id)
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = _read_config(folder)
     dtype = _as_dtype(dtype)
     model = (_load_vlm if _is_llava_config(cfg) else _load_llm)(folder, cfg, dtype, device)
-    return model.eval()
+    return (quantize_model(model, quantize) if quantize else model).eval()
 
 
 def save_model(model, out_dir, max_shard_bytes=5 * 2**30):
     """Save in the layout load_model (and transformers) reads: config.json + safetensors (sharded if large)."""
-    if hasattr(model, "vision"):  # the VLM (last section of this file)
+    if is_quantized(model):
+        raise ValueError("save_model: the model is int8-quantized; save the floating-point one (quantize at load)")
+    if isinstance(model, VLM):  # the VLM (last section of this file)
         return _save_vlm(model, out_dir, max_shard_bytes)
     state = {_llm_key_to_hf(k): v for k, v in model.state_dict().items()}
     _write_safetensors(state, out_dir, max_shard_bytes)
@@ -242,7 +292,7 @@ def _released_key(ours):
 
 
 def _load_vlm(folder, cfg, dtype, device):
-    config = VLMConfig.from_hf(cfg)
+    config = _config_from(VLMConfig.from_hf, cfg, folder)
     table = _TRANSFORMERS_KEYS if cfg.get("model_type") == "llava_onevision" else _RELEASED_KEYS
     with torch.device("meta"):
         model = VLM(config)
@@ -265,13 +315,12 @@ def load_vision_tower(path_or_hub_id, dtype=None, device=None):
     -> SiglipVisionTower in eval mode. The text tower, logit scale/bias, pooling head and last layer are dropped.
     A VLM checkpoint gives its own tower."""
     folder = _resolve_checkpoint(path_or_hub_id)
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = _read_config(folder)
     if _is_llava_config(cfg):  # a VLM checkpoint: its tower (e.g. the Shapes world's pretrained captioner)
         return load_model(folder, dtype, device).vision
     if cfg.get("model_type") not in ("siglip", "siglip_vision_model"):
         raise CheckpointError(f"{folder}: model_type {cfg.get('model_type')!r} is not a SigLIP checkpoint")
-    config = SiglipConfig.from_hf(cfg)
+    config = _config_from(SiglipConfig.from_hf, cfg, folder)
     with torch.device("meta"):
         tower = SiglipVisionTower(config)
     state = {}

@@ -9,25 +9,20 @@
     --grid    perception model x reasoner x thinking on/off x budget, stage-1 outputs cached per perception
               model; writes grid.md, grid.csv and PNG plots.
 
-Scoring follows the released task files exactly (stage_2_utils.py, lmms-eval's mmstar utils): the last line of the reply, the regex
-(?i)Answer\\s*:\\s*([^\\n]+), then lmms-eval's MMStar exact match against the answer letter; scores are
-aggregated as lmms-eval's mmstar_aggregate_results (see `aggregate`). `--answer-match text` (JSONL sets with
-"options", for models that answer with the option's text) instead compares the same prediction, normalised, with
-each option's text: the matching option's letter is scored; no match is wrong and unparsable. Every output JSONL is
-resumable: finished doc_ids are skipped, a torn last line is repaired (records.ResumableJsonl). A doc whose image is
+Reading the set and scoring the replies (the release's answer parse, lmms-eval's exact match and aggregation,
+`--answer-match text`) is mmstar.py; this file runs the models over the docs. Every output JSONL is
+resumable: finished doc_ids are skipped, a torn last line is repaired (records.ResumableJsonl), one process writes
+it (records.WriterLock on <file>.lock), a doc_id written twice is refused. A doc whose image is
 missing or unreadable gets a record with status "failed" and the reason; it scores 0, is counted in
 n_failed, and is not retried on resume (delete its line to retry).
 
-A doc is one multiple-choice question; `doc_id` is its row position in the dataset file (as in lmms-eval),
-`index` is the dataset's own id (MMStar: the key of the precomputed hints file).
+Library API (shapes.py and the tests call these; models come from checkpoints.load_model / load_tokenizer,
+docs from mmstar.load_docs):
 
-Library API (shapes.py and the tests call these; models come from checkpoints.load_model / load_tokenizer):
-
-    load_docs(source, image_folder=None, limit=None) -> list[Doc]
     run_stage1(docs, vlm, tokenizer, out_path, *, hints="none" | hints.json | callable, batch_size, max_new_tokens)
     run_stage2(docs, stage1_path, llm, tokenizer, out_path, ReasonSettings(...), *, batch_size, answer_match) -> records
     run_e2e(docs, vlm, tokenizer, out_path, *, batch_size, max_new_tokens, answer_match) -> records
-    summarize(records, mode) -> results dict (average, category, l2_category, n_failed, n_unparsable, ...)
+    mmstar.summarize(records, mode) -> results dict (average, category, l2_category, n_failed, n_unparsable, ...)
     score_table([(label, results), ...]) -> markdown table (percent, MMStar's Table 2 columns)
 """
 import argparse
@@ -38,282 +33,21 @@ import os
 import re
 import sys
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
+import checkpoints
+import model as M
+import prompts
+import quantize
+import reason
 import records
+from reason import ReasonSettings
+from mmstar import (ANSWER_MATCHES, MMSTAR_SHORT, check_answer_match, load_docs, load_image, score_reply,
+                    summarize)
 from prompts import E2E_POST_PROMPT  # lmms-eval's default MMStar post-prompt: the e2e baseline's instruction
-
-# ----------------------------------------------------------------------------- scoring (release + lmms-eval facts)
-
-# stage_2_utils.py: the answer is searched for on the reply's last line only.
-ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
-# lmms-eval mmstar exact_match: after lower()/strip(), the letter may follow one of these prefixes.
-_LETTER_PREFIXES = ("", "(", "option ", "the answer is ")
-# The order the paper's Table 2 prints MMStar's categories in (lmms-eval's eval_type_dict order).
-MMSTAR_CATEGORIES = ["coarse perception", "fine-grained perception", "instance reasoning",
-                     "logical reasoning", "science & technology", "math"]
-# --answer-match text: option i of a doc's "options" list has letter OPTION_LETTERS[i].
-OPTION_LETTERS = "ABCDEFGH"
-ANSWER_MATCHES = ("letter", "text")
-MMSTAR_SHORT = {"coarse perception": "CP", "fine-grained perception": "FP", "instance reasoning": "IR",
-                "logical reasoning": "LR", "science & technology": "ST", "math": "Math"}
-
-
-def extract_answer(reply):
-    """Reply text -> (prediction, parsed). As stage_2_utils.mmstar_process_results: take the last line
-    (split on "\\n"); if it matches the Answer regex the prediction is group 1, else the whole last line
-    (which is still scored: a bare "B" on the last line counts). `parsed` says whether the regex matched."""
-    last_line = reply.split("\n")[-1]
-    match = ANSWER_PATTERN.search(last_line)
-    return (match.group(1), True) if match else (last_line, False)
-
-
-def exact_match(prediction, answer):
-    """lmms-eval tasks/mmstar/utils.exact_match -> 1.0 or 0.0.
-
-    Both sides are lower-cased, stripped, newlines -> spaces. The prediction scores when the character
-    right after one of the prefixes "", "(", "option ", "the answer is " (tried in that order; a prefix
-    is tried only when the prediction starts with it) equals the whole answer. An empty prediction, or
-    one that ends right after a prefix, scores 0 (the original hits IndexError and returns 0)."""
-    answer = answer.lower().strip().replace("\n", " ")
-    prediction = prediction.lower().strip().replace("\n", " ")
-    for prefix in _LETTER_PREFIXES:
-        if not prediction.startswith(prefix):
-            continue
-        if len(prediction) <= len(prefix):
-            return 0.0
-        if prediction[len(prefix)] == answer:
-            return 1.0
-    return 0.0
-
-
-def normalize_option_text(text):
-    """Answer-by-text matching: strip, lower-case, collapse inner whitespace, drop one trailing "." and a pair
-    of surrounding quotes (either side of the full stop: '"Red."' and '"red".' both give 'red')."""
-    text = " ".join(text.lower().split()).removesuffix(".")
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1].strip().removesuffix(".")
-    return text
-
-
-def match_option(prediction, options):
-    """-> the letter of the first option whose normalised text equals the normalised prediction, or None."""
-    target = normalize_option_text(prediction)
-    return next((OPTION_LETTERS[i] for i, o in enumerate(options) if normalize_option_text(o) == target), None)
-
-
-def score_reply(reply, answer, parse_answer_line=True, options=None):
-    """-> dict(prediction, parsed, correct). Stage 2 parses the `Answer:` line (release); the e2e baseline
-    is scored as plain lmms-eval MMStar (the whole reply is the prediction; `parsed` = reply not empty).
-    With `options` (answer-by-text) the prediction is matched to an option's text instead, adding
-    predicted_letter (None: no match, which is wrong and parsed False)."""
-    if parse_answer_line:
-        prediction, parsed = extract_answer(reply)
-    else:
-        prediction, parsed = reply, bool(reply.strip())
-    if options is None:
-        return {"prediction": prediction, "parsed": parsed, "correct": exact_match(prediction, answer) == 1.0}
-    letter = match_option(prediction, options)
-    return {"prediction": prediction, "parsed": letter is not None, "correct": letter == answer,
-            "predicted_letter": letter}
-
-
-def aggregate(scored):
-    """Per-doc scores -> MMStar scores the way lmms-eval computes them.
-
-    scored: list of dict(category, l2_category, correct). lmms-eval registers one metric per category plus
-    "average"; each metric gets the docs filed under it and is aggregated by mmstar_aggregate_results: group
-    those docs by l2_category, take each group's accuracy, return the plain mean of those accuracies. So
-      category score = mean accuracy over the l2 groups of that category's docs (each l2 category weighs
-                       the same, whatever its number of questions);
-      average        = mean accuracy over ALL l2 categories (18 for MMStar), not the mean of the category
-                       scores -- the two agree when every category has the same number of l2 categories and
-                       no l2 name is shared between categories, as in MMStar (6 x 3).
-    Scores are fractions in [0, 1], as lmms-eval reports them; tables print them x100."""
-    by_category = defaultdict(list)
-    for s in scored:
-        by_category[s["category"]].append(s)
-    category = {name: _mean_over_l2(docs) for name, docs in _ordered(by_category).items()}
-    return {"average": _mean_over_l2(scored), "category": category, "l2_category": _l2_report(scored)}
-
-
-def _mean_over_l2(scored):
-    """lmms-eval's mmstar_aggregate_results: mean over l2 categories of their accuracy (0.0 if no docs)."""
-    by_l2 = defaultdict(list)
-    for s in scored:
-        by_l2[s["l2_category"]].append(1.0 if s["correct"] else 0.0)
-    return sum(sum(v) / len(v) for v in by_l2.values()) / len(by_l2) if by_l2 else 0.0
-
-
-def _l2_report(scored):
-    """-> {l2_category: dict(category, n, correct, score)} (category: "a / b" if the name is shared)."""
-    report = {}
-    for s in scored:
-        entry = report.setdefault(s["l2_category"], {"category": [], "n": 0, "correct": 0})
-        if s["category"] not in entry["category"]:
-            entry["category"].append(s["category"])
-        entry["n"] += 1
-        entry["correct"] += int(bool(s["correct"]))
-    for entry in report.values():
-        entry["category"] = " / ".join(entry["category"])
-        entry["score"] = entry["correct"] / entry["n"]
-    return report
-
-
-def _ordered(by_category):
-    """MMStar's categories in the paper's order; any other set keeps its first-seen order."""
-    if set(by_category) <= set(MMSTAR_CATEGORIES):
-        return {c: by_category[c] for c in MMSTAR_CATEGORIES if c in by_category}
-    return dict(by_category)
-
-
-def summarize(records_, mode):
-    """Stage-2 / e2e records -> the results dict written to results.json."""
-    results = {"mode": mode, "n": len(records_),
-               "n_failed": sum(r["status"] == "failed" for r in records_),
-               "n_unparsable": sum(r["status"] == "ok" and not r["parsed"] for r in records_),
-               "accuracy": sum(r["correct"] for r in records_) / max(len(records_), 1)}
-    results.update(aggregate(records_))
-    ok = [r for r in records_ if r["status"] == "ok"]
-    if ok:
-        results["mean_generated_tokens"] = sum(r["generated_tokens"] for r in ok) / len(ok)
-    if ok and "thinking_tokens" in ok[0]:
-        results["mean_thinking_tokens"] = sum(r["thinking_tokens"] for r in ok) / len(ok)
-        results["budget_hit_rate"] = sum(bool(r["budget_hit"]) for r in ok) / len(ok)
-    return results
-
-
-# ----------------------------------------------------------------------------- datasets
-
-@dataclass
-class Doc:
-    """One multiple-choice question. The image is loaded lazily (bytes from parquet, or a file path)."""
-    doc_id: int
-    index: str
-    question: str
-    answer: str
-    category: str
-    l2_category: str
-    image_path: str | None = None
-    image_bytes: bytes | None = field(default=None, repr=False)
-    options: list[str] | None = None   # option texts in letter order (JSONL "options"), for --answer-match text
-
-    def meta(self):
-        return {"doc_id": self.doc_id, "index": self.index, "target": self.answer,
-                "category": self.category, "l2_category": self.l2_category}
-
-
-def load_docs(source, image_folder=None, limit=None):
-    """A multiple-choice set -> list[Doc].
-
-    source: a .parquet file (MMStar as on the hub: index, question, image{bytes,path}, answer, category,
-    l2_category), a folder of parquet files, a hub dataset id such as Lin-Chen/MMStar (downloaded with
-    huggingface_hub, which honours the offline cache), or a .jsonl file with one question per line:
-    {"index", "question" (options inline), "answer" (letter), "category", "l2_category", "image" (path
-    relative to image_folder, default the jsonl's folder), optional "options" (the option texts in letter
-    order A, B, ..., for --answer-match text)}."""
-    if source.endswith(".jsonl"):
-        docs = _load_jsonl_docs(source, image_folder)
-    elif source.endswith(".parquet") or os.path.isdir(source):
-        docs = _load_parquet_docs(_parquet_files(source))
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not os.path.exists(source):
-        docs = _load_parquet_docs(_parquet_files(_download_dataset(source)))
-    else:
-        raise ValueError(f"dataset {source!r}: expected a .jsonl file, a .parquet file or folder, or a hub id")
-    if not docs:
-        raise ValueError(f"{source}: no records (an empty multiple-choice set)")
-    return docs[:limit] if limit else docs
-
-
-def _load_jsonl_docs(path, image_folder):
-    folder = image_folder or os.path.dirname(os.path.abspath(path))
-    docs = []
-    for row, rec in enumerate(records.read_jsonl(path)):
-        missing = [k for k in ("question", "answer") if k not in rec]
-        if missing:
-            raise ValueError(f"{path}: record {row + 1} lacks {missing}")
-        category = rec.get("category", "all")
-        image = rec.get("image")
-        options = rec.get("options")
-        if options is not None:
-            _check_options(f"{path}: record {row + 1}", options, str(rec["answer"]))
-        docs.append(Doc(doc_id=row, index=str(rec.get("index", row)), question=rec["question"],
-                        answer=str(rec["answer"]), category=category, l2_category=rec.get("l2_category", category),
-                        image_path=os.path.join(folder, image) if image else None, options=options))
-    return docs
-
-
-def _check_options(where, options, answer):
-    """A JSONL "options" value: 2 to 8 distinct non-empty texts (as normalised), the answer one of their letters."""
-    if not (isinstance(options, list) and 2 <= len(options) <= len(OPTION_LETTERS)
-            and all(isinstance(o, str) for o in options)):
-        raise ValueError(f'{where}: "options" must be a list of 2 to {len(OPTION_LETTERS)} option texts '
-                         f"(letter order A, B, ...), got {options!r}")
-    normal = [normalize_option_text(o) for o in options]
-    if "" in normal or len(set(normal)) < len(normal):
-        raise ValueError(f'{where}: "options" must be distinct and non-empty once normalised, got {normal!r}')
-    if answer not in OPTION_LETTERS[:len(options)]:
-        raise ValueError(f"{where}: answer {answer!r} is not one of the option letters {OPTION_LETTERS[:len(options)]}")
-
-
-def check_answer_match(docs, answer_match):
-    """ValueError unless answer_match is "letter", or "text" with every doc carrying options."""
-    if answer_match not in ANSWER_MATCHES:
-        raise ValueError(f"answer_match {answer_match!r}: expected one of {ANSWER_MATCHES}")
-    bare = next((d for d in docs if answer_match == "text" and not d.options), None)
-    if bare is not None:
-        raise ValueError(f'--answer-match text needs every doc\'s "options"; doc {bare.doc_id} (index {bare.index}) '
-                         f'has none (add "options" to the JSONL records, or use --answer-match letter)')
-
-
-def _parquet_files(source):
-    if os.path.isfile(source):
-        return [source]
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs if f.endswith(".parquet"))
-    if not files:
-        raise ValueError(f"{source}: no .parquet files in this folder")
-    return files
-
-
-def _download_dataset(repo_id):
-    from huggingface_hub import snapshot_download
-    return snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet", "**/*.parquet"])
-
-
-def _load_parquet_docs(files):
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError("reading parquet datasets needs pyarrow: pip install pyarrow") from e
-    docs = []
-    for path in files:
-        table = pq.read_table(path)
-        missing = {"index", "question", "image", "answer", "category", "l2_category"} - set(table.column_names)
-        if missing:
-            raise ValueError(f"{path}: parquet lacks the MMStar columns {sorted(missing)}")
-        for row in table.select(["index", "question", "image", "answer", "category", "l2_category"]).to_pylist():
-            image = row["image"]
-            docs.append(Doc(doc_id=len(docs), index=str(row["index"]), question=row["question"],
-                            answer=str(row["answer"]), category=row["category"], l2_category=row["l2_category"],
-                            image_bytes=image.get("bytes") if isinstance(image, dict) else image))
-    return docs
-
-
-def load_image(doc):
-    """Doc -> RGB PIL image; ValueError saying what is wrong (the record is then marked failed)."""
-    import vision
-    if doc.image_bytes is not None:   # parquet: the same loader and rule as image files
-        return vision.load_image(doc.image_bytes, name=f"doc {doc.doc_id} (index {doc.index}): embedded image")
-    if doc.image_path is None:
-        raise ValueError(f"doc {doc.doc_id} (index {doc.index}): no image")
-    if not os.path.exists(doc.image_path):
-        raise ValueError(f"doc {doc.doc_id} (index {doc.index}): image file not found: {doc.image_path}")
-    return vision.load_image(doc.image_path)
-
 
 # ----------------------------------------------------------------------------- stage-1 samples file
 
@@ -323,7 +57,7 @@ def read_stage1(path, docs):
     if not os.path.exists(path):
         raise FileNotFoundError(f"stage-1 file not found: {path} (run --mode stage1 first)")
     by_id = {}
-    for line_no, rec in enumerate(records.read_jsonl(path), 1):
+    for line_no, rec in enumerate(records.read_jsonl(path, unique="doc_id"), 1):
         if "doc_id" not in rec or not rec.get("filtered_resps"):
             raise ValueError(f"{path}: line {line_no} lacks doc_id or filtered_resps (not a samples file)")
         by_id[str(rec["doc_id"])] = rec
@@ -365,32 +99,6 @@ def stage2_record(doc, reply=None, error=None, parse_answer_line=True, answer_ma
 
 # ----------------------------------------------------------------------------- generation settings
 
-@dataclass
-class ReasonSettings:
-    """Stage-2 decoding (the release's qwen3.py). temperature/top_p/top_k left None take the release's values for the
-    mode: thinking T 0.6 / top-p 0.95 / top-k 20, non-thinking T 0.7 / top-p 0.8 / top-k 20."""
-    thinking: bool = True
-    budget: int = 4096            # thinking tokens; the reply is capped at budget + answer_tokens
-    answer_tokens: int = 1024     # non-thinking cap, and the answer part after thinking
-    nowait: bool = True
-    greedy: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int = 0
-
-    def sampling(self):
-        """-> dict(temperature, top_p, top_k) actually used (recorded in each run's config)."""
-        if self.greedy:
-            return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
-        import reason
-        t, p, k = reason.sampling_defaults(self.thinking, self.temperature, self.top_p, self.top_k)
-        return {"temperature": t, "top_p": p, "top_k": k}
-
-    def label(self):
-        return f"think-{self.budget}" if self.thinking else "no-think"
-
-
 def _batch_generator(seed, batch_docs, device):
     """A torch.Generator on the model's device, seeded by the run seed and the batch's first doc_id: a
     resumed run samples the same tokens for the same batch."""
@@ -416,18 +124,18 @@ def _run_batches(docs, out_path, batch_size, desc, make_records, show_progress=T
     Batches are cut from the full doc list (not from the remaining ones) so a resumed run sees the same
     batch composition as an uninterrupted one. Returns all records of `docs` in doc order."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    out = records.ResumableJsonl(out_path, key="doc_id")
-    done = {str(k) for k in out.done_keys}
-    bar = tqdm(total=len(docs), initial=sum(str(d.doc_id) in done for d in docs), desc=desc, unit="q",
-               disable=not show_progress, dynamic_ncols=True)
-    for start in range(0, len(docs), batch_size):
-        batch = [d for d in docs[start:start + batch_size] if str(d.doc_id) not in done]
-        if not batch:
-            continue
-        out.append(make_records(batch))
-        bar.update(len(batch))
-    bar.close()
-    by_id = {str(r["doc_id"]): r for r in records.read_jsonl(out_path)}
+    with records.WriterLock(out_path + ".lock", "evaluate.py"):   # one writer per output file
+        out = records.ResumableJsonl(out_path, key="doc_id")
+        done = {str(k) for k in out.done_keys}
+        bar = tqdm(total=len(docs), initial=sum(str(d.doc_id) in done for d in docs), desc=desc, unit="q",
+                   disable=not show_progress, dynamic_ncols=True)
+        for start in range(0, len(docs), batch_size):
+            batch = [d for d in docs[start:start + batch_size] if str(d.doc_id) not in done]
+            if batch:
+                out.append(make_records(batch))
+                bar.update(len(batch))
+        bar.close()
+        by_id = {str(r["doc_id"]): r for r in records.read_jsonl(out_path, unique="doc_id")}
     return [by_id[str(d.doc_id)] for d in docs]
 
 
@@ -464,7 +172,6 @@ def load_hints(spec, docs):
 
 def auto_hints(llm, tokenizer, max_new_tokens=256):
     """The "auto" hint mode: the reasoner LLM writes each question's hint (paper appendix prompt)."""
-    import reason
     return lambda batch: reason.run_hint(llm, tokenizer, [question_text(d) for d in batch],
                                          max_new_tokens=max_new_tokens)
 
@@ -472,8 +179,6 @@ def auto_hints(llm, tokenizer, max_new_tokens=256):
 def run_stage1(docs, vlm, tokenizer, out_path, *, hints="none", batch_size=8, max_new_tokens=1024,
                show_progress=True):
     """Perception: the VLM describes every doc's image -> stage-1 samples JSONL (resumable). Returns records."""
-    import prompts
-    import reason
     hint_fn = load_hints(hints, docs)
 
     def make_records(batch):
@@ -495,7 +200,6 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
     """Reasoning: the text LLM answers each doc from its stage-1 description -> stage-2 JSONL. Returns records.
     Docs whose stage-1 record failed are recorded as failed (scored wrong, counted).
     answer_match: "letter" (the release) or "text" (match the answer to the docs' option texts)."""
-    import reason
     check_answer_match(docs, answer_match)
     settings = settings or ReasonSettings()
     stage1 = read_stage1(stage1_path, docs)
@@ -507,12 +211,9 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
         recs = [stage2_record(d, error="stage 1 failed: " + stage1[str(d.doc_id)].get("error", ""),
                               answer_match=answer_match) for d in failed]
         if ok:
-            outs = reason.run_reasoning(
-                llm, tokenizer, [question_text(d) for d in ok],
-                [stage1[str(d.doc_id)]["filtered_resps"][0] for d in ok],
-                thinking=settings.thinking, budget=settings.budget, answer_tokens=settings.answer_tokens,
-                nowait=settings.nowait, generator=_batch_generator(settings.seed, ok, device),
-                **settings.sampling())
+            outs = reason.run_reasoning(llm, tokenizer, [question_text(d) for d in ok],
+                                        [stage1[str(d.doc_id)]["filtered_resps"][0] for d in ok], settings,
+                                        generator=_batch_generator(settings.seed, ok, device))
             recs += [stage2_record(d, o, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
@@ -523,7 +224,6 @@ def run_e2e(docs, vlm, tokenizer, out_path, *, batch_size=8, max_new_tokens=1024
             answer_match="letter"):
     """End-to-end baseline: the VLM answers the MC question directly (greedy), scored as lmms-eval MMStar
     (answer_match "letter") or by matching the whole reply to the docs' option texts ("text")."""
-    import reason
     check_answer_match(docs, answer_match)
 
     def make_records(batch):
@@ -723,13 +423,14 @@ def _plot_tokens(plt, pairs, path):
 class ModelLoader:
     """Loads each checkpoint once (model + tokenizer) and frees it on request."""
 
-    def __init__(self, device, dtype):
-        self.device, self.dtype, self.cache = device, dtype, {}
+    def __init__(self, device, dtype, quantize=None):
+        self.device, self.dtype, self.quantize, self.cache = device, dtype, quantize, {}
 
     def get(self, path):
         if path not in self.cache:
             import checkpoints
-            self.cache[path] = (checkpoints.load_model(path, dtype=self.dtype, device=self.device),
+            self.cache[path] = (checkpoints.load_model(path, dtype=self.dtype, device=self.device,
+                                                       quantize=self.quantize),
                                 checkpoints.load_tokenizer(path))
         return self.cache[path]
 
@@ -737,7 +438,7 @@ class ModelLoader:
         self.cache.pop(path, None)
 
     def drop_vlms(self):
-        for path in [p for p, (m, _) in self.cache.items() if hasattr(m, "vision")]:
+        for path in [p for p, (m, _) in self.cache.items() if M.is_vlm(m)]:
             self.drop(path)
 
 
@@ -833,7 +534,9 @@ def parse_args(argv=None):
                    help="stage1: descriptions; stage2: answers from a stage-1 file; two-stage: both; "
                         "e2e: the VLM answers directly")
     p.add_argument("--data", required=True, help="MMStar .parquet (or folder), hub id (Lin-Chen/MMStar) or .jsonl")
-    p.add_argument("--image-folder", help="images of a .jsonl set (default: the .jsonl's folder)")
+    p.add_argument("--image-folder", help="images of a .jsonl set (default: the .jsonl's folder; paths stay inside)")
+    p.add_argument("--allow-outside-images", action="store_true", help="allow image paths outside --image-folder")
+    p.add_argument("--exif-transpose", action="store_true", help="turn images as their EXIF tag says (release: no)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--out", default="runs/eval", help="output folder (stage1.jsonl, stage2.jsonl, *_results.json)")
     p.add_argument("--perception", nargs="+", default=["markendo/llava-extract-qwen3-0.6B"],
@@ -864,6 +567,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call (left padded)")
     p.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
     p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--quantize", choices=quantize.MODES,
+                   help="int8: every LLM's linears and LM head int8 weight-only, at load (faster CPU decoding)")
     p.add_argument("--grid", action="store_true",
                    help="run every perception x reasoner x thinking x budget; writes grid.md, grid.csv, PNG plots")
     p.add_argument("--json", action="store_true", help="print the results JSON to stdout")
@@ -880,12 +585,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import checkpoints
     device, dtype = checkpoints.device_and_dtype(args.device, args.dtype)
-    docs = load_docs(args.data, args.image_folder, args.limit)
+    docs = load_docs(args.data, args.image_folder, args.limit, args.allow_outside_images, args.exif_transpose)
     check_answer_match(docs, args.answer_match)
     os.makedirs(args.out, exist_ok=True)
-    loader = ModelLoader(device, dtype)
+    loader = ModelLoader(device, dtype, args.quantize)
     start = time.time()
     if args.grid:
         rows = run_grid(args, docs, loader)

@@ -20,27 +20,36 @@ Files:
 Differences from the released pipeline (reference/seed_repo/visual_extraction_tuning_pipeline.py):
   - resume by index, with the torn last line dropped (it counted valid lines and appended after a torn
     one, which corrupted the next record and shifted the resume point of every later restart);
-  - a missing / corrupt image or a server error is a "failed" record with the reason (it crashed);
+  - a missing / corrupt image or a server error is a "failed" record with the reason (it crashed); a batch
+    whose every sample could not reach the server stops the run (exit 2, nothing recorded: a rerun does it);
+  - one writer per captions file (records.WriterLock on <captions>.lock); image paths stay inside --image-folder;
   - --strip-answer-format (off by default = release) removes "<image>" marks and answer-format
     instructions ("Answer the question using a single word or phrase.", ...) from the step-1 questions;
   - step 3 (the hint) is not in the release, which wrote captions only; its questions are always cleaned.
 """
 import argparse
 import base64
+import http.client
 import io
 import json
 import os
 import random
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoints as C
+import model as M
 import prompts
-from records import ResumableJsonl, atomic_write_text, read_jsonl, read_records
+import reason
+import vision
+from records import ResumableJsonl, WriterLock, atomic_write_text, read_jsonl, read_records
 
 STATEMENT_TASK = ("Your task is to convert each question–answer pair about an image into a concise, fully "
                   "self-contained declarative statement. The resulting statements should be understandable on "
@@ -60,6 +69,11 @@ ANSWER_FORMAT_SUFFIXES = (
 
 class FatalError(RuntimeError):
     """A problem every sample would hit (bad URL, model name, key): stop the run instead of failing each sample."""
+
+
+class TransportError(RuntimeError):
+    """The server stayed unreachable or unavailable (refused, reset, timed out, HTTP 408/429/5xx) through every
+    retry. One sample's is a failed record; a whole batch of them stops the run (the server is down)."""
 
 
 # ----------------------------------------------------------------------------- prompts (release, byte for byte)
@@ -118,15 +132,20 @@ def qa_pairs(record, rid):
     return [(convs[k]["value"], convs[k + 1]["value"]) for k in range(0, len(convs), 2)]
 
 
-def load_image_512(path):
-    """The release's image handling: PIL open, convert("RGB"), resize to 512x512. Errors name the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB").resize(IMAGE_SIZE)
-    except FileNotFoundError:
-        raise ValueError(f"image not found: {path}") from None
-    except Exception as e:  # PIL raises many types on bad data
-        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+def load_image_512(path, exif_transpose=False):
+    """vision.load_image (the project's one loader: pixel limit, RGB, --exif-transpose), then the release's resize
+    to 512x512. Errors name the file."""
+    return vision.load_image(path, exif_transpose=exif_transpose).resize(IMAGE_SIZE)
+
+
+def check_image_paths(data, start, end, args):
+    """The path rule (vision.resolve_image_path) over the whole range, before any pixel is sent to a server."""
+    for i in range(start, end):
+        image = data[i].get("image") if isinstance(data[i], dict) else None
+        for p in [image] if isinstance(image, str) else image if isinstance(image, list) else []:
+            if isinstance(p, str):
+                vision.resolve_image_path(args.image_folder, p, f"record {data[i].get('id', i)} (index {i})",
+                                          args.allow_outside_images)
 
 
 def image_path(record, rid):
@@ -149,7 +168,8 @@ def prepare(record, index, args):
     if args.strip_answer_format:
         pairs = [(clean_question(q, suffixes), a) for q, a in pairs]
     hint_question = "\n".join(clean_question(q, suffixes) for q, _ in pairs)
-    pixels = load_image_512(os.path.join(args.image_folder, image))
+    path = vision.resolve_image_path(args.image_folder, image, f"record {rid}", args.allow_outside_images)
+    pixels = load_image_512(path, args.exif_transpose)
     return Sample(index, rid, image, pixels, statement_prompt(pairs), hint_question)
 
 
@@ -173,9 +193,6 @@ class LocalBackend:
     """The project's own checkpoints: a text LLM for steps 1 and 3, a VLM for step 2. Greedy, batched."""
 
     def __init__(self, args):
-        import checkpoints as C
-        import model as M
-        import reason
         self.M, self.reason, self.args = M, reason, args
         device, dtype = C.device_and_dtype(args.device, args.dtype)
         self.llm, self.llm_tok = C.load_model(args.llm, dtype, device), C.load_tokenizer(args.llm)
@@ -217,37 +234,48 @@ class LocalBackend:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible chat-completions server (vLLM, SGLang, ...), one sample per worker thread."""
+    """Any OpenAI-compatible chat-completions server (vLLM, SGLang, ...), one sample per worker thread.
+
+    Plain HTTP from the standard library to the --base-url given: no hub client, so HF_HUB_OFFLINE (which blocks
+    every request huggingface_hub makes) never stops a loopback or other explicit server."""
 
     def __init__(self, args):
-        from huggingface_hub import InferenceClient
-        self.args = args
-        self.client = InferenceClient(base_url=args.base_url, api_key=args.api_key, timeout=args.timeout)
+        self.args, self.url = args, chat_completions_url(args.base_url)
         self.pool = ThreadPoolExecutor(args.concurrency)
 
+    def _post(self, payload):
+        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST", headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {self.args.api_key}"})
+        with urllib.request.urlopen(request, timeout=self.args.timeout) as response:
+            return json.loads(response.read())
+
     def _chat(self, model, content, max_tokens):
-        """One greedy chat completion, retried with exponential backoff on 429 / 5xx / timeouts / network errors."""
-        from huggingface_hub.errors import HfHubHTTPError
+        """One greedy chat completion, retried with exponential backoff on 408 / 429 / 5xx / timeouts / network
+        errors; a 401 / 403 / 404 is a FatalError, other answers a RuntimeError for this sample."""
         a = self.args
         for attempt in range(a.max_retries + 1):
+            after = f" after {attempt} retries" if attempt else ""
             try:
-                out = self.client.chat_completion([{"role": "user", "content": content}], model=model,
-                                                  max_tokens=max_tokens, temperature=0.0)
-                return out.choices[0].message.content or ""
-            except HfHubHTTPError as e:
-                code = e.response.status_code if e.response is not None else 0
-                if code in (401, 403, 404):
-                    raise FatalError(f"{a.base_url} (model {model!r}) answered HTTP {code}: {_short(e)}; "
+                out = self._post({"model": model, "messages": [{"role": "user", "content": content}],
+                                  "max_tokens": max_tokens, "temperature": 0.0})
+            except urllib.error.HTTPError as e:   # the server answered with an error status
+                why = _short(e.read().decode("utf-8", "replace") or e.reason)
+                if e.code in (401, 403, 404):
+                    raise FatalError(f"{a.base_url} (model {model!r}) answered HTTP {e.code}: {why}; "
                                      "check --base-url, --model / --text-model and --api-key") from None
-                if not (code in (408, 429) or code >= 500) or attempt == a.max_retries:
-                    raise RuntimeError(f"HTTP {code} from {a.base_url}"
-                                       f"{' after %d retries' % attempt if attempt else ''}: {_short(e)}") from None
-            except Exception as e:
-                transport = type(e).__name__ == "InferenceTimeoutError" or \
-                    type(e).__module__.split(".")[0] in ("httpx", "httpx2")
-                if not transport or attempt == a.max_retries:
-                    raise RuntimeError(f"{type(e).__name__} from {a.base_url}"
-                                       f"{' after %d retries' % attempt if attempt else ''}: {_short(e)}") from None
+                if not (e.code in (408, 429) or e.code >= 500):
+                    raise RuntimeError(f"HTTP {e.code} from {a.base_url}: {why}") from None
+                if attempt == a.max_retries:
+                    raise TransportError(f"HTTP {e.code} from {a.base_url}{after}: {why}") from None
+            except (OSError, http.client.HTTPException) as e:   # refused, reset, timed out, cut short
+                if attempt == a.max_retries:
+                    cause = e.reason if isinstance(getattr(e, "reason", None), BaseException) else e
+                    raise TransportError(f"{type(cause).__name__} from {a.base_url}{after}: {_short(cause)}") from None
+            else:
+                try:
+                    return out["choices"][0]["message"]["content"] or ""
+                except (KeyError, IndexError, TypeError) as e:
+                    raise RuntimeError(f"{a.base_url}: not a chat completion ({_short(out)})") from e
             time.sleep(a.retry_delay * 2 ** attempt * random.uniform(1.0, 1.5))
 
     def _one(self, s):
@@ -272,6 +300,16 @@ class OpenAIBackend:
             except Exception as e:
                 results.append(e)
         return results
+
+
+def chat_completions_url(base_url):
+    """--base-url -> the chat-completions endpoint (the rule of OpenAI clients): .../v1 -> .../v1/chat/completions,
+    a bare host -> host/v1/chat/completions, a full endpoint unchanged."""
+    head, sep, query = base_url.partition("?")
+    path = head.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
+    return path + sep + query
 
 
 def _data_url(image):
@@ -318,6 +356,8 @@ def process_batch(backend, data, indices, args):
             except ValueError as e:
                 out[i] = base_record(i, record, "failed", error=str(e))
     results = backend.run_batch(ready) if ready else []
+    if results and all(isinstance(r, TransportError) for r in results):   # nothing is recorded: a rerun does them
+        raise FatalError(f"every sample of the batch at index {indices[0]} failed to reach the server: {results[0]}")
     for s, r in zip(ready, results):
         if isinstance(r, Exception):
             out[s.index] = base_record(s.index, data[s.index], "failed", error=f"{type(r).__name__}: {r}")
@@ -346,7 +386,13 @@ def run(args):
     if not data:
         raise ValueError(f"{args.data}: no records to convert")
     start, end = resolve_range(args, len(data))
+    check_image_paths(data, start, end, args)
     captions_path = args.captions or default_captions_path(args.out)
+    with WriterLock(captions_path + ".lock", "extract_data.py"):   # one writer of the resume state
+        return _extract(args, data, start, end, captions_path)
+
+
+def _extract(args, data, start, end, captions_path):
     store = ResumableJsonl(captions_path, "index")
     if args.retry_failed:
         store = drop_failed(captions_path)
@@ -368,7 +414,7 @@ def run(args):
         bar.set_postfix(new)
     bar.close()
     seconds = time.time() - t0
-    captions = [r for r in read_jsonl(captions_path) if start <= r["index"] < end]
+    captions = [r for r in read_jsonl(captions_path, unique="index") if start <= r["index"] < end]
     complete = len({r["index"] for r in captions}) == end - start
     summary = {"range": [start, end], **count_status(captions), "this_run": new, "seconds": round(seconds, 3),
                "samples_per_s": round(sum(new.values()) / seconds, 3) if seconds > 0 else None,
@@ -385,7 +431,7 @@ def default_captions_path(out):
 
 def drop_failed(path):
     """--retry-failed: rewrite the captions file without its failed records, so they run again."""
-    kept = [r for r in read_jsonl(path) if r.get("status") != "failed"] if os.path.exists(path) else []
+    kept = [r for r in read_jsonl(path, unique="index") if r.get("status") != "failed"] if os.path.exists(path) else []
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return ResumableJsonl(path, "index")
 
@@ -438,7 +484,12 @@ def run_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Merge shards: python extract_data.py merge --help")
     p.add_argument("--data", required=True, help="LLaVA instruction data (.json list or .jsonl)")
-    p.add_argument("--image-folder", default="", help="folder the records' image paths are relative to")
+    p.add_argument("--image-folder", default="", help="folder the records' image paths are relative to (and must "
+                                                      "stay inside)")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="allow image paths that are absolute or climb out of --image-folder")
+    p.add_argument("--exif-transpose", action="store_true",
+                   help="turn images as their EXIF orientation says (the release ignores it)")
     p.add_argument("--out", required=True, help="training file to write (LLaVA JSONL for train.py)")
     p.add_argument("--captions", help="release-format resume file (default: <out stem>.captions.jsonl)")
     p.add_argument("--backend", choices=["local", "openai"], default="openai",

@@ -1,13 +1,12 @@
 """The models of Extract+Think, in pipeline order.
 
-Qwen3 decoder (and Qwen2, for the LLaVA-OneVision baseline) -> static KV cache -> batched generation ->
-the VLM (vision tower + projector + AnyRes packing + image splicing). Reading and writing checkpoints of
-every layout is checkpoints.py.
+Qwen3 decoder (and Qwen2, for the LLaVA-OneVision baseline) -> static KV cache -> batched generation.
+The VLM around it (vision tower + projector + AnyRes packing + image splicing) is vlm.py; reading and
+writing checkpoints of every layout is checkpoints.py.
 
 Shapes: B batch, T new tokens, S tokens in the cache, H hidden, nh / nkv query / key-value
 heads, D head_dim, V vocab.
 """
-import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,10 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import anyres
-from vision import SiglipConfig, SiglipVisionTower, check_image_size, normalize, resize_to_tile, to_rgb
-
 IMAGE_TOKEN_ID = -200  # LLaVA's sentinel where image features are spliced; never a real token id
+IGNORE_INDEX = -100    # label of tokens that are not trained (image features, padding, prompts)
 
 
 class CheckpointError(ValueError):
@@ -320,29 +317,41 @@ def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     return order.gather(-1, pick).squeeze(1)
 
 
-def _left_pad(prompts, device):
-    """list of token lists -> ids [B, T], mask [B, T] (left padded; pad id 0 is masked out)."""
-    T = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), T, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, T - len(p):] = torch.tensor(p)
-            mask[i, T - len(p):] = 1
-    return ids.to(device), mask.to(device)
+def pad_rows(rows, side, pad_id=0, labels=None):
+    """The one padding rule: B token rows (lists or 1-D tensors) -> ids [B, T] (pad_id on pads), mask [B, T] (1 on
+    tokens), labels [B, T] (IGNORE_INDEX on pads; None without labels). side: where the pads go, "left"
+    (generation: every row's last token in the last column) or "right" (training)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    B, T = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    lab = None if labels is None else torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(T - len(row), T) if side == "left" else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.as_tensor(row, dtype=torch.long), 1
+        if lab is not None:
+            lab[i, span] = torch.as_tensor(labels[i], dtype=torch.long)
+    return ids, mask, lab
+
+
+def is_vlm(model):
+    """The one test for "a vlm.VLM, not a bare Qwen3" (this file cannot import vlm.py, which builds on it)."""
+    return hasattr(model, "llm") and hasattr(model, "prepare_inputs")
 
 
 def _prefill(model, prompts, images, kv_len_extra):
     """Run the prompt through the model once. Returns (llm, last logits [B, V], full mask [B, S_max], cache)."""
-    llm = model.llm if hasattr(model, "llm") else model
+    llm = model.llm if is_vlm(model) else model
     device, dtype = llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype
     if images is not None or IMAGE_TOKEN_ID in {t for p in prompts for t in p}:
-        if not hasattr(model, "llm"):
+        if not is_vlm(model):
             raise ValueError("prompt contains <image> but the model is a text-only LLM")
         batch = model.prepare_inputs(prompts, images or [[] for _ in prompts], padding_side="left")
         embeds, mask, ids = batch["inputs_embeds"], batch["attention_mask"], None
     else:
-        ids, mask = _left_pad(prompts, device)
+        ids, mask, _ = pad_rows(prompts, "left")
+        ids, mask = ids.to(device), mask.to(device)
         embeds = None
     B, T = mask.shape
     cache = KVCache(B, T + kv_len_extra, llm.config, device, dtype)
@@ -410,318 +419,3 @@ def encode(tokenizer, text, image_marks=True):
         if chunk:
             ids.extend(tokenizer.encode(chunk, add_special_tokens=False).ids)
     return ids
-
-
-# ----------------------------------------------------------------------------- VLM
-#
-# SigLIP tower (vision.py) -> mlp2x_gelu projector -> AnyRes packing (anyres.py) -> features spliced into the
-# LLM's input embeddings wherever IMAGE_TOKEN_ID stands (one masked_scatter for the whole batch).
-
-IGNORE_INDEX = -100  # label of tokens that are not trained (image features, padding)
-
-
-@dataclass
-class VLMConfig:
-    llm: Qwen3Config
-    vision: SiglipConfig
-    image_aspect_ratio: str = "anyres_max_9"           # or anyres / pad / square (pretraining)
-    image_grid_pinpoints: list = None                  # [(width, height)] px; None = tile * (1..6, 1..6)
-    mm_patch_merge_type: str = "spatial_unpad"         # or flat (no unpad, no newline)
-    mm_projector_type: str = "mlp2x_gelu"
-    mm_vision_tower: str = "google/siglip-so400m-patch14-384"
-
-    def __post_init__(self):
-        anyres.parse_aspect_ratio(self.image_aspect_ratio)   # raises on an unknown value
-        if self.mm_patch_merge_type not in ("spatial_unpad", "flat"):
-            raise ValueError(f"unsupported mm_patch_merge_type {self.mm_patch_merge_type!r} (spatial_unpad or flat)")
-        if not re.fullmatch(r"mlp\d+x_gelu", self.mm_projector_type):
-            raise ValueError(f"unsupported mm_projector_type {self.mm_projector_type!r} (mlpNx_gelu)")
-        self.image_grid_pinpoints = anyres.parse_grid_pinpoints(self.image_grid_pinpoints, self.vision.image_size)
-
-    @classmethod
-    def from_hf(cls, d):
-        """From a released LLaVA config.json (a Qwen config + mm_* fields) or transformers' llava_onevision one."""
-        if d.get("model_type") == "llava_onevision":
-            return cls._from_transformers(d)
-        if "mm_vision_tower" not in d:
-            raise CheckpointError(f"config.json: model_type {d.get('model_type')!r} is not a supported LLaVA layout")
-        kind = f"{d.get('model_type', '')} {' '.join(d.get('architectures') or [])}".lower()
-        if "qwen" not in kind:
-            raise CheckpointError(f"config.json: LLaVA with a non-Qwen LLM ({kind.strip()!r}) is not supported")
-        llm = Qwen3Config.from_hf({**d, "model_type": "qwen3" if re.search(r"qwen_?3", kind) else "qwen2"})
-        # the released tower ignores mm_vision_select_layer: it cuts SigLIP's last layer and reads the output
-        return cls(llm=llm, vision=_vision_config_from_llava(d),
-                   image_aspect_ratio=d.get("image_aspect_ratio", "square"),
-                   image_grid_pinpoints=d.get("image_grid_pinpoints"),
-                   mm_patch_merge_type=d.get("mm_patch_merge_type", "flat"),
-                   mm_projector_type=d.get("mm_projector_type", "linear"), mm_vision_tower=d["mm_vision_tower"])
-
-    @classmethod
-    def _from_transformers(cls, d):
-        text, vis = dict(d["text_config"]), d["vision_config"]
-        text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
-        layer = d.get("vision_feature_layer", -1)
-        checks = {"vision_feature_layer": isinstance(layer, int),
-                  "vision_feature_select_strategy": d.get("vision_feature_select_strategy", "full") == "full",
-                  "projector_hidden_act": d.get("projector_hidden_act", "gelu") == "gelu",
-                  "multimodal_projector_bias": d.get("multimodal_projector_bias", True)}
-        for key, ok in checks.items():
-            if not ok:
-                raise CheckpointError(f"config.json: unsupported {key} = {d.get(key)!r}")
-        pinpoints = [(w, h) for h, w in d.get("image_grid_pinpoints") or []] or None   # transformers: (h, w)
-        return cls(llm=Qwen3Config.from_hf(text), vision=SiglipConfig.from_hf(vis, feature_layer=layer),
-                   image_aspect_ratio=d.get("vision_aspect_ratio", "anyres_max_9"), image_grid_pinpoints=pinpoints)
-
-    def to_hf(self):
-        """The released LLaVA config.json (plus vision_config, so towers other than so400m reload too)."""
-        qwen3 = self.llm.qk_norm
-        d = self.llm.to_hf()
-        d.update(model_type="llava_qwen_3" if qwen3 else "llava",
-                 architectures=["LlavaQwen3ForCausalLM" if qwen3 else "LlavaQwenForCausalLM"],
-                 mm_vision_tower=self.mm_vision_tower, mm_hidden_size=self.vision.hidden_size,
-                 mm_projector_type=self.mm_projector_type, mm_vision_select_layer=-2,
-                 mm_vision_select_feature="patch", mm_patch_merge_type=self.mm_patch_merge_type,
-                 image_aspect_ratio=self.image_aspect_ratio,
-                 image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints],
-                 use_mm_proj=True, mm_use_im_start_end=False, mm_use_im_patch_token=False,
-                 tokenizer_padding_side="right", vision_config=self.vision.to_hf())
-        return d
-
-
-def _vision_config_from_llava(d):
-    if "vision_config" in d:  # written by our save: any tower size
-        return SiglipConfig.from_hf(d["vision_config"])
-    name = d["mm_vision_tower"]
-    if "siglip-so400m-patch14-384" not in name:
-        raise CheckpointError(f"config.json: vision tower {name!r} unknown (only SigLIP so400m-patch14-384, "
-                              "or a config.json carrying vision_config)")
-    return SiglipConfig.preset("so400m")
-
-
-def _projector(config):
-    """mlpNx_gelu: Linear(C_vision, H), then (GELU (exact erf), Linear(H, H)) x (N - 1). Keys 0, 2, ..."""
-    depth = int(re.fullmatch(r"mlp(\d+)x_gelu", config.mm_projector_type).group(1))
-    hidden = config.llm.hidden_size
-    mods = [nn.Linear(config.vision.hidden_size, hidden)]
-    for _ in range(depth - 1):
-        mods += [nn.GELU(), nn.Linear(hidden, hidden)]
-    return nn.Sequential(*mods)
-
-
-@dataclass
-class TiledImage:
-    """One image cut into tiles for the tower, before normalisation: what VLM.tile_image makes of a PIL image.
-    train.py caches these per image file (decoding + tiling + resizing is the slow, host-side part), and
-    prepare_inputs accepts them wherever it accepts a PIL image."""
-    tiles: torch.Tensor   # [n_tiles, 3, S, S] uint8 (vision.resize_to_tile of each tile)
-    size: tuple           # (width, height) of the original image (AnyRes packing needs it)
-    mode: str             # the tiling it was cut with: anyres / pad / square (see VLM.tiling_mode)
-    key: object = None    # names the image (train.py: its path) for VLM.feature_cache; None = never cached
-
-
-class VLM(nn.Module):
-    """SigLIP -> projector -> AnyRes packing -> Qwen3. Prompts carry IMAGE_TOKEN_ID where images go."""
-
-    def __init__(self, config: VLMConfig, llm=None, vision_tower=None):
-        super().__init__()
-        self.config = config
-        self.llm = llm if llm is not None else Qwen3(config.llm)
-        self.vision = vision_tower if vision_tower is not None else SiglipVisionTower(config.vision)
-        self.projector = _projector(config)
-        unpad = "unpad" in config.mm_patch_merge_type
-        self.image_newline = nn.Parameter(torch.empty(config.llm.hidden_size)) if unpad else None
-        self.max_pixels = None  # per-image pixel limit; None = vision.MAX_PIXELS
-        # Tower outputs per TiledImage.key, reused while the tower is frozen (train.py sets a vision.TensorLRU;
-        # None = off, as for inference). See _tower_features for why it can never serve stale features.
-        self.feature_cache = None
-        self._feature_cache_state = None
-
-    def init_connector(self):
-        """Fresh projector (PyTorch default Linear init) and newline ~ N(0, 1/H), as LLaVA's pretraining does."""
-        for m in self.projector:
-            if isinstance(m, nn.Linear):
-                m.reset_parameters()
-        if self.image_newline is not None:
-            with torch.no_grad():
-                self.image_newline.normal_(0.0, self.config.llm.hidden_size ** -0.5)
-
-    # -- images -> features ---------------------------------------------------------------------------------
-    def tiling_mode(self, n_images_in_row):
-        """Multi-image rows are padded to square, one tile each (released training code)."""
-        return "pad" if n_images_in_row > 1 else anyres.parse_aspect_ratio(self.config.image_aspect_ratio)[0]
-
-    def tile_image(self, image, n_images_in_row=1, key=None, name="image"):
-        """PIL image -> TiledImage: size check, RGB, AnyRes (or pad / square) tiles, each resized to the tile."""
-        check_image_size(image.size, name, self.max_pixels)
-        image, tile, mode = to_rgb(image), self.config.vision.image_size, self.tiling_mode(n_images_in_row)
-        tiles = anyres.image_tiles(image, mode, self.config.image_grid_pinpoints, tile)
-        return TiledImage(torch.stack([resize_to_tile(t, tile) for t in tiles]), image.size, mode, key)
-
-    def tiled_images(self, images):
-        """Per-row lists of PIL images or TiledImages -> one TiledImage per image, in reading order."""
-        out = []
-        for r, row in enumerate(images):
-            for k, image in enumerate(row):
-                name = f"row {r} image {k}"
-                if isinstance(image, TiledImage):
-                    check_image_size(image.size, name, self.max_pixels)
-                    if image.mode != self.tiling_mode(len(row)):
-                        raise ValueError(f"{name}: tiled for {image.mode!r}, this row needs "
-                                         f"{self.tiling_mode(len(row))!r}")
-                    out.append(image)
-                else:
-                    out.append(self.tile_image(image, len(row), name=name))
-        return out
-
-    def image_pixels(self, images):
-        """images: per-row lists of PIL images (or TiledImages) -> (pixels [N_tiles, 3, S, S] fp32, tiles per
-        image, sizes (w, h))."""
-        tiled = self.tiled_images(images)
-        if not tiled:
-            return None, [], []
-        return normalize(torch.cat([t.tiles for t in tiled])), [len(t.tiles) for t in tiled], [t.size for t in tiled]
-
-    def _pack(self, features, size):
-        """features [tiles, P*P, H] of one image -> its tokens [T, H] (see anyres.py)."""
-        newline = self.image_newline
-        if features.shape[0] == 1:
-            return anyres.pack_single(features, newline)
-        if self.config.mm_patch_merge_type == "flat":
-            return features.flatten(0, 1)
-        max_tiles = anyres.parse_aspect_ratio(self.config.image_aspect_ratio)[1]
-        return anyres.pack_anyres(features, *size, newline, max_tiles, self.config.image_grid_pinpoints,
-                                  self.config.vision.image_size)
-
-    def _tower(self, tiles, device, dtype):
-        """uint8 tiles [N, 3, S, S] -> tower features [N, P*P, C]. The tiles travel as uint8 (4x fewer bytes to a
-        GPU) and are normalised there: the same IEEE operations, so the same pixels as on the CPU."""
-        return self.vision(normalize(tiles.to(device)).to(dtype))
-
-    def _tower_features(self, tiled, device, dtype):
-        """TiledImages -> tower features [N_tiles, P*P, C], in order. One tower call, or, with feature_cache and a
-        frozen tower, the cached features of every image seen before and one tower call per new image.
-
-        Never stale: the cache is used only while no tower parameter requires grad, and it is emptied whenever
-        a tower parameter is replaced or changed in place (its storage or autograd version counter moves: an
-        optimiser step, load_state_dict, .to()) or the autocast setting changes. One call per new image, not one
-        for all of them, so an image's features never depend on which other images missed the cache: a resumed
-        run, which starts with an empty cache, computes the very same bits."""
-        params = list(self.vision.parameters())
-        cache = self.feature_cache
-        if cache is None or any(p.requires_grad for p in params) or any(t.key is None for t in tiled):
-            return self._tower(torch.cat([t.tiles for t in tiled]), device, dtype)
-        state = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
-                 torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type), device, dtype)
-        if state != self._feature_cache_state:
-            cache.clear()
-            self._feature_cache_state = state
-        features = []
-        for t in tiled:
-            f = cache.get(t.key)
-            if f is None:
-                f = self._tower(t.tiles, device, dtype)                             # (n_tiles, P*P, C)
-                cache.put(t.key, f, f.numel() * f.element_size())
-            features.append(f)
-        return torch.cat(features)
-
-    def encode_images(self, images):
-        """Per-row lists of PIL images (or TiledImages) -> one [T_i, H] tensor per image, in reading order.
-
-        A frozen tower (no parameter requires grad: pretraining, or finetuning without "vision") runs under
-        no_grad: nothing of it is kept for backward. The projector after it trains as usual."""
-        tiled = self.tiled_images(images)
-        if not tiled:
-            return []
-        weight = self.projector[0].weight
-        frozen = not any(p.requires_grad for p in self.vision.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            features = self._tower_features(tiled, weight.device, weight.dtype)      # (N_tiles, P*P, C)
-        tokens = self.projector(features)                                            # (N_tiles, P*P, H)
-        return [self._pack(f, t.size) for f, t in zip(tokens.split([len(t.tiles) for t in tiled]), tiled)]
-
-    # -- splicing ---------------------------------------------------------------------------------------------
-    def _check_batch(self, ids, images, labels, padding_side):
-        """ids (and labels): 1-D long tensors, one per row."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if len(images) != len(ids):
-            raise ValueError(f"{len(ids)} prompts but {len(images)} image lists")
-        vocab = self.config.llm.vocab_size
-        for r, row in enumerate(ids):
-            is_image = row == IMAGE_TOKEN_ID
-            marks = int(is_image.sum())
-            if marks != len(images[r]):
-                raise ValueError(f"row {r}: the prompt has {marks} <image> marks "
-                                 f"but {len(images[r])} images were given")
-            bad = row[~is_image & ((row < 0) | (row >= vocab))]
-            if len(bad):
-                raise ValueError(f"row {r}: token ids {bad[:5].tolist()} outside the vocabulary [0, {vocab})")
-            if labels is not None and len(labels[r]) != len(row):
-                raise ValueError(f"row {r}: {len(labels[r])} labels for {len(row)} tokens")
-
-    @staticmethod
-    def _expand(ids, lengths, labels):
-        """Repeat each IMAGE_TOKEN_ID by its image's token count -> per-row (ids, labels) 1-D tensors.
-
-        ids, labels: 1-D long tensors per row; lengths: token count of every image, in reading order.
-        Labels at image positions become IGNORE_INDEX (labels None: all IGNORE_INDEX)."""
-        lengths = torch.tensor(lengths, dtype=torch.long)
-        out, k = [], 0
-        for r, row in enumerate(ids):
-            is_image = row == IMAGE_TOKEN_ID                                       # (L,)
-            repeats = torch.ones_like(row)
-            n = int(is_image.sum())
-            repeats[is_image] = lengths[k:k + n]
-            k += n
-            lab = (torch.full_like(row, IGNORE_INDEX) if labels is None
-                   else labels[r].masked_fill(is_image, IGNORE_INDEX))                 # never train an image mark
-            out.append((row.repeat_interleave(repeats), lab.repeat_interleave(repeats)))   # (L + image tokens,)
-        return out
-
-    def prepare_inputs(self, ids, images, labels=None, padding_side="left"):
-        """ids: B token lists (IMAGE_TOKEN_ID marks images), images: B lists of PIL images (or TiledImages),
-        labels: like ids. -> dict(inputs_embeds [B, T, H], attention_mask [B, T] long, labels [B, T] when labels
-        are given). T counts every image's tokens; pads (left or right) get zero embeddings, mask 0 and label -100."""
-        if not ids:
-            raise ValueError("prepare_inputs: empty batch")
-        images = images if images is not None else [[] for _ in ids]
-        ids = [torch.as_tensor(row, dtype=torch.long) for row in ids]
-        labels = None if labels is None else [torch.as_tensor(row, dtype=torch.long) for row in labels]
-        self._check_batch(ids, images, labels, padding_side)
-        features = self.encode_images(images)
-        rows = self._expand(ids, [f.shape[0] for f in features], labels)
-        B, T = len(rows), max(len(r[0]) for r in rows)
-        tok = torch.zeros(B, T, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.long)
-        lab = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        for b, (row_ids, row_labels) in enumerate(rows):
-            span = slice(T - len(row_ids), T) if padding_side == "left" else slice(0, len(row_ids))
-            tok[b, span], mask[b, span], lab[b, span] = row_ids, 1, row_labels
-        device = self.llm.embed_tokens.weight.device
-        tok, mask, lab = tok.to(device), mask.to(device), lab.to(device)
-        is_image = tok == IMAGE_TOKEN_ID                                             # (B, T)
-        embeds = self.llm.embed_tokens(tok.masked_fill(is_image, 0))                 # (B, T, H)
-        if features:
-            embeds = embeds.masked_scatter(is_image[..., None], torch.cat(features).to(embeds.dtype))
-        embeds = embeds * mask[..., None].to(embeds.dtype)                          # zero pads, as LLaVA
-        out = {"inputs_embeds": embeds, "attention_mask": mask}
-        if labels is not None:
-            out["labels"] = lab
-        return out
-
-    def forward(self, ids, images=None, padding_side="left"):
-        """Convenience: token lists + images -> logits [B, T, V] over the spliced sequence."""
-        batch = self.prepare_inputs(ids, images, padding_side=padding_side)
-        return self.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"])
-
-
-def build_vlm(llm, vision_tower, **options):
-    """A VLM around an existing Qwen3 and a vision tower (a SiglipVisionTower, or a SiglipConfig for a random one),
-    with a freshly initialised projector and newline on the LLM's device and dtype. options: VLMConfig fields."""
-    if isinstance(vision_tower, SiglipConfig):
-        vision_tower = SiglipVisionTower(vision_tower)
-    weight = llm.embed_tokens.weight
-    vlm = VLM(VLMConfig(llm=llm.config, vision=vision_tower.config, **options), llm=llm, vision_tower=vision_tower)
-    vlm.to(weight.device, weight.dtype)  # moves the new parts (and the tower); the LLM is already there
-    vlm.init_connector()
-    return vlm

@@ -12,9 +12,9 @@ Library API (used by evaluate.py and extract_data.py; every function is batched 
     run_hint(llm, tokenizer, questions, max_new_tokens=256, on_token=None) -> list[str]
     run_perception(vlm, tokenizer, images, hints=None, max_new_tokens=1024, user_texts=None,
                    on_token=None) -> list[Perception]              Perception(text, generated_tokens)
-    run_reasoning(llm, tokenizer, questions, descriptions, *, thinking=True, budget=4096,
-                  answer_tokens=1024, nowait=True, nowait_scope="all", closing="release",
-                  temperature=None, top_p=None, top_k=None, generator=None, on_token=None)
+    ReasonSettings(thinking=True, budget=4096, answer_tokens=1024, nowait=True, nowait_scope="all",
+                   closing="release", greedy=False, temperature=None, top_p=None, top_k=None, seed=0)
+    run_reasoning(llm, tokenizer, questions, descriptions, settings=None, *, generator=None, on_token=None)
         -> list[Reasoning]   Reasoning(text, thinking, answer, thinking_tokens, budget_hit, answer_tokens,
                                        generated_tokens)
 
@@ -32,8 +32,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 import checkpoints as C
+import mmstar
 import model as M
 import prompts
+import quantize
+import vision
 
 # ----------------------------------------------------------------------------- NoWait
 
@@ -316,6 +319,33 @@ def sampling_defaults(thinking, temperature=None, top_p=None, top_k=None):
     return tuple(b if g is None else g for g, b in zip((temperature, top_p, top_k), base))
 
 
+@dataclass
+class ReasonSettings:
+    """How stage 2 decodes (the release's qwen3.py). temperature / top_p / top_k left None take the release's values
+    for the mode (sampling_defaults); greedy overrides them all."""
+    thinking: bool = True
+    budget: int | list = 4096      # thinking tokens (one per row, or a list); the reply is capped at budget + answer
+    answer_tokens: int = 1024      # the cap without thinking, and the answer part after thinking
+    nowait: bool = True            # mask NoWait's reflexive tokens
+    nowait_scope: str = "all"      # "all" (release) or "thinking" (only inside <think>)
+    closing: str = "release"       # how a row at its budget closes its thinking: "release" or "qwen"
+    greedy: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0                  # evaluate.py seeds each batch's generator from it
+
+    def sampling(self):
+        """-> dict(temperature, top_p, top_k) actually used (recorded in each run's config)."""
+        if self.greedy:
+            return {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+        t, p, k = sampling_defaults(self.thinking, self.temperature, self.top_p, self.top_k)
+        return {"temperature": t, "top_p": p, "top_k": k}
+
+    def label(self):
+        return f"think-{self.budget}" if self.thinking else "no-think"
+
+
 def _split_reply(tokenizer, toks, thinking, think_end_id):
     """Generated ids -> (thinking text, answer text, thinking token count)."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -355,32 +385,29 @@ def _token_caps(budget, thinking, answer_tokens, n):
     return [b + answer_tokens for b in budgets]
 
 
-def run_reasoning(llm, tokenizer, questions, descriptions, *, thinking=True, budget=4096, answer_tokens=1024,
-                  nowait=True, nowait_scope="all", closing="release", temperature=None, top_p=None, top_k=None,
-                  generator=None, on_token=None):
+def run_reasoning(llm, tokenizer, questions, descriptions, settings=None, *, generator=None, on_token=None):
     """Stage 2: the text LLM answers each question from its description. -> list[Reasoning].
 
-    thinking: Qwen3 thinking mode with a `budget` (int or per-row list; ThinkingBudget, `closing` "release" |
-    "qwen"), then up to `answer_tokens`; without thinking, `answer_tokens` in all. nowait: mask reflexive tokens,
-    nowait_scope "all" (release) or "thinking" (only inside <think>). temperature 0 = greedy; None values
-    take the release's sampling for the mode."""
+    settings (ReasonSettings; None = the release's defaults): with thinking, Qwen3 thinking mode up to `budget`
+    (ThinkingBudget, closed in the `closing` style), then up to `answer_tokens`; without thinking, `answer_tokens`
+    in all; NoWait masking; the sampling."""
+    s = settings or ReasonSettings()
     if len(questions) != len(descriptions):
         raise ValueError(f"{len(questions)} questions but {len(descriptions)} descriptions")
-    chats = [prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(q, d, thinking)}], thinking)
+    chats = [prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(q, d, s.thinking)}], s.thinking)
              for q, d in zip(questions, descriptions)]
-    processors, budgeter = _reasoning_processors(tokenizer, thinking, budget, answer_tokens, nowait, nowait_scope,
-                                                 closing)
-    t, p, k = sampling_defaults(thinking, temperature, top_p, top_k)
-    caps = _token_caps(budget, thinking, answer_tokens, len(chats))
-    out = M.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=caps,
-                     temperature=t, top_p=p, top_k=k, stop_ids=stop_ids(tokenizer), logits_processors=processors,
-                     on_token=on_token, generator=generator)
+    processors, budgeter = _reasoning_processors(tokenizer, s.thinking, s.budget, s.answer_tokens, s.nowait,
+                                                 s.nowait_scope, s.closing)
+    caps = _token_caps(s.budget, s.thinking, s.answer_tokens, len(chats))
+    out = M.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=caps, **s.sampling(),
+                     stop_ids=stop_ids(tokenizer), logits_processors=processors, on_token=on_token,
+                     generator=generator)
     if budgeter is not None:
         budgeter.observe(out)
     think_end = tokenizer.token_to_id("</think>")
     results = []
     for i, toks in enumerate(out):
-        think_text, answer, n_think = _split_reply(tokenizer, toks, thinking, think_end)
+        think_text, answer, n_think = _split_reply(tokenizer, toks, s.thinking, think_end)
         hit = bool(budgeter is not None and budgeter.budget_hit and budgeter.budget_hit[i])
         results.append(Reasoning(tokenizer.decode(toks, skip_special_tokens=True), think_text, answer, n_think,
                                  hit, len(toks) - n_think, len(toks)))
@@ -393,8 +420,7 @@ def final_answer(reply):
     """What evaluate.py scores for this stage-2 reply (its one parser, the release's: the last line, then
     'Answer: X' -> X, else the line itself), stripped for display. A reply ending in a newline has an empty last
     line: the release scores it 0, and so this shows nothing."""
-    import evaluate  # evaluate imports this module lazily; the parser lives with the scoring
-    return evaluate.extract_answer(reply)[0].strip()
+    return mmstar.extract_answer(reply)[0].strip()
 
 
 class Stream:
@@ -428,6 +454,7 @@ def parse_args(argv=None):
                     "question carries its options inline, as in MMStar.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--exif-transpose", action="store_true", help="turn the image as its EXIF tag says (release: no)")
     p.add_argument("--question", required=True, help="the question (options inline for multiple choice)")
     p.add_argument("--perception-model", default="markendo/llava-extract-qwen3-0.6B", help="VLM folder or hub id")
     p.add_argument("--reasoner", default="Qwen/Qwen3-1.7B", help="text LLM folder or hub id")
@@ -451,6 +478,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16; unset: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--quantize", choices=quantize.MODES,
+                   help="int8: both LLMs' linears and LM heads int8 weight-only, at load (faster CPU decoding)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the stream goes to stderr)")
     args = p.parse_args(argv)
     if args.hints_file and args.index is None:
@@ -485,10 +514,10 @@ def resolve_hint(args, llm, tokenizer, log):
     return hint
 
 
-def _load(path, want_vlm, device, dtype, role):
+def _load(path, want_vlm, device, dtype, role, quantize=None):
     """-> (model, tokenizer); a text LLM where a VLM is needed (or the reverse) is an error."""
-    net = C.load_model(path, dtype=dtype, device=device)
-    if hasattr(net, "vision") != want_vlm:
+    net = C.load_model(path, dtype=dtype, device=device, quantize=quantize)
+    if M.is_vlm(net) != want_vlm:
         kind = "a VLM (LLaVA checkpoint)" if want_vlm else "a text-only LLM checkpoint"
         raise ValueError(f"{path}: the {role} must be {kind}")
     return net, C.load_tokenizer(path)
@@ -496,7 +525,7 @@ def _load(path, want_vlm, device, dtype, role):
 
 def _two_stage(args, image, vlm, vlm_tok, device, dtype, log):
     """hint -> description -> reasoning; -> result fields."""
-    llm, tok = _load(args.reasoner, False, device, dtype, "reasoner")
+    llm, tok = _load(args.reasoner, False, device, dtype, "reasoner", args.quantize)
     hint = resolve_hint(args, llm, tok, log)
     stream = Stream(vlm_tok, log)
     stream.header(f"description (perception: {args.perception_model})")
@@ -505,10 +534,10 @@ def _two_stage(args, image, vlm, vlm_tok, device, dtype, log):
     stream = Stream(tok, log, (tok.token_to_id("<think>"), tok.token_to_id("</think>")))
     stream.header(f"reasoning ({args.reasoner}, thinking {'on' if args.thinking else 'off'})")
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    r = run_reasoning(llm, tok, [args.question], [desc.text], thinking=args.thinking, budget=args.budget,
-                      answer_tokens=args.max_new_tokens, nowait=args.nowait, nowait_scope=args.nowait_scope,
-                      closing=args.budget_closing, generator=generator, on_token=stream,
-                      **({"temperature": 0.0} if args.greedy else {}))[0]
+    settings = ReasonSettings(thinking=args.thinking, budget=args.budget, answer_tokens=args.max_new_tokens,
+                              nowait=args.nowait, nowait_scope=args.nowait_scope, closing=args.budget_closing,
+                              greedy=args.greedy)
+    r = run_reasoning(llm, tok, [args.question], [desc.text], settings, generator=generator, on_token=stream)[0]
     stream.close()
     return dict(hint=hint, description=desc.text, thinking=r.thinking, answer=r.answer, reply=r.text,
                 final=final_answer(r.text), thinking_tokens=r.thinking_tokens, budget_hit=r.budget_hit,
@@ -529,14 +558,14 @@ def _end_to_end(args, image, vlm, vlm_tok, log):
 
 def run(args):
     """The whole command -> the result dict (the --json object)."""
-    import vision
-    image = vision.load_image(args.image)        # a bad image fails before any model is loaded
+    # a bad image fails before any model is loaded
+    image = vision.load_image(args.image, exif_transpose=args.exif_transpose)
     device, dtype = C.device_and_dtype(args.device, args.dtype)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     log = sys.stderr if args.json else sys.stdout
     t0 = time.time()
-    vlm, vlm_tok = _load(args.perception_model, True, device, dtype, "perception model")
+    vlm, vlm_tok = _load(args.perception_model, True, device, dtype, "perception model", args.quantize)
     result = dict(mode=args.mode, question=args.question, hint=None, description="", thinking="", answer="",
                   thinking_tokens=0, budget_hit=False)
     if args.mode == "e2e":

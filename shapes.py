@@ -32,8 +32,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
+import torch
+
+import evaluate
 import records
 import shapes_world as W
+import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BACKBONES = os.path.join(ROOT, "backbones")
@@ -53,7 +57,8 @@ class RunConfig:
     finetune_steps: int = 200     # QA (end-to-end) and extraction tuning: the same steps and batch
     batch: int = 16
     pretrain_lr: float = 1e-2
-    finetune_lr: float = 2e-3
+    finetune_lr: float = 2e-3     # captioning
+    post_lr: float = 2e-3         # QA and extraction tuning from the captioner
     vision_lr: float = 1e-3       # the tower trains only in the captioning stage (the paper trains it at a lower lr)
     stage1_tokens: int = 64       # descriptions are 25-40 tokens
     budget: int = 64              # thinking budget of the toy reasoner (its traces are 10-40 tokens)
@@ -119,7 +124,6 @@ def command_line(tool: str, options) -> str:
 
 def train_step(options: dict, log: str, say) -> str:
     """One train.py run in this process unless its model is already complete. -> the model folder."""
-    import train
     out = options["out"]
     if _done(out, options, "config.json", "model.safetensors"):
         say(f"done before: {out}")
@@ -136,7 +140,6 @@ def train_step(options: dict, log: str, say) -> str:
 
 def evaluate_step(argv: list, out: str, results_file: str, log: str, say) -> dict:
     """One evaluate.py run (resumed if interrupted) unless its results are complete. -> the results dict."""
-    import evaluate
     argv = [*argv, "--out", out]
     if not _done(out, {"argv": argv}, results_file):
         say(command_line("evaluate.py", argv))
@@ -167,8 +170,8 @@ def train_size(cfg: RunConfig, data: dict, size: str, say) -> dict:
                                      init=out["pretrain"], max_steps=cfg.caption_steps,
                                      train="llm,projector,image_newline,vision", vision_lr=cfg.vision_lr), log, say)
     for name, file in (("e2e", "qa"), ("extract", "extract")):
-        out[name] = train_step(dict(data=data[file], out=os.path.join(models, f"{name}-{size}"), init=out["caption"],
-                                    max_steps=cfg.finetune_steps, **tune), log, say)
+        out[name] = train_step(dict(tune, data=data[file], out=os.path.join(models, f"{name}-{size}"),
+                                    init=out["caption"], max_steps=cfg.finetune_steps, lr=cfg.post_lr), log, say)
     return out
 
 
@@ -197,7 +200,6 @@ def evaluate_size(cfg: RunConfig, data: dict, size: str, models: dict, say) -> d
 
 def run_size(cfg: RunConfig, data: dict, size: str) -> dict:
     """The whole chain of one size (a worker process): -> {"models", "results"}."""
-    import torch
     torch.set_num_threads(1)  # tiny models: one thread per size beats two competing ones
     start = time.time()
 
@@ -295,8 +297,7 @@ def gallery(data: dict, summary: dict, size: str, path: str, n: int = 6) -> str:
             lines.append(f"{LABELS[m]}: {got['prediction'].strip()!r}  {'right' if got['correct'] else 'WRONG'}")
         for j, line in enumerate(lines):
             draw.text((250, k * height + 12 + 18 * j), line, fill=(0, 0, 0))
-    sheet.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    records.atomic_write(path, sheet.save)
     return path
 
 
@@ -334,9 +335,8 @@ def plot(summary: dict, path: str) -> str | None:
     ax.set_title("Shapes world: end-to-end VLM vs Extract+Think (toy models, CPU)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    records.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path
 
 

@@ -23,8 +23,16 @@ import subprocess
 import sys
 import time
 
+import torch
+
+import checkpoints as C
+import evaluate
+import mmstar
+import model as M
+import reason
 import records
 import shapes_world as W
+import vision
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Qwen3Config overrides of the "tiny" preset; L has ~3x the parameters of S. The output head is untied: with
@@ -112,30 +120,26 @@ def heldout_data(folder: str) -> dict:
     return W.build_dataset(folder, n_train=0, n_eval=EVAL_SCENES, seed=0)
 
 
-def reasoner_accuracy(lm: str, data: dict, kind: str, work: str) -> float:
+def reasoner_accuracy(lm: str, data: dict, kind: str, work: str, quantize=None) -> float:
     """Stage 2 with `lm` on the true descriptions (kind "extract": description + focus; "caption": the
-    description alone), greedy, scored by the answer's text -> accuracy over the held-out questions."""
-    import checkpoints as C
-    import evaluate
+    description alone), greedy, scored by the answer's text -> accuracy over the held-out questions.
+    The records are left in work/stage2-{kind}.jsonl; quantize: as checkpoints.load_model."""
     os.makedirs(work, exist_ok=True)
     stage1 = W.true_stage1(data, os.path.join(work, f"true-{kind}.jsonl"), kind)
     out = os.path.join(work, f"stage2-{kind}.jsonl")
     if os.path.exists(out):
         os.remove(out)
-    docs = evaluate.load_docs(data["eval"])
-    recs = evaluate.run_stage2(docs, stage1, C.load_model(lm), C.load_tokenizer(lm), out,
-                               evaluate.ReasonSettings(budget=64, answer_tokens=8, greedy=True), batch_size=64,
+    docs = mmstar.load_docs(data["eval"])
+    recs = evaluate.run_stage2(docs, stage1, C.load_model(lm, quantize=quantize), C.load_tokenizer(lm), out,
+                               reason.ReasonSettings(budget=64, answer_tokens=8, greedy=True), batch_size=64,
                                show_progress=False, answer_match="text")
     return sum(r["correct"] for r in recs) / len(recs)
 
 
-def captioner_facts(captioner: str, data: dict, work: str) -> float:
+def captioner_facts(captioner: str, data: dict, work: str, quantize=None) -> float:
     """Stage 1 of the captioner in its own template (plain: "<image>" -> caption) on every held-out image ->
     share of the facts in its captions that the scene graphs confirm."""
-    import checkpoints as C
-    import model as M
-    import vision
-    vlm, tok = C.load_model(captioner), C.load_tokenizer(captioner)
+    vlm, tok = C.load_model(captioner, quantize=quantize), C.load_tokenizer(captioner)
     scenes = [s for s in records.read_jsonl(data["scenes"]) if s["split"] == "eval"]
     folder = os.path.dirname(data["eval"])
     images = [[vision.load_image(os.path.join(folder, s["image"]))] for s in scenes]
@@ -155,8 +159,7 @@ def ship(trained: str, folder: str) -> None:
     """Copy the final model of a train.py run folder (not its checkpoint.pt and logs) into backbones/."""
     os.makedirs(folder, exist_ok=True)
     for name in SHIPPED:
-        shutil.copyfile(os.path.join(trained, name), os.path.join(folder, name + ".tmp"))
-        os.replace(os.path.join(folder, name + ".tmp"), os.path.join(folder, name))
+        records.atomic_write(os.path.join(folder, name), lambda tmp: shutil.copyfile(os.path.join(trained, name), tmp))
 
 
 def file_hashes(folder: str) -> dict:
@@ -177,7 +180,6 @@ def main(argv=None) -> None:
     p.add_argument("--work", default="runs/backbones", help="corpus, data and checkpoints (not shipped)")
     p.add_argument("--numbers-only", action="store_true", help="only recompute the held-out numbers")
     args = p.parse_args(argv)
-    import torch
     torch.set_num_threads(1)
     os.makedirs(args.work, exist_ok=True)
     manifest_path = os.path.join(args.out, "manifest.json")

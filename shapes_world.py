@@ -462,28 +462,24 @@ def _turns(human: str, gpt: str) -> list[dict]:
     return [{"from": "human", "value": "<image>\n" + human}, {"from": "gpt", "value": gpt}]
 
 
-def _multi_turn(turns: list[dict]) -> list[dict]:
-    """Several (human, gpt) pairs made by _turns -> one conversation: only the first human turn keeps <image>."""
-    return [{**t, "value": t["value"].removeprefix("<image>\n")} if k and t["from"] == "human" else t
-            for k, t in enumerate(turns)]
-
-
 def training_records(scene: dict, image: str) -> dict:
     """One training scene -> its records for every train.py file (LLaVA format; one rng for the MC letters):
-    pretrain (plain caption), qa (e2e: every MC question of the scene, one conversation, as LLaVA's data;
-    each answer the option's text), extract (perception prompt with the
+    pretrain (plain caption), qa (e2e: one record per MC question, the answer the option's text; one
+    question per record, as in extract, so that equal steps see equal questions and every question directly
+    follows the image, as in evaluation), extract (perception prompt with the
     question's hint -> description + focus), caption (perception prompt without hint -> description)."""
     seed, rng = scene["seed"], random.Random(scene["seed"])
     qa, extract = [], []
     for q in questions_for_scene(scene, rng):
         mc = multiple_choice(q, rng)
         slug = f"{seed}-{q['l2_category'].replace(' ', '_')}"
-        qa += _turns(mc["question"] + prompts.E2E_POST_PROMPT, q["answer"])
+        qa.append({"id": f"qa-{slug}", "image": image,
+                   "conversations": _turns(mc["question"] + prompts.E2E_POST_PROMPT, q["answer"])})
         extract.append({"id": f"extract-{slug}", "image": image,
                         "conversations": _turns(prompts.perception_prompt(q["hint"]), extraction_target(scene, q))})
     return {"pretrain": [{"id": f"caption-{seed}", "image": image, "conversations": [
                 {"from": "human", "value": "<image>"}, {"from": "gpt", "value": describe(scene)}]}],
-            "qa": [{"id": f"qa-{seed}", "image": image, "conversations": _multi_turn(qa)}], "extract": extract,
+            "qa": qa, "extract": extract,
             "caption": [{"id": f"describe-{seed}", "image": image,
                          "conversations": _turns(prompts.perception_prompt(None), describe(scene))}]}
 
@@ -504,9 +500,7 @@ def eval_rows(scene: dict, image: str, first_index: int) -> list[dict]:
 def _save_image(scene: dict, out_dir: str, name_: str) -> str:
     path = os.path.join(out_dir, "images", name_)
     if not os.path.exists(path):
-        with open(path + ".tmp", "wb") as f:
-            f.write(image_bytes(scene))
-        os.replace(path + ".tmp", path)
+        records.atomic_write_bytes(path, image_bytes(scene))
     return os.path.join("images", name_)
 
 

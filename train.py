@@ -44,8 +44,9 @@ import torch.nn.functional as F
 
 import checkpoints as C
 import model as M
+import vlm as V
 import records as R
-from chat_data import IGNORE, BatchLoader, build_samples, epoch_order, micro_batches, right_pad
+from chat_data import IGNORE, BatchLoader, build_samples, epoch_order, micro_batches
 
 STAGES = {  # paper + LLaVA-OneVision; "train" names the VLM parts that get gradients (a plain LLM is all "llm")
     "pretrain": dict(template="plain", train="projector", lr=1e-3, vision_lr=0.0, global_batch=512,
@@ -66,7 +67,9 @@ def opt(default, help, choices=None, type_=None):
 class TrainConfig:
     stage: str = opt("finetune", "recipe preset; every flag below overrides it", sorted(STAGES))
     data: str = opt("", "LLaVA JSON or JSONL: {id, image (str | list, optional), conversations}")
-    image_folder: str = opt("", "folder the records' image paths are relative to")
+    image_folder: str = opt("", "folder the records' image paths are relative to (and must stay inside)")
+    allow_outside_images: bool = opt(False, "allow image paths that are absolute or climb out of --image-folder")
+    exif_transpose: bool = opt(False, "turn images as their EXIF orientation says (the release ignores it)")
     out: str = opt("runs/train", "run folder: checkpoint.pt, metrics.jsonl, then the final model")
     # model / init
     llm: str = opt("0.6B", "Qwen3 size (tiny: random init from the preset)", ["0.6B", "1.7B", "4B", "8B", "tiny"])
@@ -144,12 +147,13 @@ class LossSum(nn.Module):
         if not ids:  # every sample of this micro-batch was skipped: a zero loss keeps DDP ranks in step
             zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return zero, torch.tensor(0), torch.tensor(0), 0
-        if hasattr(self.model, "llm"):
+        if M.is_vlm(self.model):
             batch = self.model.prepare_inputs(ids, images, labels, padding_side="right")
             embeds, mask, labels = batch["inputs_embeds"], batch["attention_mask"], batch["labels"]
             llm, inputs = self.model.llm, dict(inputs_embeds=embeds)
         else:
-            ids_t, mask, labels = right_pad(ids, labels, self.pad_id, self.model.embed_tokens.weight.device)
+            device = self.model.embed_tokens.weight.device
+            ids_t, mask, labels = (t.to(device) for t in M.pad_rows(ids, "right", self.pad_id, labels))
             llm, inputs = self.model, dict(input_ids=ids_t)
         truncated = int((mask.sum(1) > self.max_length).sum())
         T = min(mask.shape[1], self.max_length)
@@ -225,28 +229,29 @@ def build_model(cfg, tokenizer):
         llm = build_llm(cfg, tokenizer.get_vocab_size())
         tower = (init_weights(SiglipVisionTower(SiglipConfig.preset(cfg.vision))) if cfg.vision != "so400m"
                  else C.load_vision_tower(cfg.vision_path, dtype=torch.float32))
-        model = M.build_vlm(llm, tower)   # fresh projector + image_newline
-    if cfg.image_aspect_ratio and hasattr(model, "llm"):
+        model = V.build_vlm(llm, tower)   # fresh projector + image_newline
+    if cfg.image_aspect_ratio and M.is_vlm(model):
         model.config.image_aspect_ratio = cfg.image_aspect_ratio   # e.g. square (pretrain) -> anyres_max_9
     return model.float().train()
 
 
-def image_preparer(model):
+def image_preparer(model, exif_transpose=False):
     """(path, images in its row) -> what the model takes for that image: a VLM gets the image already tiled
-    (model.TiledImage, cached per path by chat_data.BatchLoader), a text-only LLM a PIL image (it ignores it)."""
+    (V.TiledImage, cached per path by chat_data.BatchLoader), a text-only LLM a PIL image (it ignores it)."""
     if not hasattr(model, "tile_image"):
         return None
     from vision import load_image
 
     def prepare(path, n_in_row):
-        return model.tile_image(load_image(path), n_in_row, key=(path, model.tiling_mode(n_in_row)), name=path)
+        return model.tile_image(load_image(path, exif_transpose=exif_transpose), n_in_row,
+                                key=(path, model.tiling_mode(n_in_row)), name=path)
     return prepare
 
 
 def images_repeat(samples, steps, cfg):
     """Whether some image comes up twice in this run: more than one epoch, or a file shared by records. If not,
     a tower feature cache would never hit, and it costs: it runs the tower one image at a time (see
-    model.VLM._tower_features), so train.py then leaves it off."""
+    V.VLM._tower_features), so train.py then leaves it off."""
     paths = [p for s in samples for p in s["images"]]
     return steps * cfg.global_batch > len(samples) or len(set(paths)) < len(paths)
 
@@ -258,7 +263,7 @@ def set_trainable(model, parts):
         raise ValueError(f"--train: unknown part(s) {sorted(parts - VLM_PARTS)}; choose from {sorted(VLM_PARTS)}")
     owner = {}
     for name, p in model.named_parameters():
-        part = name.split(".")[0] if hasattr(model, "llm") else "llm"
+        part = name.split(".")[0] if M.is_vlm(model) else "llm"
         p.requires_grad_(part in parts)
         owner[name] = part
     if not any(p.requires_grad for p in model.parameters()):
@@ -350,8 +355,7 @@ def save_checkpoint(path, wrapped, optimizer, scheduler, step, stats, cfg, rank,
     if rank == 0:
         state = dict(model=model_sd, optimizer=optim_sd, scheduler=scheduler.state_dict(), step=step,
                      samples_seen=step * cfg.global_batch, rng=rngs, stats=stats, config=asdict(cfg))
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        R.atomic_write(path, lambda tmp: torch.save(state, tmp))
     if world > 1:
         dist.barrier()
 
@@ -363,7 +367,14 @@ def load_checkpoint(path, wrapped, optimizer, scheduler, cfg, rank):
     """Restore what save_checkpoint wrote -> (step, stats); refuses a checkpoint of a different recipe."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, tuples, dicts only
+    try:  # weights_only: tensors, numbers, strings, tuples, dicts only; never an arbitrary object
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (RuntimeError), hostile or foreign pickle (UnpicklingError), ...
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable train.py checkpoint ({type(e).__name__}: {why[:300]})") from None
+    need = ("model", "optimizer", "scheduler", "step", "rng", "stats", "config")
+    if not isinstance(state, dict) or not all(k in state for k in need) or not isinstance(state["config"], dict):
+        raise ValueError(f"{path}: not a train.py checkpoint (needs the keys {', '.join(need)})")
     diff = [f"{k}: {state['config'][k]!r} != {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
             if state["config"].get(k) != getattr(cfg, k)]
     if diff:
@@ -391,21 +402,21 @@ def save_final(model, wrapped, cfg, rank):
         C.save_model(model, cfg.out)
         src, dst = tokenizer_file(cfg), os.path.join(cfg.out, "tokenizer.json")
         if os.path.abspath(src) != os.path.abspath(dst):
-            shutil.copyfile(src, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+            R.atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 class MetricsLog:
-    """JSONL metrics (rank 0). On resume, lines after the resumed step are dropped (they will be redone)."""
+    """JSONL metrics (rank 0). On resume, a torn last line is dropped (records.repair_torn_tail), a step logged twice
+    is an error naming the line, and lines after the resumed step are dropped (they will be redone). `done`: the
+    log already holds the run's "done" event (a finished run resumed again logs nothing more)."""
 
     def __init__(self, path, rank, keep_until=None):
-        self.path, self.rank = path, rank
+        self.path, self.rank, self.done = path, rank, False
         if rank == 0 and keep_until is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [ln for ln in f if ln.strip().endswith("}") and json.loads(ln).get("step", 0) <= keep_until]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
+            R.repair_torn_tail(path)
+            kept = [r for r in R.read_jsonl(path, unique="step") if r.get("step", 0) <= keep_until]
+            self.done = any(r.get("event") == "done" for r in kept)
+            R.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         elif rank == 0 and keep_until is None and os.path.exists(path):
             os.remove(path)
 
@@ -419,7 +430,13 @@ class MetricsLog:
 
 def train(args=None):
     """Run one stage. args: a list of CLI strings, a dict of TrainConfig fields, or a TrainConfig.
-    Returns dict(out, steps, losses) (losses: the global mean loss of every step run here)."""
+    Returns dict(out, steps, losses) (losses: the global mean loss of every step run here).
+    Rank 0 holds <out>/train.lock (records.WriterLock) from the first write to the return: one run per folder."""
+    with contextlib.ExitStack() as held:
+        return _train(args, held)
+
+
+def _train(args, held):
     cfg = (args if isinstance(args, TrainConfig) else TrainConfig(**args) if isinstance(args, dict)
            else parse_args(args)).resolve()
     rank, world, device, started = setup_distributed()
@@ -441,6 +458,8 @@ def train(args=None):
     lengths = [s["length"] for s in samples] if cfg.group_by_length else None
 
     os.makedirs(cfg.out, exist_ok=True)
+    if rank == 0:
+        held.enter_context(R.WriterLock(os.path.join(cfg.out, "train.lock"), "train.py"))
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     resuming = cfg.resume and os.path.exists(ckpt_path)
     if cfg.resume and not resuming and rank == 0:
@@ -455,8 +474,8 @@ def train(args=None):
         if hasattr(m, "grad_checkpointing"):
             m.grad_checkpointing = cfg.grad_checkpointing
     wrapped = wrap(LossSum(model, pad_id, cfg.max_length), cfg, device, world)
-    loader = BatchLoader(samples, tokenizer, cfg, image_preparer(model), cfg.cache_mb * 2**20)
-    if hasattr(model, "vision") and cfg.feature_cache_mb > 0 and not cfg.fsdp and images_repeat(samples, total, cfg):
+    loader = BatchLoader(samples, tokenizer, cfg, image_preparer(model, cfg.exif_transpose), cfg.cache_mb * 2**20)
+    if M.is_vlm(model) and cfg.feature_cache_mb > 0 and not cfg.fsdp and images_repeat(samples, total, cfg):
         from vision import TensorLRU
         model.feature_cache = TensorLRU(cfg.feature_cache_mb * 2**20)   # used only while the tower is frozen
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -521,7 +540,7 @@ def train(args=None):
             save_checkpoint(ckpt_path, wrapped, optimizer, scheduler, step + 1, stats, cfg, rank, world)
     if bar is not None:
         bar.close()
-    if stop == total:
+    if stop == total and not log.done:
         save_final(model, wrapped, cfg, rank)
         caches = dict(tokens=loader.tokens, images=loader.images, features=getattr(model, "feature_cache", None))
         log(dict(event="done", steps=total, truncated_total=stats["truncated"], skipped_total=stats["skipped"],

@@ -7,13 +7,14 @@ SiglipVisionModel(...).hidden_states[-2]. Only the layers up to that one are bui
 Shapes: N tiles, S tile side in pixels, P = S / patch patches per side, C hidden, nh heads, D head dim.
 """
 import io
+import os
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.checkpoint import checkpoint
 
 MAX_PIXELS = 100_000_000  # refuse images above this many pixels before decoding them (override per call)
@@ -192,9 +193,26 @@ def check_image_size(size, name="image", max_pixels=None):
                          "(raise max_pixels / vision.MAX_PIXELS to allow it)")
 
 
-def load_image(source, max_pixels=None, name=None):
+def resolve_image_path(folder, path, where, allow_outside=False):
+    """The one rule for an image path written in a data record: relative to `folder` ("" = the current folder)
+    and, once ".." is resolved, inside it. An absolute path or one that climbs out of the folder is refused with
+    a ValueError naming `where` (the record), unless allow_outside (the tools' --allow-outside-images). The check
+    is on the path's text: a symlink inside the folder is followed wherever it points (the folder owner's choice)."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: image path must be a non-empty string, got {path!r}")
+    full = os.path.join(folder, path)
+    root = os.path.abspath(folder or ".")
+    if not allow_outside and os.path.commonpath([root, os.path.abspath(full)]) != root:
+        raise ValueError(f"{where}: image path {path!r} is outside the image folder {root}; "
+                         "pass --allow-outside-images to allow it")
+    return full
+
+
+def load_image(source, max_pixels=None, name=None, exif_transpose=False):
     """An image file (path) or its encoded bytes (e.g. a parquet cell) -> RGB PIL image, by one rule for both:
     the pixel limit is checked on the header before decoding, transparency goes onto white (to_rgb).
+    exif_transpose (the tools' --exif-transpose) turns the image as its EXIF orientation tag says, as
+    transformers' load_image does; off by default, as the release (which ignores the tag).
     Missing, unreadable, corrupt, truncated or too large images raise ValueError naming `name` (default: the
     path, or "image bytes")."""
     name = name or (str(source) if not isinstance(source, bytes) else "image bytes")
@@ -202,7 +220,9 @@ def load_image(source, max_pixels=None, name=None):
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             check_image_size(image.size, name, max_pixels)        # header only: no pixels decoded yet
             image.load()                                           # truncated / corrupt data fails here
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image) if exif_transpose else image)
+    except FileNotFoundError:
+        raise ValueError(f"{name}: image not found") from None
     except ValueError as e:
         if name in str(e):
             raise

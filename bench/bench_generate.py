@@ -1,18 +1,22 @@
-"""Decoding speed on CPU: model.generate vs transformers generate, and stage 2 batched vs one at a time.
+"""Decoding speed on CPU: model.generate (fp32 and int8 weight-only) vs transformers generate, and stage 2
+batched vs one at a time.
 
-    python bench/bench_generate.py                      # markdown table on stdout (~2-4 min on 2 cores)
-    python bench/bench_generate.py --layers 28 --new 32 # full depth
+    python bench/bench_generate.py                      # markdown tables on stdout, 1 and 2 threads (~5 min)
+    python bench/bench_generate.py --threads 1 --layers 28 --new 32   # full depth, one thread
 
 Model: Qwen3 0.6B shapes (hidden 1024, 16 q / 8 kv heads of 128, intermediate 3072, vocab 151936, tied head),
 random weights, fp32, by default 4 of the 28 layers so it runs in minutes on a shared 2-core box. Our model
 and transformers' share the very same weight tensors.
 
 Rows:
-1. decode batch 1 / batch 8: seconds per decode step = (generate(1 + new) - generate(1)) / new, so the
-   prefill is not counted; greedy, no stop token, both sides exactly the same number of tokens.
-   Bandwidth ceiling: every step must read all weights once (the tied embedding as the LM head), so
-   tokens/s can be at most copy bandwidth / weight bytes (copy bandwidth measured here: a 256 MiB tensor
-   copy counts read + write bytes).
+1. decode batch 1 / batch 8, at each --threads count: seconds per decode step = (generate(1 + new) -
+   generate(1)) / new, so the prefill is not counted; greedy, no stop token, every side exactly the same
+   number of tokens. Three models on the very same weights: ours fp32, ours int8 (quantize.quantize_model:
+   every linear and the LM head int8 weight-only, per-output-channel scales) and transformers fp32.
+   Bandwidth ceiling: every step must read all weights once, so steps/s can be at most copy bandwidth /
+   bytes read per step (copy bandwidth measured at the same thread count: a 256 MiB tensor copy counts
+   read + write bytes). fp32 reads every parameter (the tied embedding as the LM head); int8 reads the int8
+   weights, their scales and the norms (the embedding is only looked up; the head has its own int8 copy).
 2. stage 2 (reason.run_reasoning): 8 questions, thinking budget and NoWait on, sampling as the release;
    random weights never stop, so each row writes exactly budget + answer tokens. Batched = one call with
    all 8; one at a time = 8 calls, like the release's loop. Tokenizer: the real Qwen3 one when
@@ -31,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 from _common import best_time, qwen3_pair  # noqa: E402
+import quantize  # noqa: E402
 import reason  # noqa: E402
 
 
@@ -45,15 +50,31 @@ def copy_bandwidth(mib=256, repeats=5):
 
 
 
-def decode_times(ours, hf, batch, prompt_len, new, repeats):
-    """-> (ours s/step, transformers s/step) for a batch of equal-length random prompts.
+def int8_copy(ours):
+    """Our model quantized (quantize.quantize_model), sharing the norms and embedding with `ours`."""
+    with torch.device("meta"):
+        q = M.Qwen3(ours.config)
+    q.load_state_dict(ours.state_dict(), assign=True)
+    return quantize.quantize_model(q.eval(), "int8")
 
-    s/step = (best time of generate(1 + new) - best time of generate(1)) / new; the four runs are
-    interleaved and repeated so load from other processes hits both sides alike."""
+
+def bytes_per_step(model):
+    """Bytes a batch-1 decode step must read: every parameter and buffer, except an embedding that is only
+    looked up (a model whose LM head is its own module: the int8 one)."""
+    skip = {id(model.embed_tokens.weight)} if quantize.is_quantized(model) else set()
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in skip)
+
+
+def decode_times(ours, int8, hf, batch, prompt_len, new, repeats):
+    """-> (ours fp32, ours int8, transformers) s/step for a batch of equal-length random prompts.
+
+    s/step = (best time of generate(1 + new) - best time of generate(1)) / new; the six runs are
+    interleaved and repeated so load from other processes hits every side alike."""
     ids = torch.randint(0, ours.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     rows, mask = ids.tolist(), torch.ones_like(ids)
     runs = {
         "ours": lambda n: M.generate(ours, rows, max_new_tokens=n),
+        "int8": lambda n: M.generate(int8, rows, max_new_tokens=n),
         "hf": lambda n: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False, eos_token_id=None, pad_token_id=0),
     }
@@ -88,8 +109,8 @@ DESCRIPTION = ("The image shows a red circle in the upper left, a blue square to
 
 def stage2_times(ours, tok, budget, answer):
     """-> (batched seconds, one-at-a-time seconds, tokens generated in all)."""
-    run = lambda qs, seed: reason.run_reasoning(ours, tok, qs, [DESCRIPTION] * len(qs), budget=budget,
-                                                answer_tokens=answer, nowait=True,
+    settings = reason.ReasonSettings(budget=budget, answer_tokens=answer, nowait=True)
+    run = lambda qs, seed: reason.run_reasoning(ours, tok, qs, [DESCRIPTION] * len(qs), settings,
                                                 generator=torch.Generator().manual_seed(seed))
     run(QUESTIONS[:1], 0)  # warm-up (and the NoWait id set, cached per tokenizer)
     t = time.perf_counter()
@@ -111,31 +132,37 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=int, default=16, help="stage 2 thinking budget")
     ap.add_argument("--answer", type=int, default=8, help="stage 2 answer tokens after thinking")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="thread counts of the decode rows (stage 2 runs at the last one)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     import transformers
 
     ours, hf = qwen3_pair(args.layers)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-    bw = copy_bandwidth()
-    ceiling = bw / weight_bytes  # tokens/s at batch 1 if decode only streamed the weights
-    b1 = decode_times(ours, hf, 1, args.prompt, args.new, args.repeats)
-    b8 = decode_times(ours, hf, 8, args.prompt, args.new, args.repeats)
+    int8 = int8_copy(ours)
+    fp32_bytes, int8_bytes = bytes_per_step(ours), bytes_per_step(int8)
+    rows, bandwidths = [], []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        bw = copy_bandwidth()
+        bandwidths.append(f"{bw / 1e9:.1f} GB/s at {threads}")
+        for batch in (1, 8):
+            o, q, h = decode_times(ours, int8, hf, batch, args.prompt, args.new, args.repeats)
+            # steps/s as a share of the ceiling (bandwidth / bytes a step reads); at batch 8 a step makes 8 tokens
+            rows.append(f"| {threads} | {batch} | {batch / o:.1f} | {batch / q:.1f} | {batch / h:.1f} | "
+                        f"**{h / q:.2f}x** | {o / q:.2f}x | {100 * fp32_bytes / (o * bw):.0f}% | "
+                        f"{100 * int8_bytes / (q * bw):.0f}% of {bw / int8_bytes:.1f} steps/s |")
     tok, tok_name = tokenizer()
     t_batched, t_single, n_b, n_s = stage2_times(ours, tok, args.budget, args.answer)
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; Qwen3 0.6B shapes with {args.layers} of 28 layers, fp32, "
-          f"random weights ({weight_bytes / 2**20:.0f} MiB); copy bandwidth {bw / 1e9:.1f} GB/s; "
-          f"stage-2 tokenizer: {tok_name}")
-    print(f"\n| decode (prompt {args.prompt}, {args.new} steps) | ours tok/s | transformers tok/s | speed-up | "
-          f"% of bandwidth ceiling (ours) |")
-    print("|---|---|---|---|---|")
-    for batch, (o, h) in ((1, b1), (8, b8)):
-        pct = f"{100 * (1 / o) / ceiling:.0f}% of {ceiling:.1f} steps/s" if batch == 1 else \
-              f"{100 * (1 / o) / ceiling:.0f}% (steps/s)"
-        print(f"| batch {batch} | {batch / o:.1f} | {batch / h:.1f} | {h / o:.2f}x | {pct} |")
+    print(f"machine: {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"Qwen3 0.6B shapes with {args.layers} of 28 layers, random weights (fp32 {fp32_bytes / 2**20:.0f} MiB "
+          f"read per step, int8 {int8_bytes / 2**20:.0f} MiB); copy bandwidth {', '.join(bandwidths)} threads; "
+          f"stage-2 tokenizer: {tok_name}, {torch.get_num_threads()} threads")
+    print(f"\n| threads | decode batch (prompt {args.prompt}, {args.new} steps) | ours fp32 tok/s | ours int8 tok/s | "
+          f"transformers fp32 tok/s | int8 vs transformers | int8 vs ours fp32 | fp32: % of its bandwidth ceiling | "
+          f"int8: % of its bandwidth ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
     print(f"\n| stage 2: 8 questions, budget {args.budget} + {args.answer} answer tokens, NoWait, T 0.6 | seconds | "
           f"tokens | tokens/s |")
     print("|---|---|---|---|")

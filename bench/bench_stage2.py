@@ -22,6 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluate  # noqa: E402
+
+import mmstar  # noqa: E402
+import reason  # noqa: E402
 import model  # noqa: E402
 import records  # noqa: E402
 
@@ -42,7 +45,7 @@ def make_docs(n):
     """n MMStar-shaped questions with stage-1 descriptions of ~120 tokens."""
     description = ("The image shows a white table with a red circle on the left, a blue square in the middle "
                    "and a green triangle on the right. A label reading 'A7' is printed on the square. ") * 3
-    docs = [evaluate.Doc(i, str(i), f"How many shapes are left of the square number {i}?\n"
+    docs = [mmstar.Doc(i, str(i), f"How many shapes are left of the square number {i}?\n"
                                     "Options: A: 0, B: 1, C: 2, D: 3", "B", "math", "counting")
             for i in range(n)]
     return docs, [evaluate.stage1_record(d, "", None, description) for d in docs]
@@ -77,7 +80,7 @@ def main():
         llm = model.Qwen3(config).eval()
         for param in llm.parameters():
             param.normal_(0, 0.02)
-    settings = evaluate.ReasonSettings(thinking=True, budget=args.budget, answer_tokens=args.answer_tokens,
+    settings = reason.ReasonSettings(thinking=True, budget=args.budget, answer_tokens=args.answer_tokens,
                                        nowait=True, seed=0)
     docs, stage1 = make_docs(args.questions)
     rows = []

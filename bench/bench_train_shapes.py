@@ -115,13 +115,13 @@ def make_data(folder, n_images, qa_per_image, shapes, seed=0):
         captions.append({"id": f"cap{i}", "image": name, "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": caption}]})
         questions = [
-            (f"What colour is the square in this picture?",
+            ("What colour is the square in this picture?",
              f"The square is {colour}. It is a {size} square near the {place}, on a {bg} background."),
             (f"Where is the {colour} square?",
              f"The {colour} square is near the {place} of the picture. It is {size}, and the background is {bg}."),
-            (f"How big is the square, and what colour is the background?",
+            ("How big is the square, and what colour is the background?",
              f"The square is {size}: about {side} pixels wide out of 112. The background is a plain {bg}."),
-            (f"Describe the scene in one or two sentences.", caption),
+            ("Describe the scene in one or two sentences.", caption),
         ]
         for k in range(qa_per_image):
             q, a = questions[k % len(questions)]

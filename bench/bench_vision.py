@@ -18,6 +18,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import anyres  # noqa: E402
 import model as M  # noqa: E402
+import vlm as V  # noqa: E402
 from _common import best_time  # noqa: E402
 from vision import SiglipConfig, SiglipVisionTower  # noqa: E402
 
@@ -78,7 +79,7 @@ def main():
     ours_s, hf_s, diff = bench_tile(tower, hf, args.repeats)
     del hf
     llm = M.Qwen3(M.Qwen3Config.preset("tiny", hidden_size=1024))   # only its hidden size matters here
-    vlm = M.build_vlm(llm, tower).eval()
+    vlm = V.build_vlm(llm, tower).eval()
     width, height = map(int, args.image.lower().split("x"))
     stage1 = bench_stage1(vlm, width, height, args.repeats)
     result = dict(tile_ours_s=ours_s, tile_transformers_s=hf_s, speed_ratio=hf_s / ours_s, max_abs_diff=diff,

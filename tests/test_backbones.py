@@ -9,6 +9,7 @@ import torch
 
 import checkpoints as C
 import model as M
+import vlm as V
 import shapes_backbones as B
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "backbones")
@@ -33,7 +34,7 @@ def test_backbones_load_strictly_with_the_recorded_shapes():
             key, value = item.split("=")
             assert str(getattr(lm.config, key)).lower() == value.lower(), (size, key)
     captioner = C.load_model(os.path.join(FOLDER, "captioner"))
-    assert isinstance(captioner, M.VLM) and captioner.config.vision.image_size == 56
+    assert isinstance(captioner, V.VLM) and captioner.config.vision.image_size == 56
     assert C.load_model(os.path.join(FOLDER, "lm-S")).config == captioner.llm.config
 
 

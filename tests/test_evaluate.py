@@ -18,6 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import evaluate  # noqa: E402
+
+import mmstar  # noqa: E402
 import records  # noqa: E402
 
 from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
@@ -85,7 +87,7 @@ REPLIES = [
 
 @pytest.mark.parametrize("reply,gt,expected,parsed", REPLIES)
 def test_scoring_matches_release(reply, gt, expected, parsed):
-    got = evaluate.score_reply(reply, gt)
+    got = mmstar.score_reply(reply, gt)
     assert release_score(reply, gt) == expected          # the hand label agrees with the oracle
     assert (1.0 if got["correct"] else 0.0) == expected
     assert got["parsed"] == parsed
@@ -93,15 +95,15 @@ def test_scoring_matches_release(reply, gt, expected, parsed):
 
 def test_e2e_scoring_is_plain_lmms_eval_mmstar():
     # e2e: the whole reply is the prediction (no Answer: line parsing)
-    assert evaluate.score_reply("(C) a triangle", "C", parse_answer_line=False)["correct"]
-    assert not evaluate.score_reply("Answer: C", "C", parse_answer_line=False)["correct"]
+    assert mmstar.score_reply("(C) a triangle", "C", parse_answer_line=False)["correct"]
+    assert not mmstar.score_reply("Answer: C", "C", parse_answer_line=False)["correct"]
 
 
 def test_aggregation_is_mean_over_l2_categories():
     docs = [("coarse perception", "image emotion", 1), ("coarse perception", "image emotion", 0),
             ("coarse perception", "image scene and topic", 1),
             ("math", "geometry", 1), ("math", "geometry", 0), ("math", "geometry", 0)]
-    got = evaluate.aggregate([{"category": c, "l2_category": l, "correct": bool(s)} for c, l, s in docs])
+    got = mmstar.aggregate([{"category": c, "l2_category": l, "correct": bool(s)} for c, l, s in docs])
     # by hand: CP = mean(1/2, 1/1) = 0.75; Math = 1/3; average over the 3 l2 categories = (0.5 + 1 + 1/3) / 3
     assert got["category"]["coarse perception"] == pytest.approx(0.75)
     assert got["category"]["math"] == pytest.approx(1 / 3)
@@ -115,13 +117,13 @@ def test_aggregation_is_mean_over_l2_categories():
 
 
 def test_summary_counts_failed_and_unparsable():
-    doc = evaluate.Doc(0, "0", "q", "A", "c", "l")
+    doc = mmstar.Doc(0, "0", "q", "A", "c", "l")
     recs = [evaluate.stage2_record(doc, {"text": "Answer: A", "generated_tokens": 3, "thinking_tokens": 0,
                                          "budget_hit": False, "answer_tokens": 3}),
             evaluate.stage2_record(doc, {"text": "no idea", "generated_tokens": 5, "thinking_tokens": 5,
                                          "budget_hit": True, "answer_tokens": 0}),
             evaluate.stage2_record(doc, error="image file not found: x.png")]
-    res = evaluate.summarize(recs, "stage2")
+    res = mmstar.summarize(recs, "stage2")
     assert (res["n"], res["n_failed"], res["n_unparsable"]) == (3, 1, 1)
     assert res["accuracy"] == pytest.approx(1 / 3) and res["average"] == pytest.approx(1 / 3)
     assert res["budget_hit_rate"] == 0.5 and res["mean_thinking_tokens"] == 2.5
@@ -148,23 +150,23 @@ TEXT_REPLIES = [
 
 @pytest.mark.parametrize("reply,options,gt,letter", TEXT_REPLIES)
 def test_answer_by_text_scoring(reply, options, gt, letter):
-    got = evaluate.score_reply(reply, gt, options=options)
+    got = mmstar.score_reply(reply, gt, options=options)
     assert got["predicted_letter"] == letter
     assert got["correct"] == (letter == gt)
     assert got["parsed"] == (letter is not None)
-    assert got["prediction"] == evaluate.extract_answer(reply)[0]       # the same prediction as letter mode
+    assert got["prediction"] == mmstar.extract_answer(reply)[0]       # the same prediction as letter mode
 
 
 def test_answer_by_text_normalisation_and_letter_mode_untouched():
-    assert evaluate.normalize_option_text('  "Blue   STAR."  ') == "blue star"
-    assert evaluate.normalize_option_text("Red.") == evaluate.normalize_option_text("red") == "red"
+    assert mmstar.normalize_option_text('  "Blue   STAR."  ') == "blue star"
+    assert mmstar.normalize_option_text("Red.") == mmstar.normalize_option_text("red") == "red"
     # e2e: the whole reply is the prediction, as in letter mode
-    assert evaluate.score_reply("Red.", "A", parse_answer_line=False, options=OPTIONS)["predicted_letter"] == "A"
-    e2e_reply = evaluate.score_reply("Answer: red", "A", parse_answer_line=False, options=OPTIONS)
+    assert mmstar.score_reply("Red.", "A", parse_answer_line=False, options=OPTIONS)["predicted_letter"] == "A"
+    e2e_reply = mmstar.score_reply("Answer: red", "A", parse_answer_line=False, options=OPTIONS)
     assert e2e_reply["predicted_letter"] is None
     # letter mode: no predicted_letter, same result as before ("Red" starts with neither A nor B)
-    assert evaluate.score_reply("Answer: Red.", "A") == {"prediction": "Red.", "parsed": True, "correct": False}
-    doc = evaluate.Doc(0, "0", "q", "B", "c", "l", options=OPTIONS)
+    assert mmstar.score_reply("Answer: Red.", "A") == {"prediction": "Red.", "parsed": True, "correct": False}
+    doc = mmstar.Doc(0, "0", "q", "B", "c", "l", options=OPTIONS)
     reply = {"text": "Blue star", "generated_tokens": 2}
     rec = evaluate.stage2_record(doc, reply, parse_answer_line=False, answer_match="text")
     assert (rec["predicted_letter"], rec["correct"], rec["parsed"]) == ("B", True, True)
@@ -172,7 +174,7 @@ def test_answer_by_text_normalisation_and_letter_mode_untouched():
     failed = evaluate.stage2_record(doc, error="no image", answer_match="text")
     assert (failed["predicted_letter"], failed["correct"], failed["parsed"]) == (None, False, False)
     with pytest.raises(ValueError, match="doc 0 .*has none"):
-        evaluate.check_answer_match([evaluate.Doc(0, "0", "q", "B", "c", "l")], "text")
+        mmstar.check_answer_match([mmstar.Doc(0, "0", "q", "B", "c", "l")], "text")
 
 
 def test_run_config_from_before_answer_match_resumes_as_letter(tmp_path):
@@ -196,7 +198,7 @@ def release_read_stage1(path):
 
 
 def test_stage1_file_written_by_us_reads_with_release_logic(tmp_path):
-    docs = [evaluate.Doc(i, str(10 + i), f"q{i}", "A", "c", "l") for i in range(3)]
+    docs = [mmstar.Doc(i, str(10 + i), f"q{i}", "A", "c", "l") for i in range(3)]
     path = str(tmp_path / "stage1.jsonl")
     out = records.ResumableJsonl(path, key="doc_id")
     out.append([evaluate.stage1_record(d, "<image>\nDescribe", "hint", f"description {d.doc_id}\nline 2")
@@ -210,11 +212,11 @@ def test_stage1_file_from_lmms_eval_reads_with_ours(tmp_path):
              "arguments": [["Describe..."]], "resps": [[f"desc {i}"]], "filtered_resps": [f"desc {i}"],
              "doc_hash": "x", "prompt_hash": "y", "target_hash": "z"} for i in (1, 0)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    docs = [evaluate.Doc(i, str(i), "q", "B", "c", "l") for i in range(2)]
+    docs = [mmstar.Doc(i, str(i), "q", "B", "c", "l") for i in range(2)]
     ours = evaluate.read_stage1(str(path), docs)
     assert {k: v["filtered_resps"][0] for k, v in ours.items()} == release_read_stage1(path)
     with pytest.raises(ValueError, match=r"lacks 2 of the 4 doc_ids"):
-        evaluate.read_stage1(str(path), docs + [evaluate.Doc(i, str(i), "q", "B", "c", "l") for i in (2, 3)])
+        evaluate.read_stage1(str(path), docs + [mmstar.Doc(i, str(i), "q", "B", "c", "l") for i in (2, 3)])
 
 
 def make_mmstar_parquet(path, images):
@@ -249,12 +251,12 @@ def test_mmstar_parquet_reader(tmp_path):
     pytest.importorskip("pyarrow")
     images = [Image.new("RGB", (40 + 10 * i, 30), (i * 80, 20, 200)) for i in range(3)]
     make_mmstar_parquet(str(tmp_path / "val.parquet"), images)
-    docs = evaluate.load_docs(str(tmp_path / "val.parquet"))
+    docs = mmstar.load_docs(str(tmp_path / "val.parquet"))
     assert [(d.doc_id, d.index, d.answer, d.l2_category) for d in docs] == [
         (0, "0", "A", "image emotion"), (1, "1", "B", "geometry"), (2, "2", "C", "statistical reasoning")]
     assert docs[1].question == MMSTAR_QUESTIONS[1]
-    assert evaluate.load_image(docs[2]).size == (60, 30)
-    assert evaluate.load_docs(str(tmp_path), limit=2)[-1].doc_id == 1   # a folder of parquet files
+    assert mmstar.load_image(docs[2]).size == (60, 30)
+    assert mmstar.load_docs(str(tmp_path), limit=2)[-1].doc_id == 1   # a folder of parquet files
 
 
 def test_jsonl_set_and_bad_images(tmp_path):
@@ -264,7 +266,7 @@ def test_jsonl_set_and_bad_images(tmp_path):
             {"index": "b", "question": "Q?", "answer": "B", "category": "c1", "l2_category": "l", "image": "gone.png"},
             {"index": "c", "question": "Q?", "answer": "B", "category": "c2", "image": "corrupt.png"}]
     (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    docs = evaluate.load_docs(str(tmp_path / "set.jsonl"))
+    docs = mmstar.load_docs(str(tmp_path / "set.jsonl"))
     assert docs[0].l2_category == "c1" and docs[1].l2_category == "l"
     ok, images, failed = evaluate._split_images(docs)
     assert [d.index for d in ok] == ["a"] and images[0].mode == "RGB"
@@ -288,14 +290,14 @@ def test_jsonl_options_are_validated(tmp_path, options, answer, error):
     path = tmp_path / "set.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=re.escape(f"{path}: record 2: ") + ".*" + re.escape(error)) as e:
-        evaluate.load_docs(str(path))
+        mmstar.load_docs(str(path))
     assert "\n" not in str(e.value)
 
 
 def test_jsonl_options_are_stored(tmp_path):
     rows = [{"question": "Q?", "answer": "B", "options": ["red", "blue star"]}, {"question": "Q?", "answer": "A"}]
     (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    docs = evaluate.load_docs(str(tmp_path / "set.jsonl"))
+    docs = mmstar.load_docs(str(tmp_path / "set.jsonl"))
     assert docs[0].options == ["red", "blue star"] and docs[1].options is None
 
 
@@ -325,6 +327,7 @@ def tiny(tmp_path_factory):
     import prompts
     import shapes_world
     import vision
+    import vlm as V
     root = tmp_path_factory.mktemp("tiny")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny models: one thread is faster than two on a shared 2-core box
@@ -335,8 +338,8 @@ def tiny(tmp_path_factory):
     tokenizer = shapes_world.train_tokenizer(texts * 4, vocab_size=400)
     vocab = tokenizer.get_vocab_size()
     llm = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab))
-    vlm = model.build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab)),
-                          vision.SiglipConfig.preset("tiny"))
+    vlm = V.build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab)),
+                      vision.SiglipConfig.preset("tiny"))
     for name, m in (("llm", llm), ("vlm", vlm)):
         checkpoints.save_model(m, str(root / name))
         tokenizer.save(str(root / name / "tokenizer.json"))
@@ -394,7 +397,7 @@ def test_e2e_mode(tiny, tmp_path, monkeypatch):
     res = json.loads((tmp_path / "e2e_results.json").read_text())
     assert res["mode"] == "e2e" and res["n_failed"] == 1
     ok = [r for r in recs.values() if r["status"] == "ok"]
-    assert all(r["correct"] == bool(evaluate.exact_match(r["response"], r["target"])) for r in ok)
+    assert all(r["correct"] == bool(mmstar.exact_match(r["response"], r["target"])) for r in ok)
 
 
 def test_stage2_scores_canned_replies_like_the_release(tiny, tmp_path, monkeypatch):
@@ -405,7 +408,7 @@ def test_stage2_scores_canned_replies_like_the_release(tiny, tmp_path, monkeypat
     canned = {0: "<think>\nred\n</think>\n\nAnswer: A", 1: "Answer: (B)", 2: "Answer: A", 4: "I am not sure",
               5: "Step 1.\nAnswer: B"}   # doc 3 has no image: failed in stage 1
 
-    def fake(llm, tokenizer, questions, descriptions, **kw):
+    def fake(llm, tokenizer, questions, descriptions, settings=None, **kw):
         ids = [int(q.split("shape ")[1][0]) for q in questions]
         return [{"text": canned[i], "generated_tokens": 7, "thinking_tokens": 3, "budget_hit": False,
                  "answer_tokens": 4} for i in ids]
@@ -436,7 +439,7 @@ def test_stage2_answer_by_text_end_to_end(tiny, tmp_path, monkeypatch):
               4: 'Step 1.\nAnswer: "Yellow"',                  # D, wrong (gold A)
               5: "so it is the\nBlue  Star"}                   # no Answer: line, last line matches B: right
 
-    def fake(llm, tokenizer, questions, descriptions, **kw):
+    def fake(llm, tokenizer, questions, descriptions, settings=None, **kw):
         ids = [int(q.split("shape ")[1][0]) for q in questions]
         return [{"text": canned[i], "generated_tokens": 7, "thinking_tokens": 3, "budget_hit": False,
                  "answer_tokens": 4} for i in ids]
@@ -641,16 +644,69 @@ def test_parquet_bytes_and_image_files_load_by_one_rule(tmp_path):
     image.putpixel((1, 1), (200, 10, 10, 255))
     path = tmp_path / "t.png"
     image.save(path)
-    from_bytes = evaluate.load_image(evaluate.Doc(0, "0", "q", "A", "c", "c", image_bytes=path.read_bytes()))
-    from_file = evaluate.load_image(evaluate.Doc(1, "1", "q", "A", "c", "c", image_path=str(path)))
+    from_bytes = mmstar.load_image(mmstar.Doc(0, "0", "q", "A", "c", "c", image_bytes=path.read_bytes()))
+    from_file = mmstar.load_image(mmstar.Doc(1, "1", "q", "A", "c", "c", image_path=str(path)))
     assert from_bytes.tobytes() == from_file.tobytes()
     assert from_bytes.getpixel((0, 0)) == (255, 255, 255) and from_bytes.getpixel((1, 1)) == (200, 10, 10)
     with pytest.raises(ValueError, match=r"doc 2 \(index 2\): embedded image"):
-        evaluate.load_image(evaluate.Doc(2, "2", "q", "A", "c", "c", image_bytes=b"not a png"))
+        mmstar.load_image(mmstar.Doc(2, "2", "q", "A", "c", "c", image_bytes=b"not a png"))
 
 
 def test_an_empty_set_is_named_as_such(tmp_path):
     empty = tmp_path / "mc.jsonl"
     empty.write_text("")
     with pytest.raises(ValueError, match=r"mc\.jsonl: no records"):
-        evaluate.load_docs(str(empty))
+        mmstar.load_docs(str(empty))
+
+
+# ----------------------------------------------------------------------------- faults: locks, duplicates, paths, images
+
+def test_a_second_writer_of_an_output_is_refused(tiny, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    with records.WriterLock(out / "stage1.jsonl.lock"):   # another evaluate.py writes stage 1 there
+        with pytest.raises(records.LockedError, match=rf"stage1\.jsonl\.lock: locked by pid {os.getpid()} on host "):
+            run_cli(tiny, out, "--mode", "stage1")
+    assert not (out / "stage1.jsonl").exists()
+    run_cli(tiny, out, "--mode", "stage1")                 # released: the next run goes ahead
+    assert len(read_lines(out / "stage1.jsonl")) == N_DOCS
+
+
+def test_a_doc_id_written_twice_is_refused(tmp_path):
+    docs = [mmstar.Doc(i, str(i), "q", "A", "c", "c") for i in range(3)]
+    path = tmp_path / "stage1.jsonl"
+    line = lambda i: json.dumps({"doc_id": i, "filtered_resps": ["d"], "resps": [["d"]]}) + "\n"
+    path.write_text(line(0) + line(1) + line(2) + line(1))
+    with pytest.raises(ValueError, match=r"stage1\.jsonl: line 4 repeats doc_id 1 of line 2"):
+        evaluate.read_stage1(str(path), docs)
+    with pytest.raises(ValueError, match=r"stage1\.jsonl: line 4 repeats doc_id 1 of line 2"):
+        evaluate._run_batches(docs, str(path), 2, "x", lambda batch: [], show_progress=False)
+
+
+def test_jsonl_image_paths_stay_inside_the_image_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (4, 2)).save(tmp_path / "secret.png")
+    rows = [{"question": "Q?", "answer": "A", "image": "../secret.png"}]
+    (tmp_path / "imgs" / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"set\.jsonl: record 1: image path '\.\./secret\.png' is outside"):
+        mmstar.load_docs(str(tmp_path / "imgs" / "set.jsonl"))
+    doc, = mmstar.load_docs(str(tmp_path / "imgs" / "set.jsonl"), allow_outside_images=True)
+    assert mmstar.load_image(doc).size == (4, 2)
+
+
+def test_exif_transpose_and_the_pixel_limit_hold_for_files_and_parquet_bytes(tmp_path, monkeypatch):
+    import vision
+    image = Image.new("RGB", (4, 2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rot.png", exif=exif.tobytes())
+    (tmp_path / "set.jsonl").write_text(json.dumps({"question": "Q?", "answer": "A", "image": "rot.png"}) + "\n")
+    on_file, = mmstar.load_docs(str(tmp_path / "set.jsonl"), exif_transpose=True)
+    as_bytes = mmstar.Doc(1, "1", "q", "A", "c", "c", image_bytes=(tmp_path / "rot.png").read_bytes(),
+                          exif_transpose=True)
+    assert mmstar.load_image(on_file).size == mmstar.load_image(as_bytes).size == (2, 4)
+    assert mmstar.load_image(mmstar.load_docs(str(tmp_path / "set.jsonl"))[0]).size == (4, 2)   # default: release
+    monkeypatch.setattr(vision, "MAX_PIXELS", 7)
+    for doc in (on_file, as_bytes):
+        with pytest.raises(ValueError, match="8 pixels is over the limit of 7"):
+            mmstar.load_image(doc)

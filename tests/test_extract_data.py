@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from PIL import Image
 import extract_data as X
 import checkpoints as C
 import model as M
+import vlm as V
 import prompts
 from records import read_jsonl
 
@@ -66,7 +68,8 @@ THREE_PAIRS = [{"from": "human", "value": "<image>\nIs the cheese to the left of
 
 
 def fake_args(**kw):
-    return type("Args", (), {"strip_answer_format": False, "answer_format_suffix": [], "image_folder": "", **kw})()
+    return type("Args", (), {"strip_answer_format": False, "answer_format_suffix": [], "image_folder": "",
+                           "allow_outside_images": False, "exif_transpose": False, **kw})()
 
 
 @pytest.mark.parametrize("conversations", [ONE_PAIR, THREE_PAIRS], ids=["1 pair", "3 pairs"])
@@ -147,11 +150,11 @@ def tiny_tokenizer():
 
 
 def tiny_vlm(llm):
-    """A random tiny VLM around llm: tiny SigLIP tower + projector (the vision helper's model.build_vlm)."""
+    """A random tiny VLM around llm: tiny SigLIP tower + projector (the vision helper's V.build_vlm)."""
     import vision
     torch.manual_seed(1)
     tower = vision.SiglipVisionTower(vision.SiglipConfig.preset("tiny"))
-    return M.build_vlm(llm, tower)
+    return V.build_vlm(llm, tower)
 
 
 @pytest.fixture(scope="module")
@@ -518,3 +521,84 @@ def test_an_empty_input_is_named_as_such(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"extract_data.py: error: {empty}: no records to convert"
     assert not (tmp_path / "extract.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- faults: server down, locks, paths, images
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"   # nothing listens there now: connection refused
+
+
+def test_a_server_that_is_down_stops_the_run_non_zero(tmp_path, capsys):
+    make_dataset(tmp_path)
+    argv = ["--data", str(tmp_path / "train.json"), "--image-folder", str(tmp_path / "imgs"),
+            "--out", str(tmp_path / "extract.jsonl"), "--base-url", closed_port_url(), "--model", "m",
+            "--max-retries", "1", "--retry-delay", "0.01", "--no-progress"]
+    assert X.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "every sample of the batch at index 0 failed to reach the server" in err
+    assert "ConnectionRefusedError" in err and "after 1 retries" in err
+    assert not (tmp_path / "extract.captions.jsonl").exists()   # nothing marked failed: a rerun does them all
+
+
+def test_hf_hub_offline_does_not_block_a_loopback_server(tmp_path, server, monkeypatch, capsys):
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # what the variable sets at import
+    make_dataset(tmp_path)
+    assert X.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 2 and server.requests
+
+
+def test_chat_completions_url():
+    assert X.chat_completions_url("http://h:8000/v1") == "http://h:8000/v1/chat/completions"
+    assert X.chat_completions_url("http://h:8000/") == "http://h:8000/v1/chat/completions"
+    assert X.chat_completions_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+
+
+def test_a_second_writer_of_one_output_is_refused(tmp_path, server, capsys):
+    from records import WriterLock
+    make_dataset(tmp_path)
+    with WriterLock(tmp_path / "extract.captions.jsonl.lock"):   # another run holds it
+        assert X.main(openai_argv(tmp_path, server)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"extract_data.py: error: {tmp_path / 'extract.captions.jsonl.lock'}: locked by pid "
+                          f"{os.getpid()} on host ") and "\n" not in err
+    assert not server.requests and not (tmp_path / "extract.captions.jsonl").exists()
+    assert X.main(openai_argv(tmp_path, server)) == 0   # released: the next run goes ahead
+
+
+def test_image_paths_outside_the_image_folder_are_refused(tmp_path, server, capsys):
+    make_dataset(tmp_path)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "secret.png")
+    data = json.loads((tmp_path / "train.json").read_text())
+    data.append({"id": "evil", "image": "../secret.png", "conversations": data[0]["conversations"]})
+    (tmp_path / "train.json").write_text(json.dumps(data))
+    assert X.main(openai_argv(tmp_path, server)) == 2
+    err = capsys.readouterr().err
+    assert "record evil (index 5): image path '../secret.png' is outside the image folder" in err
+    assert not server.requests   # refused before any pixel was sent
+    assert X.main(openai_argv(tmp_path, server, "extract.jsonl", "--allow-outside-images", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["done"] == 3
+
+
+def test_extraction_images_load_by_the_one_rule(tmp_path, monkeypatch):
+    """The pixel limit and --exif-transpose of vision.load_image, then the release's 512x512."""
+    import vision
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (200, 100), "red").save(path)
+    monkeypatch.setattr(vision, "MAX_PIXELS", 10_000)
+    with pytest.raises(ValueError, match="wide.png: 200x100 = 20000 pixels is over the limit of 10000"):
+        X.load_image_512(str(path))
+    monkeypatch.undo()
+    image = Image.new("RGB", (4, 2), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 2, 2))
+    exif = Image.Exif()
+    exif[0x0112] = 6   # rotate 90 degrees clockwise to view
+    image.save(tmp_path / "rot.png", exif=exif.tobytes())
+    assert X.load_image_512(str(tmp_path / "rot.png")).tobytes() == image.resize((512, 512)).tobytes()
+    turned = image.transpose(Image.Transpose.ROTATE_270).resize((512, 512))
+    assert X.load_image_512(str(tmp_path / "rot.png"), exif_transpose=True).tobytes() == turned.tobytes()

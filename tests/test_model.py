@@ -66,10 +66,20 @@ def test_qwen2_flags_come_from_config(tmp_path):
     assert ours.layers[0].self_attn.q_proj.bias is not None and ours.layers[0].self_attn.o_proj.bias is None
 
 
+def test_pad_rows_by_hand():
+    ids, mask, lab = M.pad_rows([[5, 6], [7]], "left")
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]] and lab is None
+    ids, mask, lab = M.pad_rows([[5, 6], [7]], "right", pad_id=9, labels=[[-100, 6], [7]])
+    assert ids.tolist() == [[5, 6], [7, 9]] and mask.tolist() == [[1, 1], [1, 0]]
+    assert lab.tolist() == [[-100, 6], [7, M.IGNORE_INDEX]]
+    with pytest.raises(ValueError, match="padding side"):
+        M.pad_rows([[1]], "middle")
+
+
 def test_left_padded_batch_equals_each_row_alone(tmp_path):
     ours = C.load_model(saved(hf_model(), tmp_path))
     rows = [torch.randint(0, VOCAB, (n,)) for n in (9, 4, 7)]
-    ids, mask = M._left_pad([r.tolist() for r in rows], "cpu")
+    ids, mask, _ = M.pad_rows([r.tolist() for r in rows], "left")
     with torch.no_grad():
         batch = ours(ids, attention_mask=mask)
         for i, r in enumerate(rows):
@@ -80,7 +90,7 @@ def test_left_padded_batch_equals_each_row_alone(tmp_path):
 def test_kv_cache_decode_equals_full_forward(tmp_path):
     ours = C.load_model(saved(hf_model(), tmp_path))
     rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (10, 6)]
-    ids, mask = M._left_pad(rows, "cpu")
+    ids, mask, _ = M.pad_rows(rows, "left")
     T = ids.shape[1]
     with torch.no_grad():
         full = ours(ids, attention_mask=mask)                      # (B, T, V)
@@ -197,3 +207,45 @@ def test_one_device_rule(monkeypatch):
         C.device_and_dtype("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert C.device_and_dtype("auto") == ("cuda", "bfloat16") and C.device_and_dtype("cpu") == ("cpu", "float32")
+
+
+def _corrupt(folder, name, edit):
+    path = os.path.join(folder, name)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(edit(data))
+
+
+def _retyped(key, value):
+    return lambda data: json.dumps({**json.loads(data), key: value}).encode()
+
+
+@pytest.mark.parametrize("name,edit,needle", [
+    ("config.json", lambda d: d[:len(d) // 2], r"config\.json: not valid JSON"),
+    ("config.json", lambda d: b"\xff\xfe garbage", r"config\.json: not UTF-8"),
+    ("config.json", lambda d: b"[1, 2]", r"config\.json: expected a JSON object, got a list"),
+    ("config.json", _retyped("num_hidden_layers", "two"), r"config\.json: num_hidden_layers is 'two', expected int"),
+    ("config.json", _retyped("tie_word_embeddings", 1), r"config\.json: tie_word_embeddings is 1, expected bool"),
+    ("config.json", _retyped("rope_parameters", "big"), r"config\.json: 'str' object has no attribute"),
+    ("model.safetensors", lambda d: d[:len(d) // 2], r"model\.safetensors: not a readable safetensors file"),
+    ("model.safetensors", lambda d: (2**40).to_bytes(8, "little") + d[8:], r"model\.safetensors: not a readable"),
+    ("model.safetensors", lambda d: __import__("pickle").dumps({"w": [1.0]}), r"model\.safetensors: not a readable"),
+])
+def test_a_corrupt_checkpoint_file_is_one_error_naming_it(tmp_path, name, edit, needle):
+    C.save_model(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), tmp_path)
+    _corrupt(tmp_path, name, edit)
+    with pytest.raises(M.CheckpointError, match=needle) as e:
+        C.load_model(str(tmp_path))
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d[:len(d) // 2], r"index\.json: not valid JSON"),
+    (lambda d: b'{"weight_map": {"embed_tokens.weight": "../elsewhere.safetensors"}}', r"index\.json: weight_map must"),
+])
+def test_a_corrupt_shard_index_is_one_error_naming_it(tmp_path, edit, needle):
+    C.save_model(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), tmp_path, max_shard_bytes=20_000)
+    _corrupt(tmp_path, "model.safetensors.index.json", edit)
+    with pytest.raises(M.CheckpointError, match=needle):
+        C.load_model(str(tmp_path))

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
+import vlm as V  # noqa: E402
 import prompts  # noqa: E402
 import reason  # noqa: E402
 import shapes_world  # noqa: E402
@@ -157,16 +158,16 @@ def test_run_reasoning_batched_records_per_row(tok):
     """Greedy tiny model: rows that reach the budget end it with "\\n</think>" at exactly `budget` tokens."""
     llm = tiny_llm(tok, seed=1)
     questions = ["Which shape is red?\nOptions: A: circle, B: star", "How many?", "Is the square left of the star?"]
-    rows = reason.run_reasoning(llm, tok, questions, ["A red circle."] * 3, budget=12, answer_tokens=5,
-                                temperature=0.0)
+    rows = reason.run_reasoning(llm, tok, questions, ["A red circle."] * 3,
+                                reason.ReasonSettings(budget=12, answer_tokens=5, greedy=True))
     for r in rows:
         assert r["budget_hit"] == r.budget_hit
         assert r.thinking_tokens <= 12 and r.answer_tokens <= 5 + 1
         assert r.generated_tokens == r.thinking_tokens + r.answer_tokens
         if r.budget_hit:
             assert r.thinking_tokens == 12 and "</think>" in r.text
-    plain = reason.run_reasoning(llm, tok, questions[:2], ["A red circle."] * 2, thinking=False, answer_tokens=4,
-                                 temperature=0.0)
+    plain = reason.run_reasoning(llm, tok, questions[:2], ["A red circle."] * 2,
+                                 reason.ReasonSettings(thinking=False, answer_tokens=4, greedy=True))
     assert all(r.thinking_tokens == 0 and not r.budget_hit and r.generated_tokens <= 4 for r in plain)
     assert all(r.answer == r.text.strip() for r in plain)
 
@@ -179,7 +180,8 @@ def test_a_literal_image_mark_is_plain_text_for_the_text_only_reasoner(tok, monk
     monkeypatch.setattr(M, "generate", lambda model, ids, *a, **k: seen.extend(ids) or real(model, ids, *a, **k))
     llm = tiny_llm(tok)
     question, description = "What is in <image> 1?", "The <image> shows a red circle."
-    rows = reason.run_reasoning(llm, tok, [question], [description], budget=4, answer_tokens=2, temperature=0.0)
+    rows = reason.run_reasoning(llm, tok, [question], [description],
+                                reason.ReasonSettings(budget=4, answer_tokens=2, greedy=True))
     chat = prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(question, description, True)}])
     assert rows and seen[0] == ids_of(tok, chat) and M.IMAGE_TOKEN_ID not in seen[0]
     assert M.encode(tok, "a <image> b") != M.encode(tok, "a <image> b", image_marks=False)
@@ -188,7 +190,7 @@ def test_a_literal_image_mark_is_plain_text_for_the_text_only_reasoner(tok, monk
 def test_run_reasoning_with_a_seeded_generator_is_reproducible(tok):
     llm = tiny_llm(tok, seed=2)
     run = lambda: [r.text for r in reason.run_reasoning(llm, tok, ["Which?", "Where is it?"], ["A star."] * 2,
-                                                         budget=10, answer_tokens=4,
+                                                         reason.ReasonSettings(budget=10, answer_tokens=4),
                                                          generator=torch.Generator().manual_seed(7))]
     assert run() == run()
 
@@ -213,10 +215,10 @@ def test_final_answer_parses_the_last_line_like_the_release():
 def test_the_command_line_shows_what_evaluation_scores():
     """One parser: a reply that ends in a newline has an empty last line, which the release scores 0; the
     command line must not show "B" for it."""
-    import evaluate
+    import mmstar
     for reply in ("<think>\nx\n</think>\n\nAnswer: B\n", "Answer: B", "Answer: B \n\n", "B"):
-        assert reason.final_answer(reply) == evaluate.score_reply(reply, "B")["prediction"].strip()
-        assert bool(reason.final_answer(reply) == "B") == evaluate.score_reply(reply, "B")["correct"]
+        assert reason.final_answer(reply) == mmstar.score_reply(reply, "B")["prediction"].strip()
+        assert bool(reason.final_answer(reply) == "B") == mmstar.score_reply(reply, "B")["correct"]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -229,7 +231,7 @@ def checkpoints(tok, tmp_path_factory):
     llm = tiny_llm(tok, seed=3)
     C.save_model(llm, str(root / "llm"))
     tok.save(str(root / "llm" / "tokenizer.json"))
-    vlm = M.build_vlm(tiny_llm(tok, seed=4), vision.SiglipConfig.preset("tiny"))
+    vlm = V.build_vlm(tiny_llm(tok, seed=4), vision.SiglipConfig.preset("tiny"))
     C.save_model(vlm, str(root / "vlm"))
     tok.save(str(root / "vlm" / "tokenizer.json"))
     Image.new("RGB", (90, 60), (220, 40, 40)).save(root / "red.png")

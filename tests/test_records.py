@@ -1,10 +1,17 @@
 """records.py: strict JSONL reading, atomic writes, and crash-safe resumable appends."""
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
-from records import ResumableJsonl, atomic_write_json, atomic_write_text, read_jsonl, read_records
+from records import (LockedError, ResumableJsonl, WriterLock, atomic_write_json, atomic_write_text, read_jsonl,
+                     read_records)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write(path, text):
@@ -105,3 +112,47 @@ def test_invalid_utf8_names_the_file_and_line(tmp_path):
     listing.write_bytes(b'[{"b": "\xff"}]')
     with pytest.raises(ValueError, match=r"bad\.json: not UTF-8"):
         read_records(str(listing))
+
+
+def test_a_duplicated_key_is_refused_naming_file_line_and_key(tmp_path):
+    p = tmp_path / "r.jsonl"
+    write(p, '{"index": 0}\n{"index": 1}\n{"index": 0, "caption": "again"}\n')
+    with pytest.raises(ValueError, match=r"r\.jsonl: line 3 repeats index 0 of line 1"):
+        ResumableJsonl(p, "index")
+    with pytest.raises(ValueError, match=r"line 3 repeats index 0"):
+        read_jsonl(p, unique="index")
+    assert len(read_jsonl(p)) == 3   # without `unique`, a plain reader
+    out = ResumableJsonl(tmp_path / "s.jsonl", "index")
+    out.append([{"index": 0}])
+    with pytest.raises(ValueError, match=r"refusing to append index \[0\] again"):
+        out.append([{"index": 1}, {"index": 0}])
+    assert read_jsonl(tmp_path / "s.jsonl") == [{"index": 0}]
+
+
+def test_writer_lock_refuses_a_second_writer_naming_the_lock_and_holder(tmp_path):
+    lock = tmp_path / "out.jsonl.lock"
+    with WriterLock(lock, "test"):
+        with pytest.raises(LockedError, match=rf"out\.jsonl\.lock: locked by pid {os.getpid()} on host "
+                                               rf"{socket.gethostname()}"):
+            WriterLock(lock).acquire()
+    with WriterLock(lock):   # released on exit: the next writer gets it
+        pass
+
+
+def test_writer_lock_of_a_killed_process_never_blocks(tmp_path):
+    """The kernel drops a flock when its holder dies, even by kill -9: a lock file left behind (holding a pid
+    that is gone) never blocks the next writer."""
+    lock = tmp_path / "train.lock"
+    code = (f"import records, time; records.WriterLock({str(lock)!r}).acquire(); print('held', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(LockedError, match=f"pid {holder.pid} "):
+            WriterLock(lock).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads(lock.read_text())["pid"] == holder.pid   # the stale file stays ...
+    with WriterLock(lock):                                      # ... and does not block
+        assert json.loads(lock.read_text())["pid"] == os.getpid()

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-import evaluate
+import mmstar
 import shapes_world as W
 
 SEEDS = W.training_seeds(400)
@@ -284,14 +284,34 @@ def test_build_dataset_writes_consistent_deterministic_files(tmp_path):
 def test_eval_set_scores_the_answer_text_in_evaluate(tmp_path):
     """The held-out set loads in evaluate.py, and the right answer written as text scores as the right letter."""
     paths = W.build_dataset(str(tmp_path), n_train=1, n_eval=4)
-    docs = evaluate.load_docs(paths["eval"])
+    docs = mmstar.load_docs(paths["eval"])
     rows = [json.loads(line) for line in open(paths["eval"])]
     for doc, r in zip(docs, rows):
-        assert doc.options == r["options"] and evaluate.load_image(doc).size == (112, 112)
-        assert evaluate.score_reply(f"<think>\nx\n</think>\n\nAnswer: {r['answer_text']}", doc.answer,
+        assert doc.options == r["options"] and mmstar.load_image(doc).size == (112, 112)
+        assert mmstar.score_reply(f"<think>\nx\n</think>\n\nAnswer: {r['answer_text']}", doc.answer,
                                     options=doc.options)["correct"]
         wrong = next(o for o in r["options"] if o != r["answer_text"])
-        assert not evaluate.score_reply(f"Answer: {wrong}", doc.answer, options=doc.options)["correct"]
+        assert not mmstar.score_reply(f"Answer: {wrong}", doc.answer, options=doc.options)["correct"]
+
+
+def test_training_prompts_are_the_prompts_evaluation_sends():
+    """Each QA and extraction record is one question right after the image, worded exactly as evaluate.py words
+    the same question at evaluation (a record whose question came later in a multi-turn chat, without the
+    image before it, taught the end-to-end model a format it never sees in evaluation)."""
+    import evaluate
+    import prompts
+    scene = W.make_scene(SEEDS[0])
+    recs = W.training_records(scene, "x.png")
+    rng = random.Random(scene["seed"])
+    questions = [(q, W.multiple_choice(q, rng)) for q in W.questions_for_scene(scene, rng)]
+    assert len(recs["qa"]) == len(recs["extract"]) == len(questions) > 1
+    for (q, mc), qa, ex in zip(questions, recs["qa"], recs["extract"]):
+        doc = mmstar.Doc(doc_id=0, index="0", question=mc["question"], answer=mc["answer"], category="",
+                         l2_category="")
+        assert [t["from"] for t in qa["conversations"]] == ["human", "gpt"]
+        assert qa["conversations"][0]["value"] == evaluate.e2e_user_text(doc)
+        assert qa["conversations"][1]["value"] == q["answer"]
+        assert ex["conversations"][0]["value"] == "<image>\n" + prompts.perception_prompt(q["hint"])
 
 
 def test_lm_corpus_trains_only_the_replies_to_the_exact_prompts():

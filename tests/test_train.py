@@ -12,6 +12,7 @@ import torch
 import chat_data as D
 import checkpoints as C
 import model as M
+import vlm as V
 import train as T
 from model import IMAGE_TOKEN_ID
 
@@ -180,7 +181,7 @@ def test_llm_loss_equals_transformers(tmp_path):
     ids = [torch.randint(1, 96, (n,)).tolist() for n in (11, 7)]
     labels = [[T.IGNORE] * 4 + x[4:] for x in ids]             # prompt masked, padding masked by right_pad
     loss, n, _, _ = ours(ids, labels, [[], []])
-    ids_t, mask, labels_t = T.right_pad(ids, labels, 0, "cpu")
+    ids_t, mask, labels_t = M.pad_rows(ids, "right", 0, labels)
     ref = hf(input_ids=ids_t, attention_mask=mask, labels=labels_t).loss
     assert n.item() == (11 - 4) + (7 - 4) and abs(loss.item() / n.item() - ref.item()) < 1e-5
 
@@ -317,7 +318,7 @@ def test_vlm_resume_continues_exactly(tmp_path, tiny_tok, image_data):
 
 def test_param_groups_per_module_lr_and_no_decay_on_norms_biases_newline():
     from vision import SiglipConfig
-    vlm = M.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=64)), SiglipConfig.preset("tiny"))
+    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=64)), SiglipConfig.preset("tiny"))
     cfg = T.TrainConfig(stage="finetune", data="-", weight_decay=0.1).resolve()
     owner = T.set_trainable(vlm, cfg.train)
     names = {id(p): n for n, p in vlm.named_parameters()}
@@ -442,7 +443,7 @@ def test_loss_at_labelled_positions_equals_the_full_vocabulary_loss():
     loss.backward()
     ours = {k: p.grad.clone() for k, p in llm.named_parameters()}
     llm.zero_grad()
-    ids_t, mask, labels_t = T.right_pad(ids, labels, 0, "cpu")
+    ids_t, mask, labels_t = M.pad_rows(ids, "right", 0, labels)
     logits = llm(ids_t, attention_mask=mask)                     # (B, T, V): every position, padding masked
     assert torch.equal(llm.logits(llm(ids_t, attention_mask=mask, return_hidden=True)), logits)
     targets = torch.nn.functional.pad(labels_t[:, 1:], (0, 1), value=T.IGNORE)
@@ -493,7 +494,7 @@ def test_batch_loader_caches_tokens_and_tiles(tmp_path, tiny_tok, image_data):
     cfg = T.parse_args(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "o")).resolve()
     tok = T.load_tokenizer(cfg)
     samples, _ = T.build_samples(cfg, [json.loads(line) for line in open(cfg.data)])
-    vlm = M.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size())),
+    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size())),
                       SiglipConfig.preset("tiny"))
     cached = D.BatchLoader(samples, tok, cfg, T.image_preparer(vlm), cache_bytes=2**24)
     fresh = D.BatchLoader(samples, tok, cfg, T.image_preparer(vlm), cache_bytes=0)
@@ -549,3 +550,86 @@ def test_a_conversation_with_nothing_to_train_is_an_error_naming_the_record():
         D.render_segments(turns, "qwen_1_5", "r7")
     with pytest.raises(ValueError, match="record r8: no gpt turn to train"):
         D.render_segments([("user", "q")], "qwen3", "r8")
+
+
+# ----------------------------------------------------------------------------- faults: locks, torn logs, bad files
+
+def test_a_second_run_on_one_out_is_refused(tmp_path, tiny_tok):
+    import records
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(8))
+    os.makedirs(tmp_path / "o")
+    with records.WriterLock(tmp_path / "o" / "train.lock"):          # another train.py holds the folder
+        with pytest.raises(records.LockedError, match=rf"o/train\.lock: locked by pid {os.getpid()} on host "):
+            T.train(text_args(tiny_tok, data, tmp_path / "o", "--max-steps", "1"))
+    assert os.listdir(tmp_path / "o") == ["train.lock"]              # nothing written by the refused run
+    T.train(text_args(tiny_tok, data, tmp_path / "o", "--max-steps", "1"))   # released: the next run goes ahead
+
+
+def test_resume_repairs_a_torn_metrics_tail_and_logs_done_once(tmp_path, tiny_tok):
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(12))
+    out = tmp_path / "o"
+    T.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--stop-after", "2"))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lr": {"llm": 0.003}')                  # a torn write that happens to end in "}"
+    T.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--resume"))
+    T.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--resume"))   # a finished run: nothing more
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "step" in r] == [1, 2, 3]
+    assert [r.get("event") for r in lines if "event" in r] == ["data", "done"]
+
+
+def test_resume_refuses_a_metrics_file_with_a_step_logged_twice(tmp_path, tiny_tok):
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(12))
+    out = tmp_path / "o"
+    T.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--stop-after", "2"))
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines + lines[1:2]))   # step 1 again, as a second writer would
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 4 repeats step 1 of line 2"):
+        T.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--resume"))
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "hostile", "foreign"])
+def test_a_bad_checkpoint_pt_is_a_named_error_and_never_unpickled(tmp_path, tiny_tok, damage, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(12))
+    out = tmp_path / "o"
+    T.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--stop-after", "1"))
+    ckpt = out / "checkpoint.pt"
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    else:
+        torch.save({"x": _Hostile()} if damage == "hostile" else [1, 2], ckpt)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: not a (readable )?train\.py checkpoint") as e:
+        T.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--resume"))
+    assert "\n" not in str(e.value) and not (tmp_path / "pwned").exists()
+
+
+def test_image_paths_outside_the_image_folder_are_refused(tmp_path):
+    cfg = T.TrainConfig(stage="finetune", data="-", image_folder=str(tmp_path / "imgs")).resolve()
+    rec = {"id": "rec3", "image": "../secret.png", "conversations": TWO_TURNS["conversations"]}
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"record rec3: image path '\.\./secret\.png' is outside the image folder"):
+        T.build_samples(cfg, [rec])
+    cfg.allow_outside_images = True
+    assert T.build_samples(cfg, [rec])[0][0]["images"] == [os.path.join(str(tmp_path / "imgs"), "../secret.png")]
+    assert T.parse_args(["--stage", "text", "--data", "d", "--allow-outside-images", "--exif-transpose"]).exif_transpose
+
+
+def test_exif_transpose_reaches_the_image_loader(tmp_path):
+    from PIL import Image
+    image = Image.new("RGB", (4, 2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rot.png", exif=exif.tobytes())
+
+    class Model:   # what image_preparer needs of a VLM: the size it is handed
+        tiling_mode = staticmethod(lambda n: "square")
+        tile_image = staticmethod(lambda image, n, key, name: image.size)
+    assert T.image_preparer(Model())(str(tmp_path / "rot.png"), 1) == (4, 2)
+    assert T.image_preparer(Model(), exif_transpose=True)(str(tmp_path / "rot.png"), 1) == (2, 4)

@@ -153,3 +153,45 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped(tmp_path):
     out = np.asarray(vision.load_image(str(path)))
     expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert out.shape == (4, 256, 3) and (out[..., 0] == expected).all() and (out[..., 0] == out[..., 2]).all()
+
+
+def exif_rotated_png(path):
+    """A 4x2 image, red left half, tagged "rotate 90 CW to view" (EXIF orientation 6)."""
+    image = Image.new("RGB", (4, 2), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 2, 2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_is_ignored_by_default_and_honoured_on_request(tmp_path):
+    path = exif_rotated_png(tmp_path / "rot.png")
+    assert vision.load_image(path).size == (4, 2)                       # the release's behaviour
+    turned = vision.load_image(path, exif_transpose=True)
+    assert turned.size == (2, 4) and turned.getpixel((0, 0)) == (255, 0, 0) and turned.getpixel((0, 3)) == (0, 0, 255)
+    assert vision.load_image(path.read_bytes(), exif_transpose=True).tobytes() == turned.tobytes()
+
+
+def test_image_paths_stay_inside_the_image_folder(tmp_path):
+    folder = str(tmp_path / "imgs")
+    assert vision.resolve_image_path(folder, "a/b.png", "record x") == os.path.join(folder, "a/b.png")
+    assert vision.resolve_image_path(folder, "a/../b.png", "record x") == os.path.join(folder, "a/../b.png")
+    inside = os.path.join(folder, "c.png")
+    assert vision.resolve_image_path(folder, inside, "record x") == inside     # absolute, but inside
+    for bad in ("../secret.png", "a/../../secret.png", "/etc/passwd"):
+        with pytest.raises(ValueError, match=r"record x: image path .* is outside the image folder .*"
+                                             r"--allow-outside-images"):
+            vision.resolve_image_path(folder, bad, "record x")
+        assert vision.resolve_image_path(folder, bad, "record x", allow_outside=True) == os.path.join(folder, bad)
+    with pytest.raises(ValueError, match="record x: image path must be a non-empty string"):
+        vision.resolve_image_path(folder, 3, "record x")
+
+
+def test_one_pixel_limit_for_files_and_bytes(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (200, 100)).save(path)
+    monkeypatch.setattr(vision, "MAX_PIXELS", 10_000)   # the default every caller gets
+    for source in (path, str(path), path.read_bytes()):
+        with pytest.raises(ValueError, match="20000 pixels is over the limit of 10000"):
+            vision.load_image(source)

@@ -14,6 +14,8 @@ import anyres  # noqa: E402
 import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
 from model import IMAGE_TOKEN_ID  # noqa: E402
+import vlm as V  # noqa: E402
+from vision import SiglipConfig  # noqa: E402
 from _tiny_llava import TILE, VISION, llava_onevision_config, text_config  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -128,7 +130,7 @@ def test_released_and_transformers_layouts_give_identical_logits(hf_checkpoint, 
     images = [[image(120, 80, 6)]]
     want, _ = our_logits(ours, ids, images, "left")
     for other in (released, in_memory):
-        assert isinstance(other, M.VLM)
+        assert isinstance(other, V.VLM)
         assert torch.equal(our_logits(other, ids, images, "left")[0], want)
 
 
@@ -166,8 +168,8 @@ def test_released_config_for_so400m_checkpoint():
            "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu",
            "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
            "image_grid_pinpoints": "(1x1),...,(6x6)", "mm_vision_select_layer": -2}
-    config = M.VLMConfig.from_hf(cfg)
-    assert config.vision == M.SiglipConfig.preset("so400m") and config.llm.qk_norm
+    config = V.VLMConfig.from_hf(cfg)
+    assert config.vision == SiglipConfig.preset("so400m") and config.llm.qk_norm
     assert config.image_grid_pinpoints == anyres.candidate_resolutions(384)
 
 
@@ -193,7 +195,7 @@ def test_fresh_assembly_from_standalone_siglip_and_qwen3(tmp_path):
 
 def test_build_vlm_from_configs_for_pretraining():
     llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB))
-    vlm = M.build_vlm(llm, M.SiglipConfig.preset("tiny"), image_aspect_ratio="square")
+    vlm = V.build_vlm(llm, SiglipConfig.preset("tiny"), image_aspect_ratio="square")
     batch = vlm.prepare_inputs([[IMAGE_TOKEN_ID] + text(3, 0)], [[image(90, 30, 0)]], labels=[[5, 6, 7, 8]],
                                padding_side="right")
     assert batch["inputs_embeds"].shape == (1, 16 + 1 + 3, 64)   # 4x4 patches + newline + text
@@ -265,7 +267,7 @@ def test_vectorised_expand_matches_the_token_by_token_reference():
     labels = [[t if torch.rand(1, generator=g).item() < 0.5 else -100 for t in row] for row in ids]
     lengths = [17, 5, 9]
     for lab in (labels, None):
-        got = M.VLM._expand([torch.tensor(r, dtype=torch.long) for r in ids], lengths,
+        got = V.VLM._expand([torch.tensor(r, dtype=torch.long) for r in ids], lengths,
                             None if lab is None else [torch.tensor(r, dtype=torch.long) for r in lab])
         assert [(a.tolist(), b.tolist()) for a, b in got] == _expand_reference(ids, lengths, lab)
 
@@ -299,7 +301,7 @@ def test_feature_cache_serves_only_a_frozen_unchanged_tower():
     when the tower trains, and emptied when the frozen tower's weights change (no stale features)."""
     from vision import TensorLRU
     torch.manual_seed(0)
-    vlm = M.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), M.SiglipConfig.preset("tiny"))
+    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), SiglipConfig.preset("tiny"))
     images = [[vlm.tile_image(image(90, 60, 0), key="a")], [vlm.tile_image(image(60, 60, 1), key="b")]]
 
     def encode():

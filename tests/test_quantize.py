@@ -1,0 +1,195 @@
+"""quantize.py: the int8 layer against its dequantized weight (by hand), loading with quantize="int8" (every
+linear of the LLM and the LM head swapped, nothing else touched), generation, the trained toy backbones' greedy
+agreement and held-out accuracy, and the --quantize flag of reason.py and evaluate.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import checkpoints as C  # noqa: E402
+import model as M  # noqa: E402
+import records  # noqa: E402
+import shapes_backbones as B  # noqa: E402
+import vision  # noqa: E402
+import vlm as V  # noqa: E402
+from quantize import Int8Linear, quantize_model  # noqa: E402
+
+BACKBONES = os.path.join(ROOT, "backbones")
+MANIFEST = json.load(open(os.path.join(BACKBONES, "manifest.json")))
+
+
+# ----------------------------------------------------------------------------- the layer
+
+def test_int8_linear_by_hand():
+    # row 0: multiples of 2^-7 up to 127 * 2^-7, so s = 2^-7 exactly and q = w * 2^7; row 1: 4x row 0, s = 2^-5
+    ints = torch.tensor([127, -127, 0, 1, -1, 64, -3, 5, 100, -100, 7, 8, -9, 10, 11, -12], dtype=torch.float32)
+    lin = nn.Linear(16, 2, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.stack([ints / 128, ints / 32]))
+        lin.bias.copy_(torch.tensor([0.5, -2.0]))
+    q = Int8Linear.from_linear(lin)
+    assert q.weight.dtype == torch.int8 and q.weight.tolist() == [ints.int().tolist()] * 2
+    assert q.scales.tolist() == [2 ** -7, 2 ** -5]
+    x = torch.linspace(-1, 1, 3 * 16).view(3, 16)
+    x_bf16 = x.bfloat16().double()                                   # the CPU kernel sees bf16 activations
+    want = x_bf16 @ (ints.double()[:, None] * torch.tensor([2 ** -7, 2 ** -5], dtype=torch.double)) + \
+        torch.tensor([0.5, -2.0], dtype=torch.double)
+    got = q(x)
+    assert got.dtype == torch.float32 and got.shape == (3, 2)
+    assert torch.allclose(got.double(), want, rtol=2 ** -7, atol=1e-3)   # bf16 output rounding
+
+
+def test_a_rounded_weight_is_within_half_a_step_and_matches_its_dequantized_reference():
+    torch.manual_seed(0)
+    for k in (64, 24):   # 64: PyTorch's int8 kernel; 24 (not a multiple of 16): the dequantize path
+        lin = nn.Linear(k, 40, bias=False)
+        q = Int8Linear.from_linear(lin)
+        step = q.scales.float()[:, None]
+        assert ((lin.weight - q.dequantized()).abs() <= step / 2 + 1e-7).all()
+        assert q.weight.abs().max() == 127
+        x = torch.randn(2, 5, k)
+        ref = x @ q.dequantized().T                                     # (2, 5, 40)
+        assert torch.allclose(q(x), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+def test_an_all_zero_row_stays_zero():
+    lin = nn.Linear(16, 3, bias=False)
+    with torch.no_grad():
+        lin.weight[1] = 0
+    q = Int8Linear.from_linear(lin)
+    assert q.weight[1].abs().sum() == 0 and torch.isfinite(q.scales.float()).all()
+
+
+# ----------------------------------------------------------------------------- loading
+
+def hf_checkpoint(path, kind="qwen3", tied=True):
+    """A tiny checkpoint written by transformers (save_pretrained): the real layout, Qwen2 biases included."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=tied)
+    m = (transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=16, **common)) if kind == "qwen3" else
+         transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)))
+    m.save_pretrained(path)
+    return str(path)
+
+
+def linears(module):
+    return {n for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("kind,tied", [("qwen3", True), ("qwen3", False), ("qwen2", True)])
+def test_loading_int8_swaps_every_linear_and_the_head_and_nothing_else(tmp_path, kind, tied):
+    folder = hf_checkpoint(tmp_path, kind, tied)
+    ref, q = C.load_model(folder), C.load_model(folder, quantize="int8")
+    swapped = {n for n, m in q.named_modules() if isinstance(m, Int8Linear)}
+    assert not linears(q) and swapped == linears(ref) | {"lm_head"}
+    assert len(swapped) == 7 * 2 + 1
+    head = ref.embed_tokens.weight if tied else ref.lm_head.weight
+    assert ((q.lm_head.dequantized() - head).abs() <= q.lm_head.scales.float()[:, None] / 2 + 1e-7).all()
+    floats = {k: v for k, v in ref.state_dict().items() if k.rsplit(".", 1)[0] not in swapped}
+    assert floats and all(torch.equal(v, q.state_dict()[k]) for k, v in floats.items())   # norms, embedding, biases
+    if kind == "qwen2":
+        assert torch.equal(q.layers[0].self_attn.q_proj.bias, ref.layers[0].self_attn.q_proj.bias)
+
+
+def test_a_vlm_quantizes_its_llm_only(tmp_path):
+    torch.manual_seed(0)
+    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=120)), vision.SiglipConfig.preset("tiny"))
+    C.save_model(vlm.eval(), str(tmp_path))
+    q = C.load_model(str(tmp_path), quantize="int8")
+    assert not linears(q.llm) and isinstance(q.llm.lm_head, Int8Linear)
+    assert linears(q.vision) == linears(vlm.vision) and linears(q.projector) == linears(vlm.projector)
+    for part in ("vision", "projector"):
+        assert all(torch.equal(v, getattr(vlm, part).state_dict()[k]) for k, v in getattr(q, part).state_dict().items())
+
+
+def test_bad_quantize_values_and_saving_a_quantized_model_are_clear_errors(tmp_path):
+    folder = hf_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"quantize 'int4' is not supported \(choose from int8\)"):
+        C.load_model(folder, quantize="int4")
+    with pytest.raises(ValueError, match="int8-quantized"):
+        C.save_model(C.load_model(folder, quantize="int8"), str(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_generation_runs_and_a_left_padded_batch_equals_each_row_alone(tmp_path):
+    q = C.load_model(hf_checkpoint(tmp_path), quantize="int8")
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    batched = M.generate(q, rows, max_new_tokens=6)
+    assert [len(r) for r in batched] == [6] * 4
+    assert batched == [M.generate(q, [r], max_new_tokens=6)[0] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    torch.set_num_threads(1)   # as test_backbones.py
+    work = tmp_path_factory.mktemp("quantize_backbones")
+    return work, B.heldout_data(str(work / "heldout"))
+
+
+def test_the_trained_toy_lm_in_int8_agrees_with_fp32_and_keeps_its_held_out_accuracy(heldout):
+    # measured: lm-S on the true captions (its hardest check), 317 of 327 greedy replies identical (96.9 %),
+    # accuracy 66.7 % vs 67.0 % in fp32 (the manifest's)
+    work, data = heldout
+    lm = os.path.join(BACKBONES, "lm-S")
+    replies = {}
+    for q in (None, "int8"):
+        acc = B.reasoner_accuracy(lm, data, "caption", str(work / f"lm-S-{q}"), quantize=q)
+        recs = records.read_jsonl(str(work / f"lm-S-{q}" / "stage2-caption.jsonl"))
+        replies[q] = {r["doc_id"]: r["response"] for r in recs}
+    assert acc == pytest.approx(MANIFEST["heldout"]["lm-S on true caption descriptions"], abs=0.01)
+    assert replies[None].keys() == replies["int8"].keys() and len(replies[None]) == 327
+    same = sum(replies[None][k] == replies["int8"][k] for k in replies[None])
+    assert same / len(replies[None]) >= 0.95
+
+
+def test_the_trained_toy_captioner_in_int8_keeps_its_held_out_facts(heldout):
+    work, data = heldout
+    got = B.captioner_facts(os.path.join(BACKBONES, "captioner"), data, str(work / "captioner"), quantize="int8")
+    assert got == pytest.approx(MANIFEST["heldout"]["captioner: confirmed facts in held-out captions"], abs=0.01)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def run_cli(script, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=240, env=env, cwd=ROOT)
+
+
+def test_reason_cli_runs_int8_and_names_an_unsupported_mode(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (112, 112), (200, 30, 30)).save(tmp_path / "red.png")
+    common = ["--image", tmp_path / "red.png", "--question", "Which colour?\nOptions: A: red, B: blue",
+              "--perception-model", os.path.join(BACKBONES, "captioner"), "--reasoner",
+              os.path.join(BACKBONES, "lm-S"), "--hint", "none", "--budget", 8, "--max-new-tokens", 8, "--greedy"]
+    r = run_cli("reason.py", *common, "--quantize", "int8", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["description"]
+    r = run_cli("reason.py", *common, "--quantize", "int4")
+    assert r.returncode != 0 and "--quantize: invalid choice: 'int4' (choose from int8)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_evaluate_cli_stage2_int8_on_the_trained_toy_lm(heldout, tmp_path):
+    work, data = heldout
+    stage1 = os.path.join(str(work), "lm-S-int8", "true-caption.jsonl")   # written by the test above
+    if not os.path.exists(stage1):
+        import shapes_world as W
+        stage1 = W.true_stage1(data, str(tmp_path / "true-caption.jsonl"), "caption")
+    r = run_cli("evaluate.py", "--mode", "stage2", "--data", data["eval"], "--stage1-file", stage1, "--reasoner",
+                os.path.join(BACKBONES, "lm-S"), "--budget", 64, "--answer-tokens", 8, "--greedy",
+                "--answer-match", "text", "--batch-size", 64, "--quantize", "int8", "--out", tmp_path / "eval",
+                "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["average"] == pytest.approx(
+        MANIFEST["heldout"]["lm-S on true caption descriptions"], abs=0.01)

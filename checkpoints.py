@@ -8,11 +8,15 @@
     assemble_vlm(siglip, qwen3)   a fresh VLM for pretraining from the two standalone checkpoints
     load_tokenizer(path)          the checkpoint's tokenizer.json (tokenizers, no transformers)
 
+    qwen3_from_hf / siglip_from_hf / vlm_from_hf (and *_to_hf)
+                                  a config.json dict <-> our Config dataclasses, one function each way per layout
+
 Models are built on the meta device and filled with assign=True: weights are read once, never initialised.
 The key maps are tables of (checkpoint prefix, our prefix); our names are model.py's module names.
 """
 import os
-from dataclasses import fields
+import re
+from dataclasses import asdict, fields
 
 import torch
 
@@ -21,6 +25,121 @@ from model import CheckpointError, Qwen3, Qwen3Config
 from quantize import check_mode, is_quantized, quantize_model
 from vision import SiglipConfig, SiglipVisionTower
 from vlm import VLM, VLMConfig, build_vlm
+
+
+# ----------------------------------------------------------------------------- configs: config.json <-> ours
+#
+# One function each way per layout. Our Config dataclasses (model.Qwen3Config, vision.SiglipConfig,
+# vlm.VLMConfig) know nothing of the hub's key names; these translate.
+
+def qwen3_from_hf(d):
+    """A transformers-style Qwen3 or Qwen2 config.json dict -> Qwen3Config."""
+    kind = d.get("model_type", "qwen3")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"unsupported rope scaling {rope} (only the default RoPE is implemented)")
+    kw = {f.name: d[f.name] for f in fields(Qwen3Config) if f.name in d}
+    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 1e6)))
+    kw.setdefault("tie_word_embeddings", False)  # transformers' default when the key is absent
+    if kind == "qwen2":
+        kw.update(attention_bias=True, qk_norm=False, head_dim=d["hidden_size"] // d["num_attention_heads"])
+    elif kind != "qwen3":
+        raise CheckpointError(f"unsupported model_type {kind!r} (expected qwen3 or qwen2)")
+    return Qwen3Config(**kw)
+
+
+def qwen3_to_hf(c):
+    kind = "qwen3" if c.qk_norm else "qwen2"
+    d = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                                     "tie_word_embeddings", "max_position_embeddings")}
+    d.update(model_type=kind, architectures=[f"{kind.capitalize()}ForCausalLM"], hidden_act="silu",
+             rope_theta=c.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+    if kind == "qwen3":
+        d.update(head_dim=c.head_dim, attention_bias=c.attention_bias)
+    return d
+
+
+def siglip_from_hf(d, feature_layer=-2):
+    """A SigLIP config.json dict (full 'siglip' or 'siglip_vision_model') -> SiglipConfig.
+
+    feature_layer: the hidden_states index its user reads (-2 for SigLIP as LLaVA uses it; transformers'
+    LLaVA-OneVision stores a 26-layer tower and reads -1). Normalised to 'full depth, read second-to-last'."""
+    d = d.get("vision_config", d) if d.get("model_type") == "siglip" else d
+    act = d.get("hidden_act", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"SigLIP config: hidden_act {act!r} unsupported (expected gelu_pytorch_tanh)")
+    kw = {f.name: d[f.name] for f in fields(SiglipConfig) if f.name in d}
+    depth = kw.get("num_hidden_layers", SiglipConfig.num_hidden_layers)
+    used = depth + 1 + feature_layer if feature_layer < 0 else feature_layer
+    if not 1 <= used <= depth:
+        raise ValueError(f"SigLIP config: feature layer {feature_layer} out of range for {depth} layers")
+    kw["num_hidden_layers"] = used + 1
+    return SiglipConfig(**kw)
+
+
+def siglip_to_hf(c):
+    """transformers SiglipVisionConfig dict (full depth; users read hidden_states[-2])."""
+    return {**asdict(c), "model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh",
+            "attention_dropout": 0.0}
+
+
+def vlm_from_hf(d):
+    """A released LLaVA config.json (a Qwen config + mm_* fields) or transformers' llava_onevision one -> VLMConfig."""
+    if d.get("model_type") == "llava_onevision":
+        return _vlm_from_transformers(d)
+    if "mm_vision_tower" not in d:
+        raise CheckpointError(f"config.json: model_type {d.get('model_type')!r} is not a supported LLaVA layout")
+    kind = f"{d.get('model_type', '')} {' '.join(d.get('architectures') or [])}".lower()
+    if "qwen" not in kind:
+        raise CheckpointError(f"config.json: LLaVA with a non-Qwen LLM ({kind.strip()!r}) is not supported")
+    llm = qwen3_from_hf({**d, "model_type": "qwen3" if re.search(r"qwen_?3", kind) else "qwen2"})
+    # the released tower ignores mm_vision_select_layer: it cuts SigLIP's last layer and reads the output
+    return VLMConfig(llm=llm, vision=_vision_from_llava(d), image_aspect_ratio=d.get("image_aspect_ratio", "square"),
+                     image_grid_pinpoints=d.get("image_grid_pinpoints"),
+                     mm_patch_merge_type=d.get("mm_patch_merge_type", "flat"),
+                     mm_projector_type=d.get("mm_projector_type", "linear"), mm_vision_tower=d["mm_vision_tower"])
+
+
+def _vlm_from_transformers(d):
+    text, vis = dict(d["text_config"]), d["vision_config"]
+    text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
+    layer = d.get("vision_feature_layer", -1)
+    checks = {"vision_feature_layer": isinstance(layer, int),
+              "vision_feature_select_strategy": d.get("vision_feature_select_strategy", "full") == "full",
+              "projector_hidden_act": d.get("projector_hidden_act", "gelu") == "gelu",
+              "multimodal_projector_bias": d.get("multimodal_projector_bias", True)}
+    for key, ok in checks.items():
+        if not ok:
+            raise CheckpointError(f"config.json: unsupported {key} = {d.get(key)!r}")
+    pinpoints = [(w, h) for h, w in d.get("image_grid_pinpoints") or []] or None   # transformers: (h, w)
+    return VLMConfig(llm=qwen3_from_hf(text), vision=siglip_from_hf(vis, feature_layer=layer),
+                     image_aspect_ratio=d.get("vision_aspect_ratio", "anyres_max_9"), image_grid_pinpoints=pinpoints)
+
+
+def _vision_from_llava(d):
+    if "vision_config" in d:  # written by our save: any tower size
+        return siglip_from_hf(d["vision_config"])
+    name = d["mm_vision_tower"]
+    if "siglip-so400m-patch14-384" not in name:
+        raise CheckpointError(f"config.json: vision tower {name!r} unknown (only SigLIP so400m-patch14-384, "
+                              "or a config.json carrying vision_config)")
+    return SiglipConfig.preset("so400m")
+
+
+def vlm_to_hf(c):
+    """The released LLaVA config.json (plus vision_config, so towers other than so400m reload too)."""
+    qwen3 = c.llm.qk_norm
+    d = qwen3_to_hf(c.llm)
+    d.update(model_type="llava_qwen_3" if qwen3 else "llava",
+             architectures=["LlavaQwen3ForCausalLM" if qwen3 else "LlavaQwenForCausalLM"],
+             mm_vision_tower=c.mm_vision_tower, mm_hidden_size=c.vision.hidden_size,
+             mm_projector_type=c.mm_projector_type, mm_vision_select_layer=-2,
+             mm_vision_select_feature="patch", mm_patch_merge_type=c.mm_patch_merge_type,
+             image_aspect_ratio=c.image_aspect_ratio, image_grid_pinpoints=[list(p) for p in c.image_grid_pinpoints],
+             use_mm_proj=True, mm_use_im_start_end=False, mm_use_im_patch_token=False,
+             tokenizer_padding_side="right", vision_config=siglip_to_hf(c.vision))
+    return d
 
 
 # ----------------------------------------------------------------------------- files
@@ -193,7 +312,7 @@ def _llm_state_from_hf(tensors, config, source, prefix="model."):
 
 
 def _load_llm(folder, cfg, dtype, device):
-    config = _config_from(Qwen3Config.from_hf, cfg, folder)
+    config = _config_from(qwen3_from_hf, cfg, folder)
     with torch.device("meta"):
         model = Qwen3(config)
     tensors = _read_safetensors(folder, device or "cpu")
@@ -228,7 +347,7 @@ def save_model(model, out_dir, max_shard_bytes=5 * 2**30):
     state = {_llm_key_to_hf(k): v for k, v in model.state_dict().items()}
     _write_safetensors(state, out_dir, max_shard_bytes)
     dtype = str(model.embed_tokens.weight.dtype).replace("torch.", "")
-    records.atomic_write_json(os.path.join(out_dir, "config.json"), {**model.config.to_hf(), "torch_dtype": dtype})
+    records.atomic_write_json(os.path.join(out_dir, "config.json"), {**qwen3_to_hf(model.config), "torch_dtype": dtype})
 
 
 
@@ -292,7 +411,7 @@ def _released_key(ours):
 
 
 def _load_vlm(folder, cfg, dtype, device):
-    config = _config_from(VLMConfig.from_hf, cfg, folder)
+    config = _config_from(vlm_from_hf, cfg, folder)
     table = _TRANSFORMERS_KEYS if cfg.get("model_type") == "llava_onevision" else _RELEASED_KEYS
     with torch.device("meta"):
         model = VLM(config)
@@ -307,7 +426,7 @@ def _save_vlm(model, out_dir, max_shard_bytes):
     state = {_released_key(k): v for k, v in model.state_dict().items()}
     _write_safetensors(state, out_dir, max_shard_bytes)
     dtype = str(model.llm.embed_tokens.weight.dtype).replace("torch.", "")
-    records.atomic_write_json(os.path.join(out_dir, "config.json"), {**model.config.to_hf(), "torch_dtype": dtype})
+    records.atomic_write_json(os.path.join(out_dir, "config.json"), {**vlm_to_hf(model.config), "torch_dtype": dtype})
 
 
 def load_vision_tower(path_or_hub_id, dtype=None, device=None):
@@ -320,7 +439,7 @@ def load_vision_tower(path_or_hub_id, dtype=None, device=None):
         return load_model(folder, dtype, device).vision
     if cfg.get("model_type") not in ("siglip", "siglip_vision_model"):
         raise CheckpointError(f"{folder}: model_type {cfg.get('model_type')!r} is not a SigLIP checkpoint")
-    config = _config_from(SiglipConfig.from_hf, cfg, folder)
+    config = _config_from(siglip_from_hf, cfg, folder)
     with torch.device("meta"):
         tower = SiglipVisionTower(config)
     state = {}

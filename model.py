@@ -7,7 +7,7 @@ writing checkpoints of every layout is checkpoints.py.
 Shapes: B batch, T new tokens, S tokens in the cache, H hidden, nh / nkv query / key-value
 heads, D head_dim, V vocab.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -58,36 +58,6 @@ class Qwen3Config:
         if name == "tiny":
             base["head_dim"] = 16
         return cls(**{**base, **overrides})
-
-    @classmethod
-    def from_hf(cls, d):
-        """Build from a transformers-style config.json dict (qwen3 or qwen2)."""
-        kind = d.get("model_type", "qwen3")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise CheckpointError(f"unsupported rope scaling {rope} (only the default RoPE is implemented)")
-        theta = rope.get("rope_theta", d.get("rope_theta", 1e6))
-        known = {f.name for f in fields(cls)}
-        kw = {k: d[k] for k in known if k in d}
-        kw["rope_theta"] = float(theta)
-        kw.setdefault("tie_word_embeddings", False)  # transformers' default when the key is absent
-        if kind == "qwen2":
-            kw.update(attention_bias=True, qk_norm=False, head_dim=d["hidden_size"] // d["num_attention_heads"])
-        elif kind != "qwen3":
-            raise CheckpointError(f"unsupported model_type {kind!r} (expected qwen3 or qwen2)")
-        return cls(**kw)
-
-    def to_hf(self):
-        kind = "qwen3" if self.qk_norm else "qwen2"
-        d = {k: getattr(self, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                            "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-                                            "tie_word_embeddings", "max_position_embeddings")}
-        d.update(model_type=kind, architectures=[f"{kind.capitalize()}ForCausalLM"], hidden_act="silu",
-                 rope_theta=self.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
-        if kind == "qwen3":
-            d.update(head_dim=self.head_dim, attention_bias=self.attention_bias)
-        return d
-
 
 # ----------------------------------------------------------------------------- layers
 

@@ -1,22 +1,23 @@
-"""Weight-only int8 quantization for decoding (gpt-fast style), applied at load time.
+"""Weight-only int8 (and int4) quantization for decoding (gpt-fast style), applied at load time.
 
     checkpoints.load_model(path, quantize="int8")   the one way in: loads the float checkpoint, then quantize_model
     quantize_model(model, "int8")                   in place: a Qwen3's linears and its LM head -> Int8Linear
-    Int8Linear.from_linear(linear)                  one layer
+    Int8Linear.from_linear(linear)                  one layer (Int4Linear: the same for "int4", CPU only)
 
 Why: a decode step reads every weight once, so on a CPU tokens/s is memory bandwidth / weight bytes, and int8
-weights are 4x fewer bytes than fp32. Each output channel (row of the weight) gets its own scale:
-w[o, :] ~= q[o, :] * s[o], q in [-127, 127]. Activations stay floating point (weight-only).
+weights are 4x fewer bytes than fp32 (int4: 8x). int8 gives each output channel (row of the weight) its own
+scale: w[o, :] ~= q[o, :] * s[o], q in [-127, 127]. int4 gives each group of 64 inputs of a row a scale and a
+zero point. Activations stay floating point (weight-only).
 
 What stays floating point: the vision tower and the projector (they run once per image, a compute-bound prefill,
 not once per token), the norms, and the token embedding (a lookup reads one row per token, not the matrix); a
-tied LM head therefore gets its own int8 copy of the embedding.
+tied LM head therefore gets its own quantized copy of the embedding.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODES = ("int8",)   # int4 was measured and not kept: see the README's report card
+MODES = ("int8", "int4")
 
 
 def check_mode(mode):
@@ -74,18 +75,70 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int4Linear(nn.Module):
+    """Group-wise int4 for PyTorch's CPU int4 kernel: w[o, k] ~= (q[o, k] - 8) * s[g, o] + z[g, o], g = k // 64,
+    q in [0, 15]. weight holds q in the kernel's packed layout [out padded to 16, in / 2] (uint8); scales holds
+    (s, z) [in / 64, out padded, 2] bf16. The kernel needs out % 16 == 0: padded rows are zero, their outputs cut."""
+    GROUP = 64   # 64 rather than gpt-fast's 128: the toy backbones' rows are 64 wide; as fast at 0.6B shapes
+
+    def __init__(self, in_features, out_features, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        padded = out_features + -out_features % 16
+        self.register_buffer("weight", torch.zeros(padded, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(in_features // self.GROUP, padded, 2, dtype=torch.bfloat16))
+        self.bias = bias
+
+    @staticmethod
+    def quantize_groups(weight, group=GROUP):
+        """Float weight [out, in] -> q [out, in] (0..15), s and z [out, in / group] (bf16, rounded before q)."""
+        w = weight.float().view(weight.shape[0], -1, group)                             # (out, groups, group)
+        lo, hi = w.amin(-1), w.amax(-1)
+        s = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16)
+        z = (lo + 8 * s.float()).to(torch.bfloat16)                                     # so q = 0 stands for lo
+        q = ((w - (z.float() - 8 * s.float())[..., None]) / s.float()[..., None]).round().clamp(0, 15)
+        return q.view(weight.shape).to(torch.int32), s, z
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight, bias=None):
+        out, k = weight.shape
+        if weight.device.type != "cpu" or k % cls.GROUP:
+            raise ValueError(f"quantize 'int4': needs a CPU model and input sizes that are multiples of {cls.GROUP} "
+                             f"(got a [{out}, {k}] weight on {weight.device.type}); use int8")
+        padded = torch.cat([weight.float(), weight.new_zeros(-out % 16, k, dtype=torch.float32)])
+        q, s, z = cls.quantize_groups(padded)
+        m = cls(k, out, bias)
+        m.weight = torch._convert_weight_to_int4pack_for_cpu(q, 1)                      # (out padded, in / 2)
+        m.scales = torch.stack([s, z], -1).transpose(0, 1).contiguous()                 # (in / 64, out padded, 2)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear):
+        return cls.from_weight(linear.weight, linear.bias)
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16, copy=True)            # (N, in), as Int8Linear
+        y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.GROUP, self.scales)   # (N, out padded)
+        y = y[:, :self.out_features].to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    extra_repr = Int8Linear.extra_repr
+
+
 def quantize_model(model, mode="int8"):
-    """In place: every nn.Linear of a Qwen3 (for a VLM: of its LLM only) and its LM head -> Int8Linear. -> model."""
-    check_mode(mode)
+    """In place: every nn.Linear of a Qwen3 (for a VLM: of its LLM only) and its LM head -> Int8Linear (int4:
+    Int4Linear). -> model."""
+    layer = {"int8": Int8Linear, "int4": Int4Linear}[check_mode(mode)]
     llm = model.llm if hasattr(model, "llm") else model
     for module in list(llm.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear.from_linear(child))
+                setattr(module, name, layer.from_linear(child))
     if llm.lm_head is None:   # tied: Qwen3.logits uses lm_head whenever there is one
-        llm.lm_head = Int8Linear.from_weight(llm.embed_tokens.weight)
+        llm.lm_head = layer.from_weight(llm.embed_tokens.weight)
     return model
 
 
 def is_quantized(model):
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    return any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())

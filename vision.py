@@ -8,14 +8,16 @@ Shapes: N tiles, S tile side in pixels, P = S / patch patches per side, C hidden
 """
 import io
 import os
-from dataclasses import asdict, dataclass, fields
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.checkpoint import checkpoint
+
+import anyres
 
 MAX_PIXELS = 100_000_000  # refuse images above this many pixels before decoding them (override per call)
 
@@ -56,29 +58,6 @@ class SiglipConfig:
     @property
     def num_layers_used(self):
         return self.num_hidden_layers - 1
-
-    @classmethod
-    def from_hf(cls, d, feature_layer=-2):
-        """From a SigLIP config.json (full 'siglip' or 'siglip_vision_model').
-
-        feature_layer: the hidden_states index its user reads (-2 for SigLIP as LLaVA uses it; transformers'
-        LLaVA-OneVision stores a 26-layer tower and reads -1). Normalised to 'full depth, read second-to-last'."""
-        d = d.get("vision_config", d) if d.get("model_type") == "siglip" else d
-        act = d.get("hidden_act", "gelu_pytorch_tanh")
-        if act != "gelu_pytorch_tanh":
-            raise ValueError(f"SigLIP config: hidden_act {act!r} unsupported (expected gelu_pytorch_tanh)")
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        depth = kw.get("num_hidden_layers", cls.num_hidden_layers)
-        used = depth + 1 + feature_layer if feature_layer < 0 else feature_layer
-        if not 1 <= used <= depth:
-            raise ValueError(f"SigLIP config: feature layer {feature_layer} out of range for {depth} layers")
-        kw["num_hidden_layers"] = used + 1
-        return cls(**kw)
-
-    def to_hf(self):
-        """transformers SiglipVisionConfig dict (full depth; users read hidden_states[-2])."""
-        return {**asdict(self), "model_type": "siglip_vision_model", "hidden_act": "gelu_pytorch_tanh",
-                "attention_dropout": 0.0}
 
 
 # ----------------------------------------------------------------------------- tower
@@ -232,18 +211,9 @@ def load_image(source, max_pixels=None, name=None, exif_transpose=False):
 
 
 def preprocess(image, size=384):
-    """PIL image (any mode) -> pixels [3, size, size] float32: RGB, bicubic resize, /255, (x - 0.5) / 0.5.
-    Matches transformers' SigLIP image processor (PIL backend) value for value."""
-    return normalize(resize_to_tile(image, size))
-
-
-def resize_to_tile(image, size=384):
-    """PIL image (any mode) -> [3, size, size] uint8: RGB, bicubic resize. The first half of preprocess:
-    4x smaller than the float pixels, so this is what train.py caches per image."""
-    image = to_rgb(image)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)   # (3, S, S) uint8
+    """PIL image (any mode) -> pixels [3, size, size] float32: RGB, bicubic resize (anyres.resize_to_tile), /255,
+    (x - 0.5) / 0.5. Matches transformers' SigLIP image processor (PIL backend) value for value."""
+    return normalize(anyres.resize_to_tile(to_rgb(image), size))
 
 
 def normalize(tiles):
@@ -259,7 +229,6 @@ class TensorLRU:
     not kept. hits / misses count lookups (train.py logs them)."""
 
     def __init__(self, max_bytes):
-        from collections import OrderedDict
         self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
         self._items = OrderedDict()   # key -> (value, nbytes), least recently used first
 

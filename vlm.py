@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import anyres
-from model import IGNORE_INDEX, IMAGE_TOKEN_ID, CheckpointError, Qwen3, Qwen3Config, pad_rows
-from vision import SiglipConfig, SiglipVisionTower, check_image_size, normalize, resize_to_tile, to_rgb
+from model import IGNORE_INDEX, IMAGE_TOKEN_ID, Qwen3, Qwen3Config, pad_rows
+from vision import SiglipConfig, SiglipVisionTower, check_image_size, normalize, to_rgb
 
 @dataclass
 class VLMConfig:
@@ -33,65 +33,6 @@ class VLMConfig:
             raise ValueError(f"unsupported mm_projector_type {self.mm_projector_type!r} (mlpNx_gelu)")
         self.image_grid_pinpoints = anyres.parse_grid_pinpoints(self.image_grid_pinpoints, self.vision.image_size)
 
-    @classmethod
-    def from_hf(cls, d):
-        """From a released LLaVA config.json (a Qwen config + mm_* fields) or transformers' llava_onevision one."""
-        if d.get("model_type") == "llava_onevision":
-            return cls._from_transformers(d)
-        if "mm_vision_tower" not in d:
-            raise CheckpointError(f"config.json: model_type {d.get('model_type')!r} is not a supported LLaVA layout")
-        kind = f"{d.get('model_type', '')} {' '.join(d.get('architectures') or [])}".lower()
-        if "qwen" not in kind:
-            raise CheckpointError(f"config.json: LLaVA with a non-Qwen LLM ({kind.strip()!r}) is not supported")
-        llm = Qwen3Config.from_hf({**d, "model_type": "qwen3" if re.search(r"qwen_?3", kind) else "qwen2"})
-        # the released tower ignores mm_vision_select_layer: it cuts SigLIP's last layer and reads the output
-        return cls(llm=llm, vision=_vision_config_from_llava(d),
-                   image_aspect_ratio=d.get("image_aspect_ratio", "square"),
-                   image_grid_pinpoints=d.get("image_grid_pinpoints"),
-                   mm_patch_merge_type=d.get("mm_patch_merge_type", "flat"),
-                   mm_projector_type=d.get("mm_projector_type", "linear"), mm_vision_tower=d["mm_vision_tower"])
-
-    @classmethod
-    def _from_transformers(cls, d):
-        text, vis = dict(d["text_config"]), d["vision_config"]
-        text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
-        layer = d.get("vision_feature_layer", -1)
-        checks = {"vision_feature_layer": isinstance(layer, int),
-                  "vision_feature_select_strategy": d.get("vision_feature_select_strategy", "full") == "full",
-                  "projector_hidden_act": d.get("projector_hidden_act", "gelu") == "gelu",
-                  "multimodal_projector_bias": d.get("multimodal_projector_bias", True)}
-        for key, ok in checks.items():
-            if not ok:
-                raise CheckpointError(f"config.json: unsupported {key} = {d.get(key)!r}")
-        pinpoints = [(w, h) for h, w in d.get("image_grid_pinpoints") or []] or None   # transformers: (h, w)
-        return cls(llm=Qwen3Config.from_hf(text), vision=SiglipConfig.from_hf(vis, feature_layer=layer),
-                   image_aspect_ratio=d.get("vision_aspect_ratio", "anyres_max_9"), image_grid_pinpoints=pinpoints)
-
-    def to_hf(self):
-        """The released LLaVA config.json (plus vision_config, so towers other than so400m reload too)."""
-        qwen3 = self.llm.qk_norm
-        d = self.llm.to_hf()
-        d.update(model_type="llava_qwen_3" if qwen3 else "llava",
-                 architectures=["LlavaQwen3ForCausalLM" if qwen3 else "LlavaQwenForCausalLM"],
-                 mm_vision_tower=self.mm_vision_tower, mm_hidden_size=self.vision.hidden_size,
-                 mm_projector_type=self.mm_projector_type, mm_vision_select_layer=-2,
-                 mm_vision_select_feature="patch", mm_patch_merge_type=self.mm_patch_merge_type,
-                 image_aspect_ratio=self.image_aspect_ratio,
-                 image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints],
-                 use_mm_proj=True, mm_use_im_start_end=False, mm_use_im_patch_token=False,
-                 tokenizer_padding_side="right", vision_config=self.vision.to_hf())
-        return d
-
-
-def _vision_config_from_llava(d):
-    if "vision_config" in d:  # written by our save: any tower size
-        return SiglipConfig.from_hf(d["vision_config"])
-    name = d["mm_vision_tower"]
-    if "siglip-so400m-patch14-384" not in name:
-        raise CheckpointError(f"config.json: vision tower {name!r} unknown (only SigLIP so400m-patch14-384, "
-                              "or a config.json carrying vision_config)")
-    return SiglipConfig.preset("so400m")
-
 
 def _projector(config):
     """mlpNx_gelu: Linear(C_vision, H), then (GELU (exact erf), Linear(H, H)) x (N - 1). Keys 0, 2, ..."""
@@ -108,7 +49,7 @@ class TiledImage:
     """One image cut into tiles for the tower, before normalisation: what VLM.tile_image makes of a PIL image.
     train.py caches these per image file (decoding + tiling + resizing is the slow, host-side part), and
     prepare_inputs accepts them wherever it accepts a PIL image."""
-    tiles: torch.Tensor   # [n_tiles, 3, S, S] uint8 (vision.resize_to_tile of each tile)
+    tiles: torch.Tensor   # [n_tiles, 3, S, S] uint8 (anyres.tile_pixels)
     size: tuple           # (width, height) of the original image (AnyRes packing needs it)
     mode: str             # the tiling it was cut with: anyres / pad / square (see VLM.tiling_mode)
     key: object = None    # names the image (train.py: its path) for VLM.feature_cache; None = never cached
@@ -149,8 +90,7 @@ class VLM(nn.Module):
         """PIL image -> TiledImage: size check, RGB, AnyRes (or pad / square) tiles, each resized to the tile."""
         check_image_size(image.size, name, self.max_pixels)
         image, tile, mode = to_rgb(image), self.config.vision.image_size, self.tiling_mode(n_images_in_row)
-        tiles = anyres.image_tiles(image, mode, self.config.image_grid_pinpoints, tile)
-        return TiledImage(torch.stack([resize_to_tile(t, tile) for t in tiles]), image.size, mode, key)
+        return TiledImage(anyres.tile_pixels(image, mode, self.config.image_grid_pinpoints, tile), image.size, mode, key)
 
     def tiled_images(self, images):
         """Per-row lists of PIL images or TiledImages -> one TiledImage per image, in reading order."""

@@ -4,6 +4,7 @@ import time
 
 import torch
 
+import checkpoints as C
 import model as M
 
 
@@ -25,7 +26,7 @@ def qwen3_pair(layers):
     weights: ours is built on the meta device and takes transformers' tensors (no extra memory)."""
     import transformers
     cfg = M.Qwen3Config.preset("0.6B", num_hidden_layers=layers)
-    hf_cfg = transformers.Qwen3Config(**cfg.to_hf())
+    hf_cfg = transformers.Qwen3Config(**C.qwen3_to_hf(cfg))
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()

@@ -1,4 +1,4 @@
-"""Decoding speed on CPU: model.generate (fp32 and int8 weight-only) vs transformers generate, and stage 2
+"""Decoding speed on CPU: model.generate (fp32, int8 and int4 weight-only) vs transformers generate, and stage 2
 batched vs one at a time.
 
     python bench/bench_generate.py                      # markdown tables on stdout, 1 and 2 threads (~5 min)
@@ -11,12 +11,12 @@ and transformers' share the very same weight tensors.
 Rows:
 1. decode batch 1 / batch 8, at each --threads count: seconds per decode step = (generate(1 + new) -
    generate(1)) / new, so the prefill is not counted; greedy, no stop token, every side exactly the same
-   number of tokens. Three models on the very same weights: ours fp32, ours int8 (quantize.quantize_model:
-   every linear and the LM head int8 weight-only, per-output-channel scales) and transformers fp32.
+   number of tokens. Four models on the very same weights: ours fp32, ours int8 and int4 (quantize.quantize_model:
+   every linear and the LM head weight-only, int8 per output channel, int4 per group of 64) and transformers fp32.
    Bandwidth ceiling: every step must read all weights once, so steps/s can be at most copy bandwidth /
    bytes read per step (copy bandwidth measured at the same thread count: a 256 MiB tensor copy counts
-   read + write bytes). fp32 reads every parameter (the tied embedding as the LM head); int8 reads the int8
-   weights, their scales and the norms (the embedding is only looked up; the head has its own int8 copy).
+   read + write bytes). fp32 reads every parameter (the tied embedding as the LM head); int8 / int4 read the
+   quantized weights, their scales and the norms (the embedding is only looked up; the head has its own copy).
 2. stage 2 (reason.run_reasoning): 8 questions, thinking budget and NoWait on, sampling as the release;
    random weights never stop, so each row writes exactly budget + answer tokens. Batched = one call with
    all 8; one at a time = 8 calls, like the release's loop. Tokenizer: the real Qwen3 one when
@@ -50,31 +50,32 @@ def copy_bandwidth(mib=256, repeats=5):
 
 
 
-def int8_copy(ours):
+def quantized_copy(ours, mode):
     """Our model quantized (quantize.quantize_model), sharing the norms and embedding with `ours`."""
     with torch.device("meta"):
         q = M.Qwen3(ours.config)
     q.load_state_dict(ours.state_dict(), assign=True)
-    return quantize.quantize_model(q.eval(), "int8")
+    return quantize.quantize_model(q.eval(), mode)
 
 
 def bytes_per_step(model):
     """Bytes a batch-1 decode step must read: every parameter and buffer, except an embedding that is only
-    looked up (a model whose LM head is its own module: the int8 one)."""
+    looked up (a quantized model: its LM head is its own module)."""
     skip = {id(model.embed_tokens.weight)} if quantize.is_quantized(model) else set()
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in skip)
 
 
-def decode_times(ours, int8, hf, batch, prompt_len, new, repeats):
-    """-> (ours fp32, ours int8, transformers) s/step for a batch of equal-length random prompts.
+def decode_times(ours, int8, int4, hf, batch, prompt_len, new, repeats):
+    """-> (ours fp32, ours int8, ours int4, transformers) s/step for a batch of equal-length random prompts.
 
-    s/step = (best time of generate(1 + new) - best time of generate(1)) / new; the six runs are
+    s/step = (best time of generate(1 + new) - best time of generate(1)) / new; the eight runs are
     interleaved and repeated so load from other processes hits every side alike."""
     ids = torch.randint(0, ours.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     rows, mask = ids.tolist(), torch.ones_like(ids)
     runs = {
         "ours": lambda n: M.generate(ours, rows, max_new_tokens=n),
         "int8": lambda n: M.generate(int8, rows, max_new_tokens=n),
+        "int4": lambda n: M.generate(int4, rows, max_new_tokens=n),
         "hf": lambda n: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False, eos_token_id=None, pad_token_id=0),
     }
@@ -138,30 +139,31 @@ def main():
     import transformers
 
     ours, hf = qwen3_pair(args.layers)
-    int8 = int8_copy(ours)
-    fp32_bytes, int8_bytes = bytes_per_step(ours), bytes_per_step(int8)
+    int8, int4 = quantized_copy(ours, "int8"), quantized_copy(ours, "int4")
+    fp32_bytes, int8_bytes, int4_bytes = bytes_per_step(ours), bytes_per_step(int8), bytes_per_step(int4)
     rows, bandwidths = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         bw = copy_bandwidth()
         bandwidths.append(f"{bw / 1e9:.1f} GB/s at {threads}")
         for batch in (1, 8):
-            o, q, h = decode_times(ours, int8, hf, batch, args.prompt, args.new, args.repeats)
+            o, q, q4, h = decode_times(ours, int8, int4, hf, batch, args.prompt, args.new, args.repeats)
             # steps/s as a share of the ceiling (bandwidth / bytes a step reads); at batch 8 a step makes 8 tokens
-            rows.append(f"| {threads} | {batch} | {batch / o:.1f} | {batch / q:.1f} | {batch / h:.1f} | "
-                        f"**{h / q:.2f}x** | {o / q:.2f}x | {100 * fp32_bytes / (o * bw):.0f}% | "
-                        f"{100 * int8_bytes / (q * bw):.0f}% of {bw / int8_bytes:.1f} steps/s |")
+            rows.append(f"| {threads} | {batch} | {batch / o:.1f} | {batch / q:.1f} | {batch / q4:.1f} | "
+                        f"{batch / h:.1f} | **{h / q:.2f}x** | {o / q:.2f}x | {h / q4:.2f}x | "
+                        f"{100 * fp32_bytes / (o * bw):.0f}% | {100 * int8_bytes / (q * bw):.0f}% of "
+                        f"{bw / int8_bytes:.0f} steps/s | {100 * int4_bytes / (q4 * bw):.0f}% |")
     tok, tok_name = tokenizer()
     t_batched, t_single, n_b, n_s = stage2_times(ours, tok, args.budget, args.answer)
 
     print(f"machine: {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"Qwen3 0.6B shapes with {args.layers} of 28 layers, random weights (fp32 {fp32_bytes / 2**20:.0f} MiB "
-          f"read per step, int8 {int8_bytes / 2**20:.0f} MiB); copy bandwidth {', '.join(bandwidths)} threads; "
+          f"read per step, int8 {int8_bytes / 2**20:.0f} MiB, int4 {int4_bytes / 2**20:.0f} MiB); copy bandwidth {', '.join(bandwidths)} threads; "
           f"stage-2 tokenizer: {tok_name}, {torch.get_num_threads()} threads")
     print(f"\n| threads | decode batch (prompt {args.prompt}, {args.new} steps) | ours fp32 tok/s | ours int8 tok/s | "
-          f"transformers fp32 tok/s | int8 vs transformers | int8 vs ours fp32 | fp32: % of its bandwidth ceiling | "
-          f"int8: % of its bandwidth ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"ours int4 tok/s | transformers fp32 tok/s | int8 vs transformers | int8 vs ours fp32 | "
+          f"int4 vs transformers | % of its bandwidth ceiling: fp32 | int8 | int4 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\n| stage 2: 8 questions, budget {args.budget} + {args.answer} answer tokens, NoWait, T 0.6 | seconds | "
           f"tokens | tokens/s |")

@@ -45,7 +45,7 @@ def build(which, layers):
         ours.grad_checkpointing = which == "ours_ckpt"
         return ours.train()
     import transformers
-    hf_cfg = transformers.Qwen3Config(**cfg.to_hf())
+    hf_cfg = transformers.Qwen3Config(**C.qwen3_to_hf(cfg))
     hf_cfg._attn_implementation = "sdpa"
     hf = transformers.Qwen3ForCausalLM(hf_cfg)
     hf.load_state_dict({C._llm_key_to_hf(k): v for k, v in ours.state_dict().items()}, strict=False)

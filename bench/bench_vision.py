@@ -17,6 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import anyres  # noqa: E402
+import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
 import vlm as V  # noqa: E402
 from _common import best_time  # noqa: E402
@@ -29,7 +30,7 @@ def transformers_tower(ours):
     """transformers SiglipVisionModel cut as LLaVA cuts it (26 layers, no head), holding our weights."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
     c = ours.config
-    cfg = SiglipVisionConfig(**{k: v for k, v in c.to_hf().items() if k != "model_type"}, vision_use_head=False)
+    cfg = SiglipVisionConfig(**{k: v for k, v in C.siglip_to_hf(c).items() if k != "model_type"}, vision_use_head=False)
     cfg.num_hidden_layers = c.num_layers_used
     hf = SiglipVisionModel(cfg).eval()
     prefix = "vision_model." if next(iter(hf.state_dict())).startswith("vision_model.") else ""  # 4.x vs 5.x names

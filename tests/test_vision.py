@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints as C  # noqa: E402
 import vision  # noqa: E402
 from vision import SiglipConfig, SiglipVisionTower  # noqa: E402
 
@@ -17,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 def hf_vision_model(config, seed=0):
     from transformers import SiglipVisionConfig, SiglipVisionModel
     torch.manual_seed(seed)
-    hf = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in config.to_hf().items() if k != "model_type"},
+    hf = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in C.siglip_to_hf(config).items() if k != "model_type"},
                                               vision_use_head=False)).eval()
     for p in hf.parameters():  # transformers' init leaves biases at 0 and LayerNorms at 1: randomise all
         p.data.normal_(0, 0.05)
@@ -64,10 +65,10 @@ def test_config_round_trip_and_llava_onevision_depth():
     so400m = SiglipConfig.preset("so400m")
     assert (so400m.hidden_size, so400m.intermediate_size, so400m.num_hidden_layers, so400m.num_attention_heads,
             so400m.patches_per_side, so400m.num_layers_used) == (1152, 4304, 27, 16, 27, 26)
-    assert SiglipConfig.from_hf(so400m.to_hf()) == so400m
-    assert SiglipConfig.from_hf({"model_type": "siglip", "vision_config": so400m.to_hf()}) == so400m
+    assert C.siglip_from_hf(C.siglip_to_hf(so400m)) == so400m
+    assert C.siglip_from_hf({"model_type": "siglip", "vision_config": C.siglip_to_hf(so400m)}) == so400m
     # transformers' LLaVA-OneVision stores the already-cut 26-layer tower and reads its last layer
-    assert SiglipConfig.from_hf({**so400m.to_hf(), "num_hidden_layers": 26}, feature_layer=-1) == so400m
+    assert C.siglip_from_hf({**C.siglip_to_hf(so400m), "num_hidden_layers": 26}, feature_layer=-1) == so400m
 
 
 def _images():

@@ -163,12 +163,12 @@ def test_loading_names_missing_and_unexpected_keys(ours, tmp_path):
 
 
 def test_released_config_for_so400m_checkpoint():
-    cfg = {**M.Qwen3Config.preset("0.6B").to_hf(), "model_type": "llava_qwen_3",
+    cfg = {**C.qwen3_to_hf(M.Qwen3Config.preset("0.6B")), "model_type": "llava_qwen_3",
            "architectures": ["LlavaQwen3ForCausalLM"],
            "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu",
            "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
            "image_grid_pinpoints": "(1x1),...,(6x6)", "mm_vision_select_layer": -2}
-    config = V.VLMConfig.from_hf(cfg)
+    config = C.vlm_from_hf(cfg)
     assert config.vision == SiglipConfig.preset("so400m") and config.llm.qk_norm
     assert config.image_grid_pinpoints == anyres.candidate_resolutions(384)
 

@@ -18,7 +18,6 @@ from model import IMAGE_TOKEN_ID
 from prompts import EMPTY_THINK, LLAVA_SYSTEM
 from vision import resolve_image_path
 
-IGNORE = M.IGNORE_INDEX  # label of tokens without loss (model.py's, as PyTorch cross_entropy's ignore_index)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -104,7 +103,7 @@ def tokenize_segments(tokenizer, segments, unmask_specials=False):
     for text, trained in segments:
         seg = M.encode(tokenizer, text)
         ids += seg
-        labels += [t if trained and t != IMAGE_TOKEN_ID else IGNORE for t in seg]
+        labels += [t if trained and t != IMAGE_TOKEN_ID else M.IGNORE_INDEX for t in seg]
     if unmask_specials:
         special = {tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")}
         special |= set(tokenizer.encode("\n", add_special_tokens=False).ids)

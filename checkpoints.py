@@ -3,7 +3,9 @@
     load_model(path or hub id)    a Qwen3 / Qwen2 LLM, or a LLaVA VLM when config.json says so (released LLaVA-NeXT
                                   layout or transformers' LlavaOnevision layout); strict: a missing, unexpected or
                                   mis-shaped key is one CheckpointError naming them
-    save_model(model, folder)     config.json + safetensors (sharded above 5 GiB) in the layout load_model reads
+    save_model(model, folder)     config.json + safetensors (sharded above 5 GiB) in the layout load_model reads;
+                                  a VLM also in transformers' LlavaOnevision layout (layout="llava-onevision",
+                                  the one vLLM and SGLang load; convert.py adds the tokenizer and processor files)
     load_vision_tower(path)       a standalone SigLIP checkpoint (or a VLM folder: its tower)
     assemble_vlm(siglip, qwen3)   a fresh VLM for pretraining from the two standalone checkpoints
     load_tokenizer(path)          the checkpoint's tokenizer.json (tokenizers, no transformers)
@@ -12,7 +14,8 @@
                                   a config.json dict <-> our Config dataclasses, one function each way per layout
 
 Models are built on the meta device and filled with assign=True: weights are read once, never initialised.
-The key maps are tables of (checkpoint prefix, our prefix); our names are model.py's module names.
+The key maps are tables of (checkpoint prefix, our prefix), one per layout, read in both directions; our names
+are model.py's module names.
 """
 import os
 import re
@@ -142,6 +145,27 @@ def vlm_to_hf(c):
     return d
 
 
+def vlm_to_transformers(c, image_token_id, video_token_id):
+    """transformers' LlavaOnevisionConfig dict (what vLLM and SGLang read): the tower as deep as we use it, read at
+    its last layer; pinpoints as (height, width); image_token_id / video_token_id: in-vocabulary token ids."""
+    fixed = {"mm_projector_type": (c.mm_projector_type, "mlp2x_gelu"),
+             "mm_patch_merge_type": (c.mm_patch_merge_type, "spatial_unpad")}
+    for key, (value, want) in fixed.items():
+        if value != want:
+            raise ValueError(f"the LlavaOnevision layout has {key} {want!r} only; this VLM has {value!r}")
+    if not re.fullmatch(r"anyres_max_\d+", c.image_aspect_ratio):
+        raise ValueError(f"the LlavaOnevision layout has image_aspect_ratio anyres_max_N only; this VLM has "
+                         f"{c.image_aspect_ratio!r}")
+    text = qwen3_to_hf(c.llm)
+    vision = {**siglip_to_hf(c.vision), "num_hidden_layers": c.vision.num_layers_used, "vision_use_head": False}
+    return {"model_type": "llava_onevision", "architectures": ["LlavaOnevisionForConditionalGeneration"],
+            "text_config": text, "vision_config": vision, "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full", "vision_aspect_ratio": c.image_aspect_ratio,
+            "image_grid_pinpoints": [[h, w] for w, h in c.image_grid_pinpoints], "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": True, "tie_word_embeddings": c.llm.tie_word_embeddings,
+            "image_token_index": image_token_id, "video_token_index": video_token_id}
+
+
 # ----------------------------------------------------------------------------- files
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -165,8 +189,9 @@ def device_and_dtype(device="auto", dtype=None):
     return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
 
-def _resolve_checkpoint(path_or_id, need_config=True):
-    """A local folder, or a hub id fetched with huggingface_hub (which also serves its offline cache)."""
+def _resolve_checkpoint(path_or_id, need_config=True, files=("*.json", "*.safetensors", "*.txt")):
+    """A local folder, or a hub id fetched with huggingface_hub (which also serves its offline cache); from the
+    hub only `files` (glob patterns)."""
     path = str(path_or_id)
     if os.path.isdir(path):
         folder = path
@@ -175,7 +200,7 @@ def _resolve_checkpoint(path_or_id, need_config=True):
     else:
         from huggingface_hub import snapshot_download
         try:
-            folder = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+            folder = snapshot_download(path, allow_patterns=list(files))
         except Exception as e:  # offline, unknown repo, gated, ...: one clear message
             why = " ".join(str(e).split())   # huggingface_hub's messages span lines; ours is one
             raise CheckpointError(f"{path}: could not fetch from the hub ({type(e).__name__}: {why})") from None
@@ -329,21 +354,28 @@ def load_model(path_or_hub_id, dtype=None, device=None, quantize=None):
     """A Qwen3/Qwen2 LLM or, when config.json describes a LLaVA model, the VLM; in eval mode.
 
     Built on the meta device and filled with assign=True: weights are read once, never initialised.
-    quantize="int8": then the LLM's linears and LM head become int8 weight-only layers (quantize.py)."""
+    quantize="int8" (or "int4"): then the LLM's linears and LM head become weight-only quantized layers
+    (quantize.py); the vision tower and projector stay floating point."""
     check_mode(quantize)   # a bad value fails before any weight is read
     folder = _resolve_checkpoint(path_or_hub_id)
     cfg = _read_config(folder)
     dtype = _as_dtype(dtype)
     model = (_load_vlm if _is_llava_config(cfg) else _load_llm)(folder, cfg, dtype, device)
-    return (quantize_model(model, quantize) if quantize else model).eval()
+    return quantize_model(model, quantize).eval()
 
 
-def save_model(model, out_dir, max_shard_bytes=5 * 2**30):
-    """Save in the layout load_model (and transformers) reads: config.json + safetensors (sharded if large)."""
+VLM_LAYOUTS = ("released", "llava-onevision")
+
+
+def save_model(model, out_dir, max_shard_bytes=5 * 2**30, layout="released", token_ids=None):
+    """Save in a layout load_model (and transformers) reads: config.json + safetensors (sharded if large).
+    A VLM: layout "released" (LLaVA-NeXT) or "llava-onevision" (transformers; token_ids = (image id, video id))."""
     if is_quantized(model):
         raise ValueError("save_model: the model is int8-quantized; save the floating-point one (quantize at load)")
     if isinstance(model, VLM):  # the VLM (last section of this file)
-        return _save_vlm(model, out_dir, max_shard_bytes)
+        return _save_vlm(model, out_dir, max_shard_bytes, layout, token_ids)
+    if layout != "released":
+        raise ValueError(f"save_model: layout {layout!r} is for VLMs; a text LLM has one layout (Qwen3's)")
     state = {_llm_key_to_hf(k): v for k, v in model.state_dict().items()}
     _write_safetensors(state, out_dir, max_shard_bytes)
     dtype = str(model.embed_tokens.weight.dtype).replace("torch.", "")
@@ -353,19 +385,20 @@ def save_model(model, out_dir, max_shard_bytes=5 * 2**30):
 
 
 # ----------------------------------------------------------------------------- VLM layouts
-# key maps: (checkpoint prefix, our prefix), first match wins
+# key maps: (checkpoint prefix, our prefix). Reading: the first row whose checkpoint prefix matches. Writing
+# (_checkpoint_key): the longest of our prefixes that matches, and of its rows the first.
 _RELEASED_KEYS = [("model.vision_tower.vision_tower.vision_model.", "vision."), ("model.mm_projector.", "projector."),
                   ("model.image_newline", "image_newline"), ("model.", "llm."), ("lm_head.", "llm.lm_head.")]
-_TRANSFORMERS_KEYS = [  # in-memory names (model.*) and the on-disk names transformers 4.x / 5.x write
-    ("model.vision_tower.vision_model.", "vision."), ("model.vision_tower.", "vision."),
-    ("vision_tower.vision_model.", "vision."), ("vision_tower.", "vision."),
+_TRANSFORMERS_KEYS = [
+    # the llava-hf hub names (transformers 4.x on disk; what vLLM and SGLang load): written
+    ("vision_tower.vision_model.", "vision."), ("multi_modal_projector.linear_1.", "projector.0."),
+    ("multi_modal_projector.linear_2.", "projector.2."), ("image_newline", "image_newline"),
+    ("language_model.model.", "llm."), ("language_model.lm_head.", "llm.lm_head."),
+    # transformers 5.x: in memory (model.*) and on disk: read only
+    ("model.vision_tower.vision_model.", "vision."), ("model.vision_tower.", "vision."), ("vision_tower.", "vision."),
     ("model.multi_modal_projector.linear_1.", "projector.0."),
     ("model.multi_modal_projector.linear_2.", "projector.2."),
-    ("multi_modal_projector.linear_1.", "projector.0."),
-    ("multi_modal_projector.linear_2.", "projector.2."),
-    ("model.image_newline", "image_newline"), ("image_newline", "image_newline"),
-    ("model.language_model.", "llm."), ("language_model.model.", "llm."),
-    ("language_model.lm_head.", "llm.lm_head."), ("lm_head.", "llm.lm_head.")]
+    ("model.image_newline", "image_newline"), ("model.language_model.", "llm."), ("lm_head.", "llm.lm_head.")]
 
 
 def _vision_key(key, config):
@@ -399,15 +432,13 @@ def _vlm_state_from_checkpoint(tensors, config, table, source):
     return state
 
 
-def _released_key(ours):
-    """Our name -> the released LLaVA-NeXT name (inverse of _RELEASED_KEYS)."""
-    if ours.startswith("vision."):
-        inner = ours[len("vision."):]
-        inner = "encoder." + inner if inner.startswith("layers.") else inner
-        return "model.vision_tower.vision_tower.vision_model." + inner
-    if ours.startswith("llm."):
-        return _llm_key_to_hf(ours[4:])
-    return "model.mm_projector." + ours[10:] if ours.startswith("projector.") else "model." + ours
+def _checkpoint_key(ours, table):
+    """Our name -> the name a layout's table writes (the inverse of reading it; tower layers.N -> encoder.layers.N)."""
+    old, new = max((row for row in table if ours.startswith(row[1])), key=lambda row: len(row[1]))
+    inner = ours[len(new):]
+    if new == "vision." and inner.startswith("layers."):
+        inner = "encoder." + inner
+    return old + inner
 
 
 def _load_vlm(folder, cfg, dtype, device):
@@ -421,12 +452,22 @@ def _load_vlm(folder, cfg, dtype, device):
     return model
 
 
-def _save_vlm(model, out_dir, max_shard_bytes):
-    """The released layout: LLaVA config.json + model.* / lm_head keys (sharded above max_shard_bytes)."""
-    state = {_released_key(k): v for k, v in model.state_dict().items()}
+def _save_vlm(model, out_dir, max_shard_bytes, layout, token_ids):
+    """layout "released": LLaVA config.json + model.* / lm_head keys; "llava-onevision": transformers' config.json +
+    the llava-hf hub names, token_ids = its (image, video) token ids. Sharded above max_shard_bytes."""
+    if layout == "released":
+        table, config = _RELEASED_KEYS, vlm_to_hf(model.config)
+    elif layout == "llava-onevision":
+        if token_ids is None:
+            raise ValueError("save_model: the llava-onevision layout needs token_ids, the in-vocabulary <image> and "
+                             "<video> ids (convert.py adds them to the tokenizer)")
+        table, config = _TRANSFORMERS_KEYS, vlm_to_transformers(model.config, *token_ids)
+    else:
+        raise ValueError(f"unknown VLM layout {layout!r}; choose from {VLM_LAYOUTS}")
+    state = {_checkpoint_key(k, table): v for k, v in model.state_dict().items()}
     _write_safetensors(state, out_dir, max_shard_bytes)
     dtype = str(model.llm.embed_tokens.weight.dtype).replace("torch.", "")
-    records.atomic_write_json(os.path.join(out_dir, "config.json"), {**vlm_to_hf(model.config), "torch_dtype": dtype})
+    records.atomic_write_json(os.path.join(out_dir, "config.json"), {**config, "torch_dtype": dtype})
 
 
 def load_vision_tower(path_or_hub_id, dtype=None, device=None):
@@ -466,7 +507,9 @@ def assemble_vlm(siglip_path, qwen3_path, dtype=None, device=None, **options):
 
 def load_tokenizer(path_or_id):
     """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (no transformers needed)."""
-    path = os.path.join(_resolve_checkpoint(path_or_id, need_config=False), "tokenizer.json")
+    # from the hub only the tokenizer: a served model's tokenizer comes without its weights
+    path = os.path.join(_resolve_checkpoint(path_or_id, need_config=False, files=("tokenizer.json",)),
+                        "tokenizer.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{path_or_id}: no tokenizer.json in the checkpoint folder")
     return read_tokenizer_file(path)

@@ -8,6 +8,8 @@
     two-stage stage 1 then stage 2 in one process
     --grid    perception model x reasoner x thinking on/off x budget, stage-1 outputs cached per perception
               model; writes grid.md, grid.csv and PNG plots.
+    --reasoner-url, --perception-url: the stages on an OpenAI-compatible server (remote.py); --shard i/n and
+              `evaluate.py merge DIR... --out DIR`: one part per machine, merged to the unsharded run's files.
 
 Reading the set and scoring the replies (the release's answer parse, lmms-eval's exact match and aggregation,
 `--answer-match text`) is mmstar.py; this file runs the models over the docs. Every output JSONL is
@@ -22,6 +24,7 @@ docs from mmstar.load_docs):
     run_stage1(docs, vlm, tokenizer, out_path, *, hints="none" | hints.json | callable, batch_size, max_new_tokens)
     run_stage2(docs, stage1_path, llm, tokenizer, out_path, ReasonSettings(...), *, batch_size, answer_match) -> records
     run_e2e(docs, vlm, tokenizer, out_path, *, batch_size, max_new_tokens, answer_match) -> records
+    (a remote.Served where a model goes runs that stage on its server: same records)
     mmstar.summarize(records, mode) -> results dict (average, category, l2_category, n_failed, n_unparsable, ...)
     score_table([(label, results), ...]) -> markdown table (percent, MMStar's Table 2 columns)
 """
@@ -40,10 +43,13 @@ from tqdm import tqdm
 
 import checkpoints
 import model as M
+import openai_client
 import prompts
 import quantize
 import reason
 import records
+import remote
+import shards
 from reason import ReasonSettings
 from mmstar import (ANSWER_MATCHES, MMSTAR_SHORT, check_answer_match, load_docs, load_image, score_reply,
                     summarize)
@@ -85,6 +91,8 @@ def stage2_record(doc, reply=None, error=None, parse_answer_line=True, answer_ma
     answer_match "text" scores against doc.options and adds predicted_letter."""
     rec = doc.meta()
     text = answer_match == "text"
+    if isinstance(reply, Exception):   # a served row whose request failed
+        reply, error = None, remote.error_text(reply)
     if error is not None:
         empty = {"thinking_tokens": 0, "budget_hit": False, "answer_tokens": 0} if parse_answer_line else {}
         return {**rec, "status": "failed", "error": error, "response": "", "prediction": "", "parsed": False,
@@ -99,10 +107,14 @@ def stage2_record(doc, reply=None, error=None, parse_answer_line=True, answer_ma
 
 # ----------------------------------------------------------------------------- generation settings
 
+def doc_seed(seed, doc_id):
+    """The sampling seed of a doc (a batch: its first doc), from the run seed: a resumed run samples the same."""
+    return seed * 1_000_003 + doc_id
+
+
 def _batch_generator(seed, batch_docs, device):
-    """A torch.Generator on the model's device, seeded by the run seed and the batch's first doc_id: a
-    resumed run samples the same tokens for the same batch."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_docs[0].doc_id)
+    """A torch.Generator on the model's device, seeded by doc_seed of the batch's first doc_id."""
+    return torch.Generator(device=device).manual_seed(doc_seed(seed, batch_docs[0].doc_id))
 
 
 def question_text(doc):
@@ -171,9 +183,20 @@ def load_hints(spec, docs):
 
 
 def auto_hints(llm, tokenizer, max_new_tokens=256):
-    """The "auto" hint mode: the reasoner LLM writes each question's hint (paper appendix prompt)."""
+    """The "auto" hint mode: the reasoner LLM writes each question's hint (paper appendix prompt). A served LLM:
+    a failed request stands in its row (the doc's stage-1 record fails)."""
+    if remote.is_served(llm):
+        return lambda batch: remote.run_hint(llm, [question_text(d) for d in batch], max_new_tokens,
+                                             where=f"doc_id {batch[0].doc_id}")
     return lambda batch: reason.run_hint(llm, tokenizer, [question_text(d) for d in batch],
                                          max_new_tokens=max_new_tokens)
+
+
+def _perceive(vlm, tokenizer, images, user_texts, max_new_tokens, first):
+    """reason.run_perception, or remote's for a served VLM (a failed request stands in its row)."""
+    if remote.is_served(vlm):
+        return remote.run_perception(vlm, images, user_texts, max_new_tokens, where=f"doc_id {first.doc_id}")
+    return reason.run_perception(vlm, tokenizer, images, user_texts=user_texts, max_new_tokens=max_new_tokens)
 
 
 def run_stage1(docs, vlm, tokenizer, out_path, *, hints="none", batch_size=8, max_new_tokens=1024,
@@ -186,10 +209,14 @@ def run_stage1(docs, vlm, tokenizer, out_path, *, hints="none", batch_size=8, ma
         recs = [stage1_record(d, "", None, "", error=why) for d, why in failed]
         if ok:
             batch_hints = hint_fn(ok)
-            texts = ["<image>\n" + prompts.perception_prompt(h) for h in batch_hints]
-            outs = reason.run_perception(vlm, tokenizer, images, user_texts=texts, max_new_tokens=max_new_tokens)
-            recs += [stage1_record(d, t, h, o["text"], generated_tokens=o["generated_tokens"])
-                     for d, t, h, o in zip(ok, texts, batch_hints, outs)]
+            recs += [stage1_record(d, "", None, "", error="hint: " + remote.error_text(h))
+                     for d, h in zip(ok, batch_hints) if isinstance(h, Exception)]
+            rows = [(d, im, h) for d, im, h in zip(ok, images, batch_hints) if not isinstance(h, Exception)]
+            texts = ["<image>\n" + prompts.perception_prompt(h) for _, _, h in rows]
+            outs = _perceive(vlm, tokenizer, [im for _, im, _ in rows], texts, max_new_tokens, ok[0]) if rows else []
+            recs += [stage1_record(d, t, h, "", error=remote.error_text(o)) if isinstance(o, Exception) else
+                     stage1_record(d, t, h, o["text"], generated_tokens=o["generated_tokens"])
+                     for (d, _, h), t, o in zip(rows, texts, outs)]
         return recs
 
     return _run_batches(docs, out_path, batch_size, "stage 1 (perception)", make_records, show_progress)
@@ -203,7 +230,6 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
     check_answer_match(docs, answer_match)
     settings = settings or ReasonSettings()
     stage1 = read_stage1(stage1_path, docs)
-    device = llm.embed_tokens.weight.device
 
     def make_records(batch):
         failed = [d for d in batch if stage1[str(d.doc_id)].get("status", "ok") == "failed"]
@@ -211,9 +237,15 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
         recs = [stage2_record(d, error="stage 1 failed: " + stage1[str(d.doc_id)].get("error", ""),
                               answer_match=answer_match) for d in failed]
         if ok:
-            outs = reason.run_reasoning(llm, tokenizer, [question_text(d) for d in ok],
-                                        [stage1[str(d.doc_id)]["filtered_resps"][0] for d in ok], settings,
-                                        generator=_batch_generator(settings.seed, ok, device))
+            questions = [question_text(d) for d in ok]
+            descriptions = [stage1[str(d.doc_id)]["filtered_resps"][0] for d in ok]
+            if remote.is_served(llm):   # one request (two with a budget) per doc, each seeded by its doc_id
+                outs = remote.run_reasoning(llm, tokenizer, questions, descriptions, settings,
+                                            seeds=[doc_seed(settings.seed, d.doc_id) for d in ok],
+                                            where=f"doc_id {ok[0].doc_id}")
+            else:
+                generator = _batch_generator(settings.seed, ok, llm.embed_tokens.weight.device)
+                outs = reason.run_reasoning(llm, tokenizer, questions, descriptions, settings, generator=generator)
             recs += [stage2_record(d, o, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
@@ -230,8 +262,7 @@ def run_e2e(docs, vlm, tokenizer, out_path, *, batch_size=8, max_new_tokens=1024
         ok, images, failed = _split_images(batch)
         recs = [stage2_record(d, error=r, parse_answer_line=False, answer_match=answer_match) for d, r in failed]
         if ok:
-            outs = reason.run_perception(vlm, tokenizer, images, None, max_new_tokens=max_new_tokens,
-                                         user_texts=[e2e_user_text(d) for d in ok])
+            outs = _perceive(vlm, tokenizer, images, [e2e_user_text(d) for d in ok], max_new_tokens, ok[0])
             recs += [stage2_record(d, o, parse_answer_line=False, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
@@ -295,6 +326,17 @@ def grid_settings(args):
     return out
 
 
+def grid_plan(args):
+    """The grid's stage-2 runs in their order -> [(perception, reasoner, ReasonSettings, file name)]."""
+    return [(p, r, s, f"{_slug(p)}__{_slug(r)}__{s.label()}") for r in args.reasoner for p in args.perception
+            for s in grid_settings(args)]
+
+
+def grid_row(perception, reasoner, settings):
+    return {"perception": perception, "reasoner": reasoner, "thinking": settings.thinking,
+            "budget": settings.budget if settings.thinking else None}
+
+
 def run_grid(args, docs, loader):
     """perception x reasoner x settings. Stage 1 runs once per perception model (cached, resumable);
     each stage-2 combination has its own resumable file. Returns list of grid rows (dicts)."""
@@ -311,17 +353,13 @@ def run_grid(args, docs, loader):
         stage1_files[p] = os.path.join(s1_dir, _slug(p) + ".jsonl")
         _stage1_job(args, docs, loader, p, stage1_files[p])
     loader.drop_vlms()
-    rows = []
-    for r in args.reasoner:
-        for p in args.perception:
-            for settings in grid_settings(args):
-                name = f"{_slug(p)}__{_slug(r)}__{settings.label()}"
-                out_path = os.path.join(s2_dir, name + ".jsonl")
-                recs = _stage2_job(args, docs, loader, r, settings, stage1_files[p], out_path)
-                res = write_results(s2_dir, name, recs, "two-stage", _stage2_config(args, r, settings, stage1_files[p]))
-                rows.append({"perception": p, "reasoner": r, "thinking": settings.thinking,
-                             "budget": settings.budget if settings.thinking else None, "results": res})
-        loader.drop(r)
+    plan, rows = grid_plan(args), []
+    for k, (p, r, settings, name) in enumerate(plan):
+        recs = _stage2_job(args, docs, loader, r, settings, stage1_files[p], os.path.join(s2_dir, name + ".jsonl"))
+        res = write_results(s2_dir, name, recs, "two-stage", _stage2_config(args, r, settings, stage1_files[p]))
+        rows.append({**grid_row(p, r, settings), "results": res})
+        if k + 1 == len(plan) or plan[k + 1][1] != r:
+            loader.drop(r)   # the reasoner's last run: free it before the next one loads
     write_grid_reports(args.out, rows)
     return rows
 
@@ -421,17 +459,20 @@ def _plot_tokens(plt, pairs, path):
 # ----------------------------------------------------------------------------- command line
 
 class ModelLoader:
-    """Loads each checkpoint once (model + tokenizer) and frees it on request."""
+    """Loads each checkpoint once (model + tokenizer) and frees it on request. A role ("perception" or
+    "reasoner") with a server in `clients` gets remote.Served(client, name) instead, and a served reasoner the
+    tokenizer of that name (for its prompts' NoWait ids and closing text; a served VLM needs none)."""
 
-    def __init__(self, device, dtype, quantize=None):
-        self.device, self.dtype, self.quantize, self.cache = device, dtype, quantize, {}
+    def __init__(self, device, dtype, quantize=None, clients=None):
+        self.device, self.dtype, self.quantize, self.clients, self.cache = device, dtype, quantize, clients or {}, {}
 
-    def get(self, path):
-        if path not in self.cache:
-            import checkpoints
+    def get(self, path, role):
+        if path not in self.cache and role in self.clients:
+            self.cache[path] = (remote.Served(self.clients[role], path),
+                                checkpoints.load_tokenizer(path) if role == "reasoner" else None)
+        elif path not in self.cache:
             self.cache[path] = (checkpoints.load_model(path, dtype=self.dtype, device=self.device,
-                                                       quantize=self.quantize),
-                                checkpoints.load_tokenizer(path))
+                                                       quantize=self.quantize), checkpoints.load_tokenizer(path))
         return self.cache[path]
 
     def drop(self, path):
@@ -451,29 +492,38 @@ def _settings(args, thinking, budget):
 def _hints_spec(args, loader):
     if args.hints != "auto":
         return args.hints
-    llm, tok = loader.get(args.hint_model or args.reasoner[0])
+    llm, tok = loader.get(args.hint_model or args.reasoner[0], "reasoner")
     return auto_hints(llm, tok)
+
+
+def _run_keys(args, *roles):
+    """Config keys of how an output is made: the roles run on a server (None: all local), the shard, and the
+    weights' quantization (a resumed file never mixes int8 and float records)."""
+    urls = {"perception": args.perception_url, "reasoner": args.reasoner_url, "hint": args.reasoner_url}
+    return {"served": [r for r in roles if urls[r]] or None, "shard": args.shard, "quantize": args.quantize}
 
 
 def _stage1_job(args, docs, loader, perception, out_path):
     check_run_config(out_path[:-len(".jsonl")] + ".config.json",
                      {"data": args.data, "perception": perception, "hints": args.hints,
                       "hint_model": (args.hint_model or args.reasoner[0]) if args.hints == "auto" else None,
-                      "max_new_tokens": args.stage1_tokens})
+                      "max_new_tokens": args.stage1_tokens,
+                      **_run_keys(args, "perception", *(["hint"] if args.hints == "auto" else []))})
     hints = _hints_spec(args, loader)
-    vlm, tok = loader.get(perception)
+    vlm, tok = loader.get(perception, "perception")
     return run_stage1(docs, vlm, tok, out_path, hints=hints, batch_size=args.batch_size,
                       max_new_tokens=args.stage1_tokens, show_progress=not args.quiet)
 
 
 def _stage2_config(args, reasoner, settings, stage1_file):
     return {"data": args.data, "stage1_file": os.path.abspath(stage1_file), "reasoner": reasoner,
-            **asdict(settings), "sampling": settings.sampling(), "answer_match": args.answer_match}
+            **asdict(settings), "sampling": settings.sampling(), "answer_match": args.answer_match,
+            **_run_keys(args, "reasoner")}
 
 
 def _stage2_job(args, docs, loader, reasoner, settings, stage1_file, out_path):
     check_run_config(out_path[:-len(".jsonl")] + ".config.json", _stage2_config(args, reasoner, settings, stage1_file))
-    llm, tok = loader.get(reasoner)
+    llm, tok = loader.get(reasoner, "reasoner")
     return run_stage2(docs, stage1_file, llm, tok, out_path, settings, batch_size=args.batch_size,
                       show_progress=not args.quiet, answer_match=args.answer_match)
 
@@ -481,9 +531,9 @@ def _stage2_job(args, docs, loader, reasoner, settings, stage1_file, out_path):
 def _e2e_job(args, docs, loader):
     out_path = os.path.join(args.out, "e2e.jsonl")
     config = {"data": args.data, "perception": args.perception[0], "max_new_tokens": args.stage1_tokens,
-              "post_prompt": E2E_POST_PROMPT, "answer_match": args.answer_match}
+              "post_prompt": E2E_POST_PROMPT, "answer_match": args.answer_match, **_run_keys(args, "perception")}
     check_run_config(os.path.join(args.out, "e2e.config.json"), config)
-    vlm, tok = loader.get(args.perception[0])
+    vlm, tok = loader.get(args.perception[0], "perception")
     recs = run_e2e(docs, vlm, tok, out_path, batch_size=args.batch_size, max_new_tokens=args.stage1_tokens,
                    show_progress=not args.quiet, answer_match=args.answer_match)
     return write_results(args.out, "e2e", recs, "e2e", config)
@@ -521,6 +571,8 @@ EXAMPLES = r"""examples (MMStar with the released checkpoints, one GPU):
   python evaluate.py --mode e2e --data mmstar.parquet --perception markendo/llava-extract-qwen3-0.6B --out runs/e2e
   python evaluate.py --grid --data mmstar.parquet --perception P1 P2 --reasoner R1 R2 --thinking on off \
       --budget 512 1024 4096 --out runs/grid
+  python evaluate.py --mode stage2 --reasoner Qwen/Qwen3-1.7B --reasoner-url http://localhost:8000/v1 --shard 0/2 ...
+  python evaluate.py merge runs/part0 runs/part1 --out runs/all
 """
 
 
@@ -571,6 +623,9 @@ def parse_args(argv=None):
                    help="int8: every LLM's linears and LM head int8 weight-only, at load (faster CPU decoding)")
     p.add_argument("--grid", action="store_true",
                    help="run every perception x reasoner x thinking x budget; writes grid.md, grid.csv, PNG plots")
+    p.add_argument("--shard", help="i/n: run only the i-th of n parts (whole batches, in doc order) into this --out; "
+                                   "join the parts with `evaluate.py merge`")
+    remote.add_server_args(p)
     p.add_argument("--json", action="store_true", help="print the results JSON to stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -580,16 +635,50 @@ def parse_args(argv=None):
             p.error(f"{', '.join(many)} accept several values only with --grid")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.shard:
+        shards.parse_shard(args.shard)   # a bad spec fails before anything loads
     return args
 
 
+def merge(argv):
+    """`evaluate.py merge DIR... --out DIR`: the parts of a sharded run -> the files an unsharded run writes."""
+    p = argparse.ArgumentParser(prog="evaluate.py merge", description=merge.__doc__)
+    p.add_argument("parts", nargs="+", help="the --out folders of the shards, each with its shard.json")
+    p.add_argument("--out", required=True, help="the merged output folder")
+    a = p.parse_args(argv)
+    manifest, files = shards.merge_parts(a.parts, a.out)   # every doc exactly once, or a ValueError
+    if manifest["mode"] == "grid":
+        rows = []
+        for row in manifest["grid"]:
+            recs, config = files[f"stage2/{row['name']}.jsonl"]
+            results = write_results(os.path.join(a.out, "stage2"), row["name"], recs, "two-stage", config)
+            rows.append({**{k: v for k, v in row.items() if k != "name"}, "results": results})
+        write_grid_reports(a.out, rows)
+        print(score_table([(grid_label(r), r["results"]) for r in rows]))
+    elif manifest["mode"] != "stage1":
+        name = "e2e" if manifest["mode"] == "e2e" else "stage2"
+        recs, config = files[name + ".jsonl"]
+        print(score_table([(manifest["mode"], write_results(a.out, name, recs, manifest["mode"], config))]))
+    print(f"merged {len(a.parts)} parts ({manifest['n_docs']} docs, {len(files)} files) into {a.out}", file=sys.stderr)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["merge"]:
+        return merge(argv[1:])
     args = parse_args(argv)
     device, dtype = checkpoints.device_and_dtype(args.device, args.dtype)
     docs = load_docs(args.data, args.image_folder, args.limit, args.allow_outside_images, args.exif_transpose)
     check_answer_match(docs, args.answer_match)
     os.makedirs(args.out, exist_ok=True)
-    loader = ModelLoader(device, dtype, args.quantize)
+    if args.shard:   # this part's docs; shard.json lets `merge` check the parts cover every doc once
+        part = shards.shard_docs(docs, args.shard, args.batch_size)
+        check_run_config(os.path.join(args.out, shards.MANIFEST), {
+            "shard": args.shard, "mode": "grid" if args.grid else args.mode, "n_docs": len(docs),
+            "batch_size": args.batch_size, "doc_ids": [d.doc_id for d in part],
+            "grid": [{**grid_row(*plan[:3]), "name": plan[3]} for plan in grid_plan(args)] if args.grid else None})
+        docs = part
+    loader = ModelLoader(device, dtype, args.quantize, remote.clients(args))
     start = time.time()
     if args.grid:
         rows = run_grid(args, docs, loader)
@@ -604,5 +693,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, openai_client.FatalError) as e:
         sys.exit(f"evaluate.py: error: {e}")

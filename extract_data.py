@@ -28,17 +28,10 @@ Differences from the released pipeline (reference/seed_repo/visual_extraction_tu
   - step 3 (the hint) is not in the release, which wrote captions only; its questions are always cleaned.
 """
 import argparse
-import base64
-import http.client
-import io
 import json
 import os
-import random
 import sys
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from PIL import Image
@@ -48,7 +41,9 @@ import checkpoints as C
 import model as M
 import prompts
 import reason
+import shards
 import vision
+from openai_client import Client, FatalError, add_client_args, data_url
 from records import ResumableJsonl, WriterLock, atomic_write_text, read_jsonl, read_records
 
 STATEMENT_TASK = ("Your task is to convert each question–answer pair about an image into a concise, fully "
@@ -65,15 +60,6 @@ ANSWER_FORMAT_SUFFIXES = (
     "Select the correct answer from the provided options and reply with the letter associated with it.",
     "When the provided information is insufficient, respond with 'Unanswerable'.",
 )
-
-
-class FatalError(RuntimeError):
-    """A problem every sample would hit (bad URL, model name, key): stop the run instead of failing each sample."""
-
-
-class TransportError(RuntimeError):
-    """The server stayed unreachable or unavailable (refused, reset, timed out, HTTP 408/429/5xx) through every
-    retry. One sample's is a failed record; a whole batch of them stops the run (the server is down)."""
 
 
 # ----------------------------------------------------------------------------- prompts (release, byte for byte)
@@ -234,54 +220,23 @@ class LocalBackend:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible chat-completions server (vLLM, SGLang, ...), one sample per worker thread.
-
-    Plain HTTP from the standard library to the --base-url given: no hub client, so HF_HUB_OFFLINE (which blocks
-    every request huggingface_hub makes) never stops a loopback or other explicit server."""
+    """Any OpenAI-compatible chat-completions server (vLLM, SGLang, ...), one sample per worker thread, through the
+    project's one client (openai_client.py: plain stdlib HTTP, retries with backoff, FatalError / TransportError)."""
 
     def __init__(self, args):
-        self.args, self.url = args, chat_completions_url(args.base_url)
-        self.pool = ThreadPoolExecutor(args.concurrency)
-
-    def _post(self, payload):
-        request = urllib.request.Request(self.url, data=json.dumps(payload).encode(), method="POST", headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {self.args.api_key}"})
-        with urllib.request.urlopen(request, timeout=self.args.timeout) as response:
-            return json.loads(response.read())
+        self.args = args
+        self.client = Client.from_args(args.base_url, args, check="--base-url, --model / --text-model and --api-key")
 
     def _chat(self, model, content, max_tokens):
-        """One greedy chat completion, retried with exponential backoff on 408 / 429 / 5xx / timeouts / network
-        errors; a 401 / 403 / 404 is a FatalError, other answers a RuntimeError for this sample."""
-        a = self.args
-        for attempt in range(a.max_retries + 1):
-            after = f" after {attempt} retries" if attempt else ""
-            try:
-                out = self._post({"model": model, "messages": [{"role": "user", "content": content}],
-                                  "max_tokens": max_tokens, "temperature": 0.0})
-            except urllib.error.HTTPError as e:   # the server answered with an error status
-                why = _short(e.read().decode("utf-8", "replace") or e.reason)
-                if e.code in (401, 403, 404):
-                    raise FatalError(f"{a.base_url} (model {model!r}) answered HTTP {e.code}: {why}; "
-                                     "check --base-url, --model / --text-model and --api-key") from None
-                if not (e.code in (408, 429) or e.code >= 500):
-                    raise RuntimeError(f"HTTP {e.code} from {a.base_url}: {why}") from None
-                if attempt == a.max_retries:
-                    raise TransportError(f"HTTP {e.code} from {a.base_url}{after}: {why}") from None
-            except (OSError, http.client.HTTPException) as e:   # refused, reset, timed out, cut short
-                if attempt == a.max_retries:
-                    cause = e.reason if isinstance(getattr(e, "reason", None), BaseException) else e
-                    raise TransportError(f"{type(cause).__name__} from {a.base_url}{after}: {_short(cause)}") from None
-            else:
-                try:
-                    return out["choices"][0]["message"]["content"] or ""
-                except (KeyError, IndexError, TypeError) as e:
-                    raise RuntimeError(f"{a.base_url}: not a chat completion ({_short(out)})") from e
-            time.sleep(a.retry_delay * 2 ** attempt * random.uniform(1.0, 1.5))
+        """One greedy chat completion -> its text."""
+        messages = [{"role": "user", "content": content}]
+        return self.client.chat(model, messages, max_tokens, temperature=0.0).text
 
     def _one(self, s):
         a = self.args
         statements = self._chat(a.text_model, [{"type": "text", "text": s.statement_prompt}], a.max_statement_tokens)
-        description = self._chat(a.model, [{"type": "image_url", "image_url": {"url": _data_url(s.pixels)}},
+        # PNG data URL (lossless): the server sees the release's 512x512 pixels
+        description = self._chat(a.model, [{"type": "image_url", "image_url": {"url": data_url(s.pixels)}},
                                            {"type": "text", "text": description_prompt(statements)}],
                                  a.max_description_tokens)
         reply = self._chat(a.text_model, [{"type": "text", "text": prompts.hint_prompt(s.hint_question)}],
@@ -289,52 +244,16 @@ class OpenAIBackend:
         return dict(statements=statements, hint=prompts.parse_hint(reply), description=description)
 
     def run_batch(self, samples):
-        futures = [self.pool.submit(self._one, s) for s in samples]
-        results = []
-        for f in futures:
-            try:
-                results.append(f.result())
-            except FatalError:
-                self.pool.shutdown(cancel_futures=True)
-                raise
-            except Exception as e:
-                results.append(e)
-        return results
-
-
-def chat_completions_url(base_url):
-    """--base-url -> the chat-completions endpoint (the rule of OpenAI clients): .../v1 -> .../v1/chat/completions,
-    a bare host -> host/v1/chat/completions, a full endpoint unchanged."""
-    head, sep, query = base_url.partition("?")
-    path = head.rstrip("/")
-    if not path.endswith("/chat/completions"):
-        path += "/chat/completions" if path.endswith("/v1") else "/v1/chat/completions"
-    return path + sep + query
-
-
-def _data_url(image):
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")  # lossless: the server sees the release's 512x512 pixels
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _short(e, n=300):
-    text = " ".join(str(e).split())
-    return text if len(text) <= n else text[:n] + " ..."
+        """-> per sample the dict or its Exception; a batch that never reached the server stops the run."""
+        return self.client.map(self._one, samples, f"index {samples[0].index}")
 
 
 # ----------------------------------------------------------------------------- run
 
 def resolve_range(args, n):
-    """--shard i/n (contiguous blocks) or --start/--end (end exclusive, clipped) -> (start, end)."""
+    """--shard i/n (contiguous blocks, shards.shard_range) or --start/--end (end exclusive, clipped) -> (start, end)."""
     if args.shard:
-        try:
-            i, k = (int(x) for x in args.shard.split("/"))
-        except ValueError:
-            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
-        if not 0 <= i < k:
-            raise ValueError(f"--shard {args.shard}: need 0 <= i < n")
-        return i * n // k, (i + 1) * n // k
+        return shards.shard_range(*shards.parse_shard(args.shard), n)
     end = n if args.end is None else min(args.end, n)
     if not 0 <= args.start <= end:
         raise ValueError(f"--start {args.start} / --end {args.end}: not a range within 0..{n}")
@@ -355,9 +274,7 @@ def process_batch(backend, data, indices, args):
                 ready.append(prepare(record, i, args))
             except ValueError as e:
                 out[i] = base_record(i, record, "failed", error=str(e))
-    results = backend.run_batch(ready) if ready else []
-    if results and all(isinstance(r, TransportError) for r in results):   # nothing is recorded: a rerun does them
-        raise FatalError(f"every sample of the batch at index {indices[0]} failed to reach the server: {results[0]}")
+    results = backend.run_batch(ready) if ready else []   # a batch that never reached the server raises FatalError
     for s, r in zip(ready, results):
         if isinstance(r, Exception):
             out[s.index] = base_record(s.index, data[s.index], "failed", error=f"{type(r).__name__}: {r}")
@@ -455,7 +372,7 @@ def merge(args):
                 seen[i] = (path, r)
     missing = [i for i in range(total) if i not in seen]
     if missing:
-        problems.append(f"{len(missing)} indices missing: {_ranges(missing)}")
+        problems.append(f"{len(missing)} indices missing: {shards.ranges(missing)}")
     if problems:
         raise ValueError("merge refused:\n  " + "\n  ".join(problems[:20]))
     captions = [seen[i][1] for i in range(total)]
@@ -464,18 +381,6 @@ def merge(args):
     n = write_training_file(args.out, captions)
     return {"total": total, **count_status(captions), "captions": captions_path, "out": args.out,
             "training_records": n}
-
-
-def _ranges(indices):
-    """[1, 2, 3, 7] -> "1-3, 7" (first 10 runs)."""
-    runs = []
-    for i in indices:
-        if runs and runs[-1][1] == i - 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    text = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs[:10])
-    return text + (" ..." if len(runs) > 10 else "")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -517,12 +422,7 @@ def run_parser():
     g.add_argument("--base-url", help="server URL, e.g. http://localhost:8000/v1")
     g.add_argument("--model", help="served VLM name (step 2, and steps 1/3 unless --text-model)")
     g.add_argument("--text-model", help="served model for steps 1 and 3 (default: --model)")
-    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
-                   help="bearer token (default: $OPENAI_API_KEY or EMPTY)")
-    g.add_argument("--concurrency", type=int, default=16, help="samples in flight, one thread each (16)")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds per request (300)")
-    g.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts/network errors (5)")
-    g.add_argument("--retry-delay", type=float, default=1.0, help="first backoff in seconds, doubled per retry (1)")
+    add_client_args(g)   # --api-key --concurrency --timeout --max-retries --retry-delay (openai_client.py)
     g = p.add_argument_group("run")
     g.add_argument("--retry-failed", action="store_true", help="run the failed records of the captions file again")
     g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")

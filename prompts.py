@@ -2,6 +2,7 @@
 
     qwen3_chat(messages, thinking)      Qwen3's own chat template (text LLM: hint, reasoning)
     llava_chat(user_text)               LLaVA-NeXT "qwen_1_5" conversation (the VLM)           conversation.py
+    LLAVA_CHAT_TEMPLATE                 llava_chat as a Jinja template, for engines that render it (convert.py)
     perception_prompt(hint)             stage 1: "Describe the fine-grained content ..."      stage_1_utils.py
     stage2_prompt(question, desc, thinking)  stage 2: role + Description + Question + post  qwen3.py
     hint_prompt(question) / parse_hint  "Contents to observe" instruction (paper Figure A5)
@@ -69,6 +70,29 @@ def llava_chat(user_text):
     return (f"{IM_START}system\n{LLAVA_SYSTEM}{IM_END}\n"
             f"{IM_START}user\n{user_text}{IM_END}\n"
             f"{IM_START}assistant\n")
+
+
+def _jinja(text):
+    """A Python string -> a Jinja string literal (Jinja unescapes \\n, \\' and \\\\ as Python does)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# llava_chat for a server that renders chat templates itself (convert.py writes it beside a converted VLM): the
+# system line unless a system message comes first, and an image part as "<image>\n" in the user turn. Only
+# expressions emit text and every tag trims, so transformers' trim_blocks / lstrip_blocks change nothing.
+LLAVA_CHAT_TEMPLATE = "".join([
+    "{%- for message in messages -%}",
+    "{%- if loop.first and message['role'] != 'system' -%}{{ ",
+    _jinja(f"{IM_START}system\n{LLAVA_SYSTEM}{IM_END}\n"), " }}{%- endif -%}",
+    "{{ ", _jinja(IM_START), " + message['role'] + ", _jinja("\n"), " }}",
+    "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}",
+    "{%- for part in message['content'] -%}",
+    "{%- if part['type'] in ('image', 'image_url') -%}{{ ", _jinja("<image>\n"), " }}",
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}",
+    "{%- endfor -%}{%- endif -%}",
+    "{{ ", _jinja(IM_END + "\n"), " }}",
+    "{%- endfor -%}",
+    "{%- if add_generation_prompt -%}{{ ", _jinja(IM_START + "assistant\n"), " }}{%- endif -%}"])
 
 
 # The end-to-end baseline: the VLM answers directly (lmms-eval's default MMStar post-prompt for LLaVA).

@@ -43,8 +43,9 @@ class Int8Linear(nn.Module):
         """Float weight [out, in] -> Int8Linear. The scale is rounded to bf16 first and q is rounded against that
         very scale, so q * s is exactly the weight every path multiplies by (the error is q's rounding alone)."""
         w = weight.float()
-        s = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)                 # (out,): an all-zero row
-        q = (w / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)            # (out, in)  gives q = 0
+        # the clamp: an all-zero row gets a tiny scale and q = 0, not 0 / 0
+        s = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)                 # (out,)
+        q = (w / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)            # (out, in)
         m = cls(w.shape[1], w.shape[0], bias)
         m.weight, m.scales = q, s
         return m
@@ -128,8 +129,10 @@ class Int4Linear(nn.Module):
 
 def quantize_model(model, mode="int8"):
     """In place: every nn.Linear of a Qwen3 (for a VLM: of its LLM only) and its LM head -> Int8Linear (int4:
-    Int4Linear). -> model."""
-    layer = {"int8": Int8Linear, "int4": Int4Linear}[check_mode(mode)]
+    Int4Linear; None: nothing). -> model."""
+    if check_mode(mode) is None:
+        return model
+    layer = {"int8": Int8Linear, "int4": Int4Linear}[mode]
     llm = model.llm if hasattr(model, "llm") else model
     for module in list(llm.modules()):
         for name, child in list(module.named_children()):

@@ -9,6 +9,7 @@ Library API (used by evaluate.py and extract_data.py; every function is batched 
     ThinkingBudget(budget, closing, think_end_index, answer_tokens=1024, stop_id=None)
                                                                logits processor: per-row thinking budget
     IncrementalDecoder(tokenizer)                              token ids -> text pieces, UTF-8 safe
+    hint_chat(question), reasoning_chat(question, description, thinking) -> the prompt texts (remote.py too)
     run_hint(llm, tokenizer, questions, max_new_tokens=256, on_token=None) -> list[str]
     run_perception(vlm, tokenizer, images, hints=None, max_new_tokens=1024, user_texts=None,
                    on_token=None) -> list[Perception]              Perception(text, generated_tokens)
@@ -34,8 +35,10 @@ import torch
 import checkpoints as C
 import mmstar
 import model as M
+import openai_client
 import prompts
 import quantize
+import remote   # the steps on a server, for the CLI's --reasoner-url / --perception-url (it builds on this module)
 import vision
 
 # ----------------------------------------------------------------------------- NoWait
@@ -140,6 +143,14 @@ def closing_ids(tokenizer, style="release"):
     raise ValueError(f"unknown budget closing style {style!r}; choose 'release' or 'qwen'")
 
 
+def check_budget(budget, think_end_index):
+    """Every budget (an int or one per row) must hold the forced closing up to and including its </think>."""
+    for b in (budget if isinstance(budget, (list, tuple)) else [budget]):
+        if b < think_end_index + 1:
+            raise ValueError(f"thinking budget {b} is shorter than the forced closing "
+                             f"({think_end_index + 1} tokens up to </think>)")
+
+
 class ThinkingBudget(_RowScanner):
     """Logits processor: a per-row state machine that ends thinking at `budget` generated tokens
     (an int, or one budget per row).
@@ -159,10 +170,7 @@ class ThinkingBudget(_RowScanner):
 
     def __init__(self, budget, closing, think_end_index, answer_tokens=1024, stop_id=None):
         self.budget, self.closing, self.end_at = budget, list(closing), think_end_index
-        for b in (budget if isinstance(budget, (list, tuple)) else [budget]):
-            if b < think_end_index + 1:
-                raise ValueError(f"thinking budget {b} is shorter than the forced closing "
-                                 f"({think_end_index + 1} tokens up to </think>)")
+        check_budget(budget, think_end_index)
         self.think_end_id = self.closing[think_end_index]
         self.answer_cap, self.stop_id = answer_tokens, stop_id
         self.force_from = None  # per row: 0-based position of the first forced token
@@ -286,11 +294,21 @@ def _encode_all(tokenizer, texts, image_marks=False):
     return [M.encode(tokenizer, t, image_marks) for t in texts]
 
 
+def hint_chat(question):
+    """The hint step's prompt text: the paper's Figure A5 prompt as a non-thinking Qwen3 chat."""
+    return prompts.qwen3_chat([{"role": "user", "content": prompts.hint_prompt(question)}], thinking=False)
+
+
+def reasoning_chat(question, description, thinking):
+    """Stage 2's prompt text: the release's stage-2 prompt as a Qwen3 chat, thinking on or off."""
+    return prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(question, description, thinking)}],
+                              thinking)
+
+
 def run_hint(llm, tokenizer, questions, max_new_tokens=256, on_token=None):
     """Questions -> "Contents to observe" hints: the paper's Figure A5 prompt to the text LLM (non-thinking,
     greedy), parsed with prompts.parse_hint. -> list[str]."""
-    chats = [prompts.qwen3_chat([{"role": "user", "content": prompts.hint_prompt(q)}], thinking=False)
-             for q in questions]
+    chats = [hint_chat(q) for q in questions]
     out = M.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=max_new_tokens,
                      stop_ids=stop_ids(tokenizer), on_token=on_token)
     return [prompts.parse_hint(tokenizer.decode(o, skip_special_tokens=True)) for o in out]
@@ -394,8 +412,7 @@ def run_reasoning(llm, tokenizer, questions, descriptions, settings=None, *, gen
     s = settings or ReasonSettings()
     if len(questions) != len(descriptions):
         raise ValueError(f"{len(questions)} questions but {len(descriptions)} descriptions")
-    chats = [prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(q, d, s.thinking)}], s.thinking)
-             for q, d in zip(questions, descriptions)]
+    chats = [reasoning_chat(q, d, s.thinking) for q, d in zip(questions, descriptions)]
     processors, budgeter = _reasoning_processors(tokenizer, s.thinking, s.budget, s.answer_tokens, s.nowait,
                                                  s.nowait_scope, s.closing)
     caps = _token_caps(s.budget, s.thinking, s.answer_tokens, len(chats))
@@ -481,6 +498,7 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=quantize.MODES,
                    help="int8: both LLMs' linears and LM heads int8 weight-only, at load (faster CPU decoding)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the stream goes to stderr)")
+    remote.add_server_args(p)
     args = p.parse_args(argv)
     if args.hints_file and args.index is None:
         p.error("--hints-file needs --index")
@@ -507,15 +525,27 @@ def resolve_hint(args, llm, tokenizer, log):
     else:
         log.write("\n=== hint (reasoner, 'Contents to observe') ===\n")
         log.flush()
-        hint = run_hint(llm, tokenizer, [args.question], max_new_tokens=min(256, args.max_new_tokens))[0]
+        n = min(256, args.max_new_tokens)
+        hint = (_one(remote.run_hint(llm, [args.question], n, where="the question")) if remote.is_served(llm) else
+                run_hint(llm, tokenizer, [args.question], max_new_tokens=n)[0])
         log.write(hint + "\n")
         return hint
     log.write(f"\n=== hint ({source}) ===\n{hint or ''}\n")
     return hint
 
 
-def _load(path, want_vlm, device, dtype, role, quantize=None):
-    """-> (model, tokenizer); a text LLM where a VLM is needed (or the reverse) is an error."""
+def _one(results):
+    """A served step's one row -> its result; a failed request -> a ValueError with its reason."""
+    if isinstance(results[0], Exception):
+        raise ValueError(remote.error_text(results[0]))
+    return results[0]
+
+
+def _load(path, want_vlm, device, dtype, role, quantize=None, client=None):
+    """-> (model, tokenizer); a text LLM where a VLM is needed (or the reverse) is an error. With the role's server
+    client: remote.Served, and a served reasoner's tokenizer by its name (a served VLM needs none)."""
+    if client is not None:
+        return remote.Served(client, path), None if want_vlm else C.load_tokenizer(path)
     net = C.load_model(path, dtype=dtype, device=device, quantize=quantize)
     if M.is_vlm(net) != want_vlm:
         kind = "a VLM (LLaVA checkpoint)" if want_vlm else "a text-only LLM checkpoint"
@@ -523,22 +553,41 @@ def _load(path, want_vlm, device, dtype, role, quantize=None):
     return net, C.load_tokenizer(path)
 
 
-def _two_stage(args, image, vlm, vlm_tok, device, dtype, log):
-    """hint -> description -> reasoning; -> result fields."""
-    llm, tok = _load(args.reasoner, False, device, dtype, "reasoner", args.quantize)
-    hint = resolve_hint(args, llm, tok, log)
+def _describe(args, vlm, vlm_tok, image, user_text, log, title):
+    """The VLM's reply to the image and user text: streamed, or printed when a server sends it."""
     stream = Stream(vlm_tok, log)
-    stream.header(f"description (perception: {args.perception_model})")
-    desc = run_perception(vlm, vlm_tok, [image], [hint], max_new_tokens=args.max_new_tokens, on_token=stream)[0]
+    stream.header(title)
+    if remote.is_served(vlm):
+        out = _one(remote.run_perception(vlm, [image], [user_text], args.max_new_tokens, where="the image"))
+        log.write(out.text + "\n")
+        return out
+    out = run_perception(vlm, vlm_tok, [image], user_texts=[user_text], max_new_tokens=args.max_new_tokens,
+                         on_token=stream)[0]
     stream.close()
+    return out
+
+
+def _two_stage(args, image, vlm, vlm_tok, device, dtype, log, clients):
+    """hint -> description -> reasoning; -> result fields."""
+    llm, tok = _load(args.reasoner, False, device, dtype, "reasoner", args.quantize, clients.get("reasoner"))
+    hint = resolve_hint(args, llm, tok, log)
+    desc = _describe(args, vlm, vlm_tok, image, "<image>\n" + prompts.perception_prompt(hint), log,
+                     f"description (perception: {args.perception_model})")
     stream = Stream(tok, log, (tok.token_to_id("<think>"), tok.token_to_id("</think>")))
     stream.header(f"reasoning ({args.reasoner}, thinking {'on' if args.thinking else 'off'})")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     settings = ReasonSettings(thinking=args.thinking, budget=args.budget, answer_tokens=args.max_new_tokens,
                               nowait=args.nowait, nowait_scope=args.nowait_scope, closing=args.budget_closing,
-                              greedy=args.greedy)
-    r = run_reasoning(llm, tok, [args.question], [desc.text], settings, generator=generator, on_token=stream)[0]
-    stream.close()
+                              greedy=args.greedy, seed=args.seed)
+    if remote.is_served(llm):
+        r = _one(remote.run_reasoning(llm, tok, [args.question], [desc.text], settings, seeds=[args.seed],
+                                      where="the question"))
+        for title, text in ([("thinking", r.thinking)] if args.thinking else []) + [("answer", r.answer)]:
+            stream.header(title)
+            log.write(text + "\n")
+    else:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        r = run_reasoning(llm, tok, [args.question], [desc.text], settings, generator=generator, on_token=stream)[0]
+        stream.close()
     return dict(hint=hint, description=desc.text, thinking=r.thinking, answer=r.answer, reply=r.text,
                 final=final_answer(r.text), thinking_tokens=r.thinking_tokens, budget_hit=r.budget_hit,
                 answer_tokens=r.answer_tokens)
@@ -546,12 +595,8 @@ def _two_stage(args, image, vlm, vlm_tok, device, dtype, log):
 
 def _end_to_end(args, image, vlm, vlm_tok, log):
     """The VLM answers the question directly (lmms-eval's MMStar prompt for LLaVA); -> result fields."""
-    stream = Stream(vlm_tok, log)
-    stream.header(f"answer (VLM {args.perception_model}, end to end)")
-    user = "<image>\n" + args.question + prompts.E2E_POST_PROMPT
-    out = run_perception(vlm, vlm_tok, [image], user_texts=[user], max_new_tokens=args.max_new_tokens,
-                         on_token=stream)[0]
-    stream.close()
+    out = _describe(args, vlm, vlm_tok, image, "<image>\n" + args.question + prompts.E2E_POST_PROMPT, log,
+                    f"answer (VLM {args.perception_model}, end to end)")
     # the e2e baseline is scored on its whole reply (lmms-eval MMStar), not on an "Answer:" line
     return dict(answer=out.text, reply=out.text, final=out.text.strip(), answer_tokens=out.generated_tokens)
 
@@ -565,13 +610,15 @@ def run(args):
         torch.manual_seed(args.seed)
     log = sys.stderr if args.json else sys.stdout
     t0 = time.time()
-    vlm, vlm_tok = _load(args.perception_model, True, device, dtype, "perception model", args.quantize)
+    clients = remote.clients(args)   # the stages given a server (--perception-url, --reasoner-url)
+    vlm, vlm_tok = _load(args.perception_model, True, device, dtype, "perception model", args.quantize,
+                         clients.get("perception"))
     result = dict(mode=args.mode, question=args.question, hint=None, description="", thinking="", answer="",
                   thinking_tokens=0, budget_hit=False)
     if args.mode == "e2e":
         result.update(_end_to_end(args, image, vlm, vlm_tok, log))
     else:
-        result.update(_two_stage(args, image, vlm, vlm_tok, device, dtype, log))
+        result.update(_two_stage(args, image, vlm, vlm_tok, device, dtype, log, clients))
     result.update(perception_model=args.perception_model, reasoner=args.reasoner if args.mode != "e2e" else None,
                   seconds=round(time.time() - t0, 2))
     log.write(f"\n=== final answer ===\n{result['final']}\n")
@@ -583,7 +630,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         result = run(args)
-    except (ValueError, OSError) as e:  # bad image, unknown model id, not a checkpoint, bad hints file
+    except (ValueError, OSError, openai_client.FatalError) as e:   # bad image / model id / hints file, server down
         print(f"reason.py: error: {e}", file=sys.stderr)
         return 1
     if args.json:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -54,7 +55,7 @@ class RunConfig:
     tower: str = os.path.join(BACKBONES, "captioner")   # a VLM folder: its pretrained tower is used
     pretrain_steps: int = 100     # connector pretraining (projector + image_newline)
     caption_steps: int = 800      # captioning: the perception module of Caption+Think, and where the others start
-    finetune_steps: int = 200     # QA (end-to-end) and extraction tuning: the same steps and batch
+    finetune_steps: int = 400     # QA (end-to-end) and extraction tuning: the same steps and batch
     batch: int = 16
     pretrain_lr: float = 1e-2
     finetune_lr: float = 2e-3     # captioning
@@ -78,6 +79,30 @@ LABELS = {"e2e": "end-to-end VLM", "extract+think": "Extract+Think", "caption+th
 # ---------------------------------------------------------------------------------------------------------------
 
 STAMP = "shapes_step.json"
+
+
+def _fingerprint(path: str):
+    """What a step read from `path`: the stamp of the step that made it (which holds that step's own inputs, so a
+    change anywhere upstream shows), or, for files no step made (the shipped backbones, the true-description
+    file), the sha256 of their contents (a few MB: milliseconds)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    stamp = _read_stamp(folder)
+    if stamp is not None:
+        return stamp
+    files = sorted(os.listdir(path)) if os.path.isdir(path) else [os.path.basename(path)]
+    return {f: _sha256(os.path.join(folder, f)) for f in files if os.path.isfile(os.path.join(folder, f))}
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _with_inputs(options: dict, values, out: str) -> dict:
+    """options + {"inputs": fingerprint of every existing path among `values` but the step's own output}: a step
+    whose model, data or backbone changed since its stamp is not skipped."""
+    paths = sorted({v for v in map(str, values) if os.path.exists(v) and os.path.abspath(v) != os.path.abspath(out)})
+    return {**options, "inputs": {p: _fingerprint(p) for p in paths}}
 
 
 def _done(folder: str, options: dict, *outputs: str) -> bool:
@@ -125,13 +150,14 @@ def command_line(tool: str, options) -> str:
 def train_step(options: dict, log: str, say) -> str:
     """One train.py run in this process unless its model is already complete. -> the model folder."""
     out = options["out"]
-    if _done(out, options, "config.json", "model.safetensors"):
+    stamp = _with_inputs(options, options.values(), out)
+    if _done(out, stamp, "config.json", "model.safetensors"):
         say(f"done before: {out}")
         return out
     say(command_line("train.py", options))
-    _begin(out, options)
+    _begin(out, stamp)
     result = _quietly(log, train.train, {**options, "progress": False, "save_every": 50, "resume": True})
-    _finish(out, options)
+    _finish(out, stamp)
     tail = result["losses"][-10:]
     if tail:
         say(f"loss {result['losses'][0]:.3f} -> {sum(tail) / len(tail):.3f} over {len(result['losses'])} steps")
@@ -141,11 +167,12 @@ def train_step(options: dict, log: str, say) -> str:
 def evaluate_step(argv: list, out: str, results_file: str, log: str, say) -> dict:
     """One evaluate.py run (resumed if interrupted) unless its results are complete. -> the results dict."""
     argv = [*argv, "--out", out]
-    if not _done(out, {"argv": argv}, results_file):
+    stamp = _with_inputs({"argv": argv}, argv, out)
+    if not _done(out, stamp, results_file):
         say(command_line("evaluate.py", argv))
-        _begin(out, {"argv": argv})
+        _begin(out, stamp)
         _quietly(log, evaluate.main, argv)
-        _finish(out, {"argv": argv})
+        _finish(out, stamp)
     with open(os.path.join(out, results_file)) as f:
         return json.load(f)
 

@@ -46,7 +46,7 @@ import checkpoints as C
 import model as M
 import vlm as V
 import records as R
-from chat_data import IGNORE, BatchLoader, build_samples, epoch_order, micro_batches
+from chat_data import BatchLoader, build_samples, epoch_order, micro_batches
 
 STAGES = {  # paper + LLaVA-OneVision; "train" names the VLM parts that get gradients (a plain LLM is all "llm")
     "pretrain": dict(template="plain", train="projector", lr=1e-3, vision_lr=0.0, global_batch=512,
@@ -160,8 +160,8 @@ class LossSum(nn.Module):
         inputs = {k: v[:, :T] for k, v in inputs.items()}
         mask, labels = mask[:, :T], labels[:, :T]
         # position t predicts token t+1: shift the labels, as transformers (the ignored last slot pads it)
-        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)                       # (B, T)
-        labelled = targets != IGNORE                                               # (B, T)
+        targets = F.pad(labels[:, 1:], (0, 1), value=M.IGNORE_INDEX)                # (B, T)
+        labelled = targets != M.IGNORE_INDEX                                          # (B, T)
         hidden = llm(**inputs, attention_mask=None, keep=labelled, return_hidden=True)   # (N, H); see the docstring
         logits = llm.logits(hidden)                                                # (N, V)
         loss = F.cross_entropy(logits.float(), targets[labelled], reduction="sum")

@@ -210,6 +210,9 @@ def load_image(source, max_pixels=None, name=None, exif_transpose=False):
         raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
 
 
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5   # SigLIP's normalisation, every channel (convert.py writes it for engines)
+
+
 def preprocess(image, size=384):
     """PIL image (any mode) -> pixels [3, size, size] float32: RGB, bicubic resize (anyres.resize_to_tile), /255,
     (x - 0.5) / 0.5. Matches transformers' SigLIP image processor (PIL backend) value for value."""
@@ -220,7 +223,7 @@ def normalize(tiles):
     """uint8 [..., 3, S, S] -> float32 pixels: /255, (x - 0.5) / 0.5. The second half of preprocess;
     elementwise, so one call on a stack of tiles gives the same bits as one call per tile."""
     x = (tiles.double() * (1 / 255)).float()                            # rescale in fp64, as transformers
-    return (x - 0.5) / 0.5
+    return (x - PIXEL_MEAN) / PIXEL_STD
 
 
 class TensorLRU:

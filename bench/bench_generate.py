@@ -158,11 +158,13 @@ def main():
 
     print(f"machine: {platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"Qwen3 0.6B shapes with {args.layers} of 28 layers, random weights (fp32 {fp32_bytes / 2**20:.0f} MiB "
-          f"read per step, int8 {int8_bytes / 2**20:.0f} MiB, int4 {int4_bytes / 2**20:.0f} MiB); copy bandwidth {', '.join(bandwidths)} threads; "
+          f"read per step, int8 {int8_bytes / 2**20:.0f} MiB, int4 {int4_bytes / 2**20:.0f} MiB); "
+          f"copy bandwidth {', '.join(bandwidths)} threads; "
           f"stage-2 tokenizer: {tok_name}, {torch.get_num_threads()} threads")
     print(f"\n| threads | decode batch (prompt {args.prompt}, {args.new} steps) | ours fp32 tok/s | ours int8 tok/s | "
           f"ours int4 tok/s | transformers fp32 tok/s | int8 vs transformers | int8 vs ours fp32 | "
-          f"int4 vs transformers | % of its bandwidth ceiling: fp32 | int8 | int4 |")
+          f"int4 vs transformers | fp32: % of its bandwidth ceiling | int8: % of its ceiling | "
+          f"int4: % of its ceiling |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\n| stage 2: 8 questions, budget {args.budget} + {args.answer} answer tokens, NoWait, T 0.6 | seconds | "

@@ -710,3 +710,110 @@ def test_exif_transpose_and_the_pixel_limit_hold_for_files_and_parquet_bytes(tmp
     for doc in (on_file, as_bytes):
         with pytest.raises(ValueError, match="8 pixels is over the limit of 7"):
             mmstar.load_image(doc)
+
+
+# ----------------------------------------------------------------------------- --shard i/n + evaluate.py merge
+
+def _results_without_paths(path):
+    """A *_results.json without its config's stage-1 path (it names the run's own folder)."""
+    res = json.loads(path.read_text())
+    res["config"].pop("stage1_file", None)
+    return res
+
+
+def test_sharded_runs_merge_to_the_unsharded_run(tiny, tmp_path, monkeypatch):
+    """two-stage, sampled (each batch seeded by its first doc_id): 2 shards (the second killed after one batch,
+    merge refused while it lacks docs, then resumed) and 3 shards merge to the unsharded run's files, byte for byte."""
+    import reason
+    sampled = dict(greedy=False)
+    run_cli(tiny, tmp_path / "full", "--mode", "two-stage", **sampled)
+    run_cli(tiny, tmp_path / "p0", "--mode", "two-stage", "--shard", "0/2", **sampled)
+    real, calls = reason.run_reasoning, []
+
+    def crashing(*a, **k):   # shard 1/2 holds batches 1 and 2: killed after the first
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+    monkeypatch.setattr(reason, "run_reasoning", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tiny, tmp_path / "p1", "--mode", "two-stage", "--shard", "1/2", **sampled)
+    monkeypatch.setattr(reason, "run_reasoning", real)
+    assert sorted(r["doc_id"] for r in read_lines(tmp_path / "p1" / "stage2.jsonl")) == [2, 3]
+    with pytest.raises(ValueError, match=r"stage2.jsonl: 2 docs of shard 1/2 missing in .*p1 \(doc_ids 4-5\); "
+                                         r"finish that shard"):
+        evaluate.main(["merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "m2")])
+    run_cli(tiny, tmp_path / "p1", "--mode", "two-stage", "--shard", "1/2", **sampled)   # resumed
+    for i in range(3):
+        run_cli(tiny, tmp_path / f"q{i}", "--mode", "two-stage", "--shard", f"{i}/3", **sampled)
+    evaluate.main(["merge", str(tmp_path / "p1"), str(tmp_path / "p0"), "--out", str(tmp_path / "m2")])  # any order
+    evaluate.main(["merge", *(str(tmp_path / f"q{i}") for i in range(3)), "--out", str(tmp_path / "m3")])
+    for merged in ("m2", "m3"):
+        for name in ("stage1.jsonl", "stage2.jsonl"):
+            assert (tmp_path / merged / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+        want = _results_without_paths(tmp_path / "full" / "stage2_results.json")
+        assert _results_without_paths(tmp_path / merged / "stage2_results.json") == want
+        assert json.loads((tmp_path / merged / "stage2.config.json").read_text())["stage1_file"] == \
+            str(tmp_path / merged / "stage1.jsonl")
+        assert (tmp_path / merged / "stage1.config.json").read_text() == \
+            (tmp_path / "full" / "stage1.config.json").read_text()
+    # the merged folder is an unsharded run: rerunning its command has nothing left to do
+    run_cli(tiny, tmp_path / "m2", "--mode", "two-stage", **sampled)
+    assert (tmp_path / "m2" / "stage2.jsonl").read_bytes() == (tmp_path / "full" / "stage2.jsonl").read_bytes()
+
+
+def test_merge_refuses_missing_and_duplicated_docs(tiny, tmp_path):
+    for i in range(2):
+        run_cli(tiny, tmp_path / f"p{i}", "--mode", "e2e", "--shard", f"{i}/2")
+    merge = lambda *parts: evaluate.main(["merge", *(str(tmp_path / p) for p in parts), "--out", str(tmp_path / "m")])
+    with pytest.raises(ValueError, match=r"merge refused:\n  shard 1/2 missing"):
+        merge("p0")
+    with pytest.raises(ValueError, match=r"shard 0/2 given twice \(.*p0 and .*p0\)"):
+        merge("p0", "p0", "p1")
+    with pytest.raises(ValueError, match=r"no shard.json"):
+        merge("p0", "p1", "nope")
+    with pytest.raises(ValueError, match=r"is a part"):
+        evaluate.main(["merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "p1")])
+    stolen = next(line for line in (tmp_path / "p1" / "e2e.jsonl").read_text().splitlines()
+                  if json.loads(line)["doc_id"] == 2)   # a doc of shard 1, written into shard 0 as well
+    with open(tmp_path / "p0" / "e2e.jsonl", "a") as f:
+        f.write(stolen + "\n")
+    with pytest.raises(ValueError) as err:
+        merge("p0", "p1")
+    assert "e2e.jsonl: doc_id 2 is in" in str(err.value)
+    assert "(shard 0/2), but belongs to another shard" in str(err.value)
+    assert re.search(r"e2e.jsonl: doc_id 2 appears twice \(.*p0 and .*p1\)", str(err.value))
+    assert not (tmp_path / "m").exists()   # nothing written
+    with pytest.raises(ValueError, match="shard: was '0/2', now '1/2'"):   # a part's folder holds its shard only
+        run_cli(tiny, tmp_path / "p0", "--mode", "e2e", "--shard", "1/2")
+    with pytest.raises(ValueError, match="shard: was '0/2', now None"):
+        run_cli(tiny, tmp_path / "p0", "--mode", "e2e")
+    with pytest.raises(ValueError, match=r"--shard 2/2: need 0 <= i < n"):
+        run_cli(tiny, tmp_path / "x", "--mode", "e2e", "--shard", "2/2")
+    with pytest.raises(ValueError, match=r"--shard 0/4: no docs \(6 docs are 3 batches of 2, fewer than 4 shards\)"):
+        run_cli(tiny, tmp_path / "y", "--mode", "e2e", "--shard", "0/4")
+
+
+def test_sharded_e2e_and_grid_merge_to_the_unsharded_files(tiny, tmp_path):
+    pytest.importorskip("matplotlib")
+    grid = ["--grid", "--thinking", "on", "off", "--budget", "3", "5"]
+    for mode in (["--mode", "e2e"], grid):
+        out = "grid" if mode is grid else "e2e"
+        run_cli(tiny, tmp_path / out / "full", *mode)
+        for i in range(2):
+            run_cli(tiny, tmp_path / out / f"p{i}", *mode, "--shard", f"{i}/2")
+        evaluate.main(["merge", str(tmp_path / out / "p0"), str(tmp_path / out / "p1"), "--out",
+                       str(tmp_path / out / "m")])
+    full, merged = tmp_path / "e2e" / "full", tmp_path / "e2e" / "m"
+    assert (merged / "e2e.jsonl").read_bytes() == (full / "e2e.jsonl").read_bytes()
+    assert json.loads((merged / "e2e_results.json").read_text()) == json.loads((full / "e2e_results.json").read_text())
+    full, merged = tmp_path / "grid" / "full", tmp_path / "grid" / "m"
+    for name in ("grid.md", "grid.csv"):
+        assert (merged / name).read_text() == (full / name).read_text()
+    files = sorted(p.relative_to(full) for p in full.glob("stage*/*.jsonl"))
+    assert len(files) == 1 + 3 and files == sorted(p.relative_to(merged) for p in merged.glob("stage*/*.jsonl"))
+    for f in files:
+        assert (merged / f).read_bytes() == (full / f).read_bytes()
+    for res in full.glob("stage2/*_results.json"):
+        assert _results_without_paths(merged / "stage2" / res.name) == _results_without_paths(res)
+    assert (merged / "grid_budget.png").exists()

@@ -553,10 +553,15 @@ def test_hf_hub_offline_does_not_block_a_loopback_server(tmp_path, server, monke
     assert json.loads(capsys.readouterr().out)["done"] == 2 and server.requests
 
 
-def test_chat_completions_url():
-    assert X.chat_completions_url("http://h:8000/v1") == "http://h:8000/v1/chat/completions"
-    assert X.chat_completions_url("http://h:8000/") == "http://h:8000/v1/chat/completions"
-    assert X.chat_completions_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+def test_endpoint_urls():
+    from openai_client import chat_completions_url, endpoint_url
+    assert chat_completions_url("http://h:8000/v1") == "http://h:8000/v1/chat/completions"
+    assert chat_completions_url("http://h:8000/") == "http://h:8000/v1/chat/completions"
+    assert chat_completions_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+    assert endpoint_url("http://h:8000/v1", "completions") == "http://h:8000/v1/completions"
+    assert endpoint_url("http://h/v1/completions?x=1", "completions") == "http://h/v1/completions?x=1"
+    with pytest.raises(ValueError, match="names the chat/completions endpoint; this step needs completions"):
+        endpoint_url("http://h/v1/chat/completions", "completions")
 
 
 def test_a_second_writer_of_one_output_is_refused(tmp_path, server, capsys):

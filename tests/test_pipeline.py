@@ -1,6 +1,7 @@
 """The whole Shapes run in miniature, with the same code as `python shapes.py` (shapes.QUICK sizes, LLM S):
 data -> connector pretraining -> e2e / extraction / caption fine-tuning -> evaluate.py (stage 1 -> stage 2 ->
 score) -> summary, gallery; then a rerun that must skip every finished step."""
+import dataclasses
 import json
 import math
 import os
@@ -54,3 +55,16 @@ def test_rerun_skips_every_finished_step(run, capsys):
     assert "python train.py" not in printed and "python evaluate.py" not in printed
     assert printed.count("done before") == 4   # connector pretraining, captioning, QA and extraction tuning
     assert again["sizes"]["S"]["extract+think"] == first["sizes"]["S"]["extract+think"]
+
+
+def test_a_retrained_model_is_evaluated_again(run, capsys):
+    """A step is skipped only if what it read is unchanged: new tuning steps retrain the two post-trained models,
+    and then their evaluations run again (their stamps hold the models' stamps), while the captioner's and the
+    true descriptions' evaluations, whose inputs did not change, are still skipped."""
+    cfg, first = run
+    shapes.run(dataclasses.replace(cfg, finetune_steps=cfg.finetune_steps + 1))
+    printed = capsys.readouterr().out
+    assert printed.count("done before") == 2                     # connector pretraining and captioning
+    evaluated = [line for line in printed.splitlines() if "python evaluate.py" in line]
+    assert len(evaluated) == 2 and any("models/e2e-S" in x for x in evaluated)
+    assert any("models/extract-S" in x for x in evaluated)

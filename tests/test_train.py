@@ -68,7 +68,7 @@ def trained_runs(tokenizer, ids, labels):
     """Decode the maximal runs of trained (True) and masked (False) tokens, images shown as <image>."""
     runs = []
     for t, lab in zip(ids, labels):
-        trained = lab != T.IGNORE
+        trained = lab != M.IGNORE_INDEX
         piece = "<image>" if t == IMAGE_TOKEN_ID else tokenizer.decode([t], skip_special_tokens=False)
         if runs and runs[-1][1] == trained:
             runs[-1][0] += piece
@@ -101,9 +101,9 @@ def test_qwen_1_5_labels_train_only_assistant_turns(qwen_tok):
     # token level, by hand (SPEC §2 ids): labels hold exactly the two assistant turns' ids, in order
     turn1 = [151644, 77091, 198, 32, 8251, 13, 151645, 198]      # <|im_start|> assistant \n A " cat" . <|im_end|> \n
     turn2 = [151644, 77091, 198, 14417, 13, 151645, 198]         # <|im_start|> assistant \n Black . <|im_end|> \n
-    assert [x for x in labels if x != T.IGNORE] == turn1 + turn2
+    assert [x for x in labels if x != M.IGNORE_INDEX] == turn1 + turn2
     assert ids.count(IMAGE_TOKEN_ID) == 1
-    assert labels[ids.index(IMAGE_TOKEN_ID)] == T.IGNORE
+    assert labels[ids.index(IMAGE_TOKEN_ID)] == M.IGNORE_INDEX
 
 
 @needs_qwen
@@ -113,7 +113,7 @@ def test_plain_labels_train_caption_and_newline(qwen_tok):
     ids, labels = sample(record, "plain", qwen_tok)
     caption = qwen_tok.encode("A red circle.\n", add_special_tokens=False).ids
     assert ids == [IMAGE_TOKEN_ID] + caption            # the human prompt text is dropped (LLaVA plain)
-    assert labels == [T.IGNORE] + caption
+    assert labels == [M.IGNORE_INDEX] + caption
 
 
 @needs_qwen
@@ -122,7 +122,7 @@ def test_unmask_specials_reproduces_upstream_quirk(qwen_tok):
     _, quirk = sample(TWO_TURNS, "qwen_1_5", qwen_tok, unmask=True)
     newly = {ids[i] for i in range(len(ids)) if quirk[i] != base[i]}
     assert newly == {151644, 151645, 198}               # <|im_start|>, <|im_end|>, "\n" of system/user turns
-    assert quirk[ids.index(IMAGE_TOKEN_ID)] == T.IGNORE
+    assert quirk[ids.index(IMAGE_TOKEN_ID)] == M.IGNORE_INDEX
 
 
 def test_chat_templates_match_the_prompts_module():
@@ -179,7 +179,7 @@ def test_llm_loss_equals_transformers(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = T.LossSum(C.load_model(str(tmp_path)), pad_id=0, max_length=100)
     ids = [torch.randint(1, 96, (n,)).tolist() for n in (11, 7)]
-    labels = [[T.IGNORE] * 4 + x[4:] for x in ids]             # prompt masked, padding masked by right_pad
+    labels = [[M.IGNORE_INDEX] * 4 + x[4:] for x in ids]             # prompt masked, padding masked by right_pad
     loss, n, _, _ = ours(ids, labels, [[], []])
     ids_t, mask, labels_t = M.pad_rows(ids, "right", 0, labels)
     ref = hf(input_ids=ids_t, attention_mask=mask, labels=labels_t).loss
@@ -372,16 +372,16 @@ def test_vlm_loss_equals_llava_onevision(tmp_path):
     txt = lambda n: torch.randint(0, 120, (n,), generator=g).tolist()                     # noqa: E731
     ids = [txt(3) + [IMAGE_TOKEN_ID] + txt(9), txt(2) + [IMAGE_TOKEN_ID, IMAGE_TOKEN_ID] + txt(6), txt(11)]
     images = [[pic(150, 100)], [pic(60, 40), pic(40, 70)], []]
-    labels = [[T.IGNORE if i < 6 else t for i, t in enumerate(row)] for row in ids]   # prompt part masked
+    labels = [[M.IGNORE_INDEX if i < 6 else t for i, t in enumerate(row)] for row in ids]   # prompt part masked
     loss, n, _, _ = T.LossSum(ours, pad_id=0, max_length=10_000)(ids, labels, images)
 
     counts = iter(anyres.image_token_count(*im.size, image_aspect_ratio="anyres_max_9" if len(row) == 1 else "pad",
                                            tile_size=tile) for row in images for im in row)
     rows = [[(t, lab) for t, lab in zip(r, lr) for t, lab in
-             ([(hf_image_id, T.IGNORE)] * next(counts) if t == IMAGE_TOKEN_ID else [(t, lab)])]
+             ([(hf_image_id, M.IGNORE_INDEX)] * next(counts) if t == IMAGE_TOKEN_ID else [(t, lab)])]
             for r, lr in zip(ids, labels)]
     L = max(map(len, rows))
-    input_ids, hf_labels = torch.zeros(3, L, dtype=torch.long), torch.full((3, L), T.IGNORE)
+    input_ids, hf_labels = torch.zeros(3, L, dtype=torch.long), torch.full((3, L), M.IGNORE_INDEX)
     mask = torch.zeros(3, L, dtype=torch.long)
     for b, row in enumerate(rows):
         input_ids[b, :len(row)] = torch.tensor([t for t, _ in row])
@@ -391,7 +391,7 @@ def test_vlm_loss_equals_llava_onevision(tmp_path):
         ref = hf(input_ids=input_ids, attention_mask=mask, labels=hf_labels, pixel_values=pixels,
                  image_sizes=torch.tensor([[h, w] for w, h in sizes]),
                  batch_num_images=torch.tensor([len(r) for r in images])).loss
-    assert n.item() == (hf_labels[:, 1:] != T.IGNORE).sum().item()
+    assert n.item() == (hf_labels[:, 1:] != M.IGNORE_INDEX).sum().item()
     assert abs(loss.item() / n.item() - ref.item()) < 1e-5
 
 
@@ -437,8 +437,8 @@ def test_loss_at_labelled_positions_equals_the_full_vocabulary_loss():
     llm = T.init_weights(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=96, tie_word_embeddings=False)))
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (13, 6, 9)]
-    labels = [[T.IGNORE] * 3 + x[3:] for x in ids]
-    labels[1] = [T.IGNORE] * 6                                   # a row without any label
+    labels = [[M.IGNORE_INDEX] * 3 + x[3:] for x in ids]
+    labels[1] = [M.IGNORE_INDEX] * 6                                   # a row without any label
     loss, n, n_tok, _ = T.LossSum(llm, pad_id=0, max_length=100)(ids, labels, [[], [], []])
     loss.backward()
     ours = {k: p.grad.clone() for k, p in llm.named_parameters()}
@@ -446,8 +446,8 @@ def test_loss_at_labelled_positions_equals_the_full_vocabulary_loss():
     ids_t, mask, labels_t = M.pad_rows(ids, "right", 0, labels)
     logits = llm(ids_t, attention_mask=mask)                     # (B, T, V): every position, padding masked
     assert torch.equal(llm.logits(llm(ids_t, attention_mask=mask, return_hidden=True)), logits)
-    targets = torch.nn.functional.pad(labels_t[:, 1:], (0, 1), value=T.IGNORE)
-    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=T.IGNORE,
+    targets = torch.nn.functional.pad(labels_t[:, 1:], (0, 1), value=M.IGNORE_INDEX)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=M.IGNORE_INDEX,
                                             reduction="sum")
     ref.backward()
     assert n.item() == (13 - 3) + (9 - 3) and n_tok.item() == 13 + 6 + 9   # labels 3.. are all predicted

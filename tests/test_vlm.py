@@ -58,12 +58,12 @@ def text(n, seed):
     return torch.randint(0, 120, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def hf_logits(hf, vlm, ids, images, padding_side):
-    """Run transformers on the same tiles: -200 expanded into image-token runs of the documented length."""
+def hf_logits(hf, vlm, ids, images, padding_side, image_id=HF_IMAGE_ID):
+    """Run transformers on the same tiles: -200 expanded into runs of image_id of the documented length."""
     pixels, _, sizes = vlm.image_pixels(images)
     counts = iter(anyres.image_token_count(w, h, image_aspect_ratio="anyres_max_9" if len(row) == 1 else "pad",
                                            tile_size=TILE) for row in images for w, h in [im.size for im in row])
-    rows = [[t for tok in row for t in ([HF_IMAGE_ID] * next(counts) if tok == IMAGE_TOKEN_ID else [tok])]
+    rows = [[t for tok in row for t in ([image_id] * next(counts) if tok == IMAGE_TOKEN_ID else [tok])]
             for row in ids]
     T = max(map(len, rows))
     input_ids = torch.zeros(len(rows), T, dtype=torch.long)
@@ -84,9 +84,9 @@ def our_logits(vlm, ids, images, padding_side):
         return vlm.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]), batch
 
 
-def assert_parity(hf, vlm, ids, images, padding_side="left"):
+def assert_parity(hf, vlm, ids, images, padding_side="left", image_id=HF_IMAGE_ID):
     got, batch = our_logits(vlm, ids, images, padding_side)
-    want, mask = hf_logits(hf, vlm, ids, images, padding_side)
+    want, mask = hf_logits(hf, vlm, ids, images, padding_side, image_id)
     assert got.shape == want.shape
     assert torch.equal(batch["attention_mask"], mask)
     real = mask.bool()
@@ -149,6 +149,60 @@ def test_saved_layout_uses_released_names_and_config(ours, tmp_path):
     assert cfg["image_aspect_ratio"] == "anyres_max_9" and cfg["mm_hidden_size"] == 32
     assert sorted(map(tuple, cfg["image_grid_pinpoints"])) == sorted(anyres.candidate_resolutions(TILE))
     assert "mm_vision_tower" in cfg and cfg["vision_config"]["num_hidden_layers"] == 3
+
+
+def test_converted_llava_onevision_layout_loads_in_transformers_with_our_logits(tmp_path):
+    """convert.py: a tiny VLM (with a real BPE tokenizer) -> transformers' LlavaOnevision layout, sharded; transformers
+    loads every weight, its logits on our tiles equal ours, its tokenizer renders llava_chat from the chat template,
+    and its image processor (the PIL one: no torchvision here) cuts the pixels we cut."""
+    import convert
+    import prompts
+    import shapes_world
+    tok = shapes_world.train_tokenizer([prompts.llava_chat("<image>\nDescribe the red star.")] * 4, vocab_size=300)
+    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size() + 2)),
+                      SiglipConfig.preset("tiny")).eval()
+    randomise(vlm, seed=3)
+    C.save_model(vlm, str(tmp_path / "src"))
+    tok.save(str(tmp_path / "src" / "tokenizer.json"))
+    out = tmp_path / "ov"
+    assert convert.main([str(tmp_path / "src"), str(out), "--max-shard-mb", "0.1"]) == 0
+    assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    hf, info = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    image_id = hf.config.image_token_index
+    assert image_id == tok.get_vocab_size() and hf.config.video_token_index == image_id + 1
+    assert_parity(hf.eval(), vlm, [text(3, 1) + [IMAGE_TOKEN_ID] + text(6, 2)], [[image(150, 100, 0)]],
+                  image_id=image_id)
+    assert_parity(hf, vlm, [[IMAGE_TOKEN_ID] + text(4, 6), text(9, 7) + [IMAGE_TOKEN_ID] + text(2, 8)],
+                  [[image(200, 60, 3)], [image(64, 90, 4)]], image_id=image_id)
+    again = C.load_model(str(out))   # ours reads the converted layout back, bit for bit
+    ids, images = [text(3, 10) + [IMAGE_TOKEN_ID] + text(3, 11)], [[image(120, 80, 6)]]
+    assert torch.equal(our_logits(again, ids, images, "left")[0], our_logits(vlm, ids, images, "left")[0])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    question = "Describe the red star."
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        prompts.llava_chat("<image>\n" + question)
+    assert hf_tok.convert_tokens_to_ids("<image>") == image_id
+    assert hf_tok(prompts.llava_chat(question))["input_ids"] == M.encode(tok, prompts.llava_chat(question))
+    processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+    photo = image(150, 100, 9)
+    got = processor(images=[photo], return_tensors="pt")
+    want, _, _ = vlm.image_pixels([[photo]])
+    assert torch.equal(got["pixel_values"][0], want) and got["image_sizes"].tolist() == [[100, 150]]
+
+
+def test_converter_names_what_it_cannot_convert(tmp_path, capsys):
+    import convert
+    import shapes_world
+    tok = shapes_world.train_tokenizer(["a red star"] * 4, vocab_size=300)
+    rows = tok.get_vocab_size()   # every embedding row is a token: none left for the placeholders
+    with pytest.raises(ValueError, match=f"fills the model's {rows} embedding rows; .* for <image> and <video>"):
+        convert.add_media_tokens(tok, rows, "src")
+    C.save_model(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=300)), str(tmp_path / "llm"))
+    assert convert.main([str(tmp_path / "llm"), str(tmp_path / "out")]) == 1
+    assert "a text LLM; its Qwen3 layout is already the one engines load" in capsys.readouterr().err
 
 
 def test_loading_names_missing_and_unexpected_keys(ours, tmp_path):

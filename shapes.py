@@ -13,8 +13,9 @@ used). For each LLM size, every step goes through the project's own tools:
                          reasoner on the true descriptions; scored by the answer's text, per category
   4. reports             a measured blind baseline, the descriptions' facts checked against the scene graphs,
                          2-standard-error bars, a gallery of held-out scenes, a reason.py command to try
-The sizes run side by side (--jobs). A rerun skips every step whose output is complete (a stamp of the exact
-options next to a finished model or results file) and resumes the others, so no finished work is redone.
+The sizes run side by side (--jobs). A rerun skips every step whose output is complete and whose inputs are
+unchanged (a stamp of the exact options and of the stamps, or hashes, of what it read, next to a finished model
+or results file) and resumes the others, so no finished work is redone and no stale result is kept.
 """
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ and transformers' share the very same weight tensors.
 Rows:
 1. decode batch 1 / batch 8, at each --threads count: seconds per decode step = (generate(1 + new) -
    generate(1)) / new, so the prefill is not counted; greedy, no stop token, every side exactly the same
-   number of tokens. Four models on the very same weights: ours fp32, ours int8 and int4 (quantize.quantize_model:
-   every linear and the LM head weight-only, int8 per output channel, int4 per group of 64) and transformers fp32.
+   number of tokens. Five models on the very same weights: ours fp32, ours int8 and int4 (quantize.quantize_model:
+   every linear and the LM head weight-only, int8 per output channel, int4 per group of 64), ours int8 with
+   compile=True (one-row products through torch.compile, so batch 8 is the plain int8 kernel) and transformers fp32.
    Bandwidth ceiling: every step must read all weights once, so steps/s can be at most copy bandwidth /
    bytes read per step (copy bandwidth measured at the same thread count: a 256 MiB tensor copy counts
    read + write bytes). fp32 reads every parameter (the tied embedding as the LM head); int8 / int4 read the
@@ -50,12 +51,12 @@ def copy_bandwidth(mib=256, repeats=5):
 
 
 
-def quantized_copy(ours, mode):
+def quantized_copy(ours, mode, compile=False):
     """Our model quantized (quantize.quantize_model), sharing the norms and embedding with `ours`."""
     with torch.device("meta"):
         q = M.Qwen3(ours.config)
     q.load_state_dict(ours.state_dict(), assign=True)
-    return quantize.quantize_model(q.eval(), mode)
+    return quantize.quantize_model(q.eval(), mode, compile=compile)
 
 
 def bytes_per_step(model):
@@ -65,16 +66,17 @@ def bytes_per_step(model):
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if id(t) not in skip)
 
 
-def decode_times(ours, int8, int4, hf, batch, prompt_len, new, repeats):
-    """-> (ours fp32, ours int8, ours int4, transformers) s/step for a batch of equal-length random prompts.
+def decode_times(ours, int8, int8c, int4, hf, batch, prompt_len, new, repeats):
+    """-> (ours fp32, ours int8, ours int8 compiled, ours int4, transformers) s/step for a batch of equal-length random prompts.
 
-    s/step = (best time of generate(1 + new) - best time of generate(1)) / new; the eight runs are
+    s/step = (best time of generate(1 + new) - best time of generate(1)) / new; the ten runs are
     interleaved and repeated so load from other processes hits every side alike."""
     ids = torch.randint(0, ours.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     rows, mask = ids.tolist(), torch.ones_like(ids)
     runs = {
         "ours": lambda n: M.generate(ours, rows, max_new_tokens=n),
         "int8": lambda n: M.generate(int8, rows, max_new_tokens=n),
+        "int8c": lambda n: M.generate(int8c, rows, max_new_tokens=n),
         "int4": lambda n: M.generate(int4, rows, max_new_tokens=n),
         "hf": lambda n: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False, eos_token_id=None, pad_token_id=0),
@@ -140,6 +142,7 @@ def main():
 
     ours, hf = qwen3_pair(args.layers)
     int8, int4 = quantized_copy(ours, "int8"), quantized_copy(ours, "int4")
+    int8c = quantized_copy(ours, "int8", compile=True)   # one-row products through torch.compile
     fp32_bytes, int8_bytes, int4_bytes = bytes_per_step(ours), bytes_per_step(int8), bytes_per_step(int4)
     rows, bandwidths = [], []
     for threads in args.threads:
@@ -147,10 +150,11 @@ def main():
         bw = copy_bandwidth()
         bandwidths.append(f"{bw / 1e9:.1f} GB/s at {threads}")
         for batch in (1, 8):
-            o, q, q4, h = decode_times(ours, int8, int4, hf, batch, args.prompt, args.new, args.repeats)
+            o, q, qc, q4, h = decode_times(ours, int8, int8c, int4, hf, batch, args.prompt, args.new, args.repeats)
             # steps/s as a share of the ceiling (bandwidth / bytes a step reads); at batch 8 a step makes 8 tokens
             rows.append(f"| {threads} | {batch} | {batch / o:.1f} | {batch / q:.1f} | {batch / q4:.1f} | "
                         f"{batch / h:.1f} | **{h / q:.2f}x** | {o / q:.2f}x | {h / q4:.2f}x | "
+                        f"{batch / qc:.1f} | **{h / qc:.2f}x** | {100 * int8_bytes / (qc * bw):.0f}% | "
                         f"{100 * fp32_bytes / (o * bw):.0f}% | {100 * int8_bytes / (q * bw):.0f}% of "
                         f"{bw / int8_bytes:.0f} steps/s | {100 * int4_bytes / (q4 * bw):.0f}% |")
     tok, tok_name = tokenizer()
@@ -163,9 +167,10 @@ def main():
           f"stage-2 tokenizer: {tok_name}, {torch.get_num_threads()} threads")
     print(f"\n| threads | decode batch (prompt {args.prompt}, {args.new} steps) | ours fp32 tok/s | ours int8 tok/s | "
           f"ours int4 tok/s | transformers fp32 tok/s | int8 vs transformers | int8 vs ours fp32 | "
-          f"int4 vs transformers | fp32: % of its bandwidth ceiling | int8: % of its ceiling | "
+          f"int4 vs transformers | int8 compiled tok/s | int8 compiled vs transformers | "
+          f"int8 compiled: % of the int8 ceiling | fp32: % of its bandwidth ceiling | int8: % of its ceiling | "
           f"int4: % of its ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(f"\n| stage 2: 8 questions, budget {args.budget} + {args.answer} answer tokens, NoWait, T 0.6 | seconds | "
           f"tokens | tokens/s |")

@@ -3,6 +3,7 @@
 greedy agreement and held-out accuracy, and the --quantize flag of reason.py and evaluate.py."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -153,6 +154,27 @@ def test_generation_runs_and_a_left_padded_batch_equals_each_row_alone(tmp_path,
     batched = M.generate(q, rows, max_new_tokens=6)
     assert [len(r) for r in batched] == [6] * 4
     assert batched == [M.generate(q, [r], max_new_tokens=6)[0] for r in rows]
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                    reason="compile_int8=True needs a C++ compiler (torch.compile's inductor)")
+def test_the_compiled_int8_path_takes_one_row_and_equals_its_dequantized_reference(tmp_path):
+    q = C.load_model(hf_checkpoint(tmp_path, kind="qwen2"), quantize="int8", compile_int8=True)
+    layers = [m for m in q.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.compiled is not None for m in layers)
+    lin = q.layers[0].self_attn.q_proj                                  # Qwen2: a bias too
+    x = torch.randn(1, 1, lin.in_features)
+    with torch.inference_mode():
+        got = lin(x)                                                    # one row: the compiled matvec, fp32
+        assert torch.allclose(got, x @ lin.dequantized().T + lin.bias, rtol=1e-5, atol=1e-5)
+        rows = torch.randn(3, lin.in_features)                          # more rows: the kernel, as uncompiled
+        fn, lin.compiled = lin.compiled, None
+        want = lin(rows)
+        lin.compiled = fn
+        assert torch.equal(lin(rows), want)
+    assert [len(r) for r in M.generate(q, [[5, 6, 7]], max_new_tokens=4)] == [4]
+    with pytest.raises(ValueError, match="compile=True is for 'int8' only"):
+        C.load_model(tmp_path, quantize="int4", compile_int8=True)
 
 
 @pytest.fixture(scope="module")

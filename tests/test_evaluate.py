@@ -361,6 +361,23 @@ def run_cli(tiny, out, *args, greedy=True):
                   + (["--greedy"] if greedy else []))
 
 
+def killed_after(monkeypatch, n_batches, run):
+    """run() with stage 2 killed (KeyboardInterrupt) when it starts its (n_batches + 1)-th batch; the real
+    reason.run_reasoning is back afterwards."""
+    import reason
+    real, calls = reason.run_reasoning, []
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) > n_batches:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+    monkeypatch.setattr(reason, "run_reasoning", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(reason, "run_reasoning", real)
+
+
 def read_lines(path):
     return [json.loads(line) for line in open(path)]
 
@@ -471,20 +488,9 @@ def test_stage2_refuses_incomplete_stage1_file(tiny, tmp_path):
 def test_resume_after_crash_and_torn_line_gives_identical_results(tiny, tmp_path, monkeypatch):
     """Sampling (T 0.6, top-p 0.95, top-k 20): each batch has its own seeded generator, so even a sampled run
     resumes to the same records."""
-    import reason
     run_cli(tiny, tmp_path / "full", "--mode", "two-stage", greedy=False)
     # crash in the middle of stage 2 (after 2 batches), leave a torn half line behind, run again
-    real, calls = reason.run_reasoning, []
-
-    def crashing(*a, **k):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*a, **k)
-    monkeypatch.setattr(reason, "run_reasoning", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(tiny, tmp_path / "resumed", "--mode", "two-stage", greedy=False)
-    monkeypatch.setattr(reason, "run_reasoning", real)
+    killed_after(monkeypatch, 2, lambda: run_cli(tiny, tmp_path / "resumed", "--mode", "two-stage", greedy=False))
     assert len(read_lines(tmp_path / "resumed" / "stage2.jsonl")) == 4      # 2 batches of 2 were written
     with open(tmp_path / "resumed" / "stage2.jsonl", "a") as f:
         f.write('{"doc_id": 5, "status": "o')
@@ -724,21 +730,12 @@ def _results_without_paths(path):
 def test_sharded_runs_merge_to_the_unsharded_run(tiny, tmp_path, monkeypatch):
     """two-stage, sampled (each batch seeded by its first doc_id): 2 shards (the second killed after one batch,
     merge refused while it lacks docs, then resumed) and 3 shards merge to the unsharded run's files, byte for byte."""
-    import reason
     sampled = dict(greedy=False)
     run_cli(tiny, tmp_path / "full", "--mode", "two-stage", **sampled)
     run_cli(tiny, tmp_path / "p0", "--mode", "two-stage", "--shard", "0/2", **sampled)
-    real, calls = reason.run_reasoning, []
-
-    def crashing(*a, **k):   # shard 1/2 holds batches 1 and 2: killed after the first
-        calls.append(1)
-        if len(calls) > 1:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*a, **k)
-    monkeypatch.setattr(reason, "run_reasoning", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(tiny, tmp_path / "p1", "--mode", "two-stage", "--shard", "1/2", **sampled)
-    monkeypatch.setattr(reason, "run_reasoning", real)
+    # shard 1/2 holds batches 1 and 2: killed after the first
+    killed_after(monkeypatch, 1, lambda: run_cli(tiny, tmp_path / "p1", "--mode", "two-stage", "--shard", "1/2",
+                                                 **sampled))
     assert sorted(r["doc_id"] for r in read_lines(tmp_path / "p1" / "stage2.jsonl")) == [2, 3]
     with pytest.raises(ValueError, match=r"stage2.jsonl: 2 docs of shard 1/2 missing in .*p1 \(doc_ids 4-5\); "
                                          r"finish that shard"):

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model as M
+
 MODES = ("int8", "int4")
 
 
@@ -155,7 +157,7 @@ def quantize_model(model, mode="int8", compile=False):
     if check_mode(mode) is None:
         return model
     layer = {"int8": Int8Linear, "int4": Int4Linear}[mode]
-    llm = model.llm if hasattr(model, "llm") else model
+    llm = model.llm if M.is_vlm(model) else model
     for module in list(llm.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):

@@ -324,7 +324,7 @@ def wrap(loss_module, cfg, device, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
     # a VLM batch may hold no image at all: the vision path then gets no gradient that step
     return DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=hasattr(loss_module.model, "llm"))
+               find_unused_parameters=M.is_vlm(loss_module.model))
 
 
 def rng_state():

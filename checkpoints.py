@@ -350,19 +350,19 @@ def _is_llava_config(cfg):
     return "mm_vision_tower" in cfg or cfg.get("model_type") in ("llava", "llava_onevision", "llava_qwen_3")
 
 
-def load_model(path_or_hub_id, dtype=None, device=None, quantize=None, compile_int8=False):
+def load_model(path_or_hub_id, dtype=None, device=None, quantize=None):
     """A Qwen3/Qwen2 LLM or, when config.json describes a LLaVA model, the VLM; in eval mode.
 
     Built on the meta device and filled with assign=True: weights are read once, never initialised.
     quantize="int8" (or "int4"): then the LLM's linears and LM head become weight-only quantized layers
-    (quantize.py); the vision tower and projector stay floating point. compile_int8=True (with "int8"): batch-1
-    CPU decode products through torch.compile (quantize_model's compile=True; needs a C++ compiler)."""
+    (quantize.py); the vision tower and projector stay floating point. "int8-compiled": int8 with batch-1 CPU
+    decode products through torch.compile (needs a C++ compiler)."""
     check_mode(quantize)   # a bad value fails before any weight is read
     folder = _resolve_checkpoint(path_or_hub_id)
     cfg = _read_config(folder)
     dtype = _as_dtype(dtype)
     model = (_load_vlm if _is_llava_config(cfg) else _load_llm)(folder, cfg, dtype, device)
-    return quantize_model(model, quantize, compile=compile_int8).eval()
+    return quantize_model(model, quantize).eval()
 
 
 VLM_LAYOUTS = ("released", "llava-onevision")

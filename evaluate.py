@@ -620,7 +620,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto = cuda if available else cpu")
     p.add_argument("--dtype", help="float32 / bfloat16 / float16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--quantize", choices=quantize.MODES,
-                   help="int8: every LLM's linears and LM head int8 weight-only, at load (faster CPU decoding)")
+                   help="int8 / int8-compiled / int4: every LLM's linears and LM head weight-only, at load (reason.py -h)")
     p.add_argument("--grid", action="store_true",
                    help="run every perception x reasoner x thinking x budget; writes grid.md, grid.csv, PNG plots")
     p.add_argument("--shard", help="i/n: run only the i-th of n parts (whole batches, in doc order) into this --out; "

@@ -2,7 +2,7 @@
 
     checkpoints.load_model(path, quantize="int8")   the one way in: loads the float checkpoint, then quantize_model
     quantize_model(model, "int8")                   in place: a Qwen3's linears and its LM head -> Int8Linear
-    quantize_model(model, "int8", compile=True)     the same, with one-row CPU products through torch.compile
+    quantize_model(model, "int8-compiled")          the same, with one-row CPU products through torch.compile
     Int8Linear.from_linear(linear)                  one layer (Int4Linear: the same for "int4", CPU only)
 
 Why: a decode step reads every weight once, so on a CPU tokens/s is memory bandwidth / weight bytes, and int8
@@ -14,11 +14,11 @@ What stays floating point: the vision tower and the projector (they run once per
 not once per token), the norms, and the token embedding (a lookup reads one row per token, not the matrix); a
 tied LM head therefore gets its own quantized copy of the embedding.
 
-compile=True (optional; needs a C++ compiler, and compiles once per process, a few seconds): the rule is one
-place, Int8Linear.forward: on CPU, a single row (a batch-1 decode step) goes through `matvec`, a plain product-
-and-sum that torch.compile (inductor, dynamic=True) turns into one pass over q with the int8 -> fp32 conversion
-fused into the reduction; every other call (prefill, batch > 1, GPU) keeps the kernel below, which measured
-faster there. If compiling fails, quantize_model raises a one-line error naming the flag. The compiled code
+"int8-compiled" (optional; needs a C++ compiler, and compiles once per process, a few seconds): int8's weights;
+the rule is one place, Int8Linear.forward: on CPU, a single row (a batch-1 decode step) goes through `matvec`, a
+plain product-and-sum that torch.compile (inductor, dynamic=True) turns into one pass over q with the int8 -> fp32
+conversion fused into the reduction; every other call (prefill, batch > 1, GPU) keeps the kernel below, which
+measured faster there. If compiling fails, quantize_model raises a one-line error naming the mode. The compiled code
 keeps the thread count it was compiled at (it compiles in quantize_model): set it first. Measured
 (bench/bench_generate.py, 0.6B shapes, 4 layers), vs transformers fp32: batch 1 at 1 / 2 threads 3.47x / 3.41x
 (the kernel: 2.01x / 3.08x); batch 8 keeps the kernel (an earlier compiled batch-8 try: ~1.98x). Activations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import model as M
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int8-compiled", "int4")   # --quantize on reason.py and evaluate.py
 
 
 def check_mode(mode):
@@ -54,7 +54,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))   # [out, in]
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16))             # [out]
         self.bias = bias   # nn.Parameter [out] (Qwen2's q/k/v) or None
-        self.compiled = None   # quantize_model(..., compile=True): torch.compile(matvec) for one-row CPU calls
+        self.compiled = None   # "int8-compiled": torch.compile(matvec) for one-row CPU calls
 
     @classmethod
     @torch.no_grad()
@@ -149,14 +149,12 @@ class Int4Linear(nn.Module):
     extra_repr = Int8Linear.extra_repr
 
 
-def quantize_model(model, mode="int8", compile=False):
+def quantize_model(model, mode="int8"):
     """In place: every nn.Linear of a Qwen3 (for a VLM: of its LLM only) and its LM head -> Int8Linear (int4:
-    Int4Linear; None: nothing). compile=True (int8 only): one-row CPU calls through torch.compile. -> model."""
-    if compile and mode != "int8":
-        raise ValueError(f"quantize compile=True is for 'int8' only (got {mode!r})")
+    Int4Linear; None: nothing). "int8-compiled": Int8Linear, one-row CPU calls through torch.compile. -> model."""
     if check_mode(mode) is None:
         return model
-    layer = {"int8": Int8Linear, "int4": Int4Linear}[mode]
+    layer = {"int8": Int8Linear, "int8-compiled": Int8Linear, "int4": Int4Linear}[mode]
     llm = model.llm if M.is_vlm(model) else model
     for module in list(llm.modules()):
         for name, child in list(module.named_children()):
@@ -164,15 +162,15 @@ def quantize_model(model, mode="int8", compile=False):
                 setattr(module, name, layer.from_linear(child))
     if llm.lm_head is None:   # tied: Qwen3.logits uses lm_head whenever there is one
         llm.lm_head = layer.from_weight(llm.embed_tokens.weight)
-    if compile:
+    if mode == "int8-compiled":
         fn = torch.compile(matvec, dynamic=True)
         try:   # compile now, on a tiny layer, so a missing compiler fails here and not mid-generation
             with torch.no_grad():
                 fn(torch.ones(1, 32), torch.ones(48, 32, dtype=torch.int8), torch.ones(48, dtype=torch.bfloat16))
         except Exception as e:
             first = (str(e).splitlines() or [""])[0]
-            raise RuntimeError(f"int8 compile=True (load_model's compile_int8=True): torch.compile failed "
-                               f"({type(e).__name__}: {first}); drop the flag") from None
+            raise RuntimeError(f"quantize 'int8-compiled': torch.compile failed ({type(e).__name__}: {first}); "
+                               f"use int8") from None
         for m in llm.modules():
             if isinstance(m, Int8Linear):
                 m.compiled = fn

@@ -578,7 +578,7 @@ def release_stage2_text(question, description, thinking):
 def test_oracle_strings_are_the_release_literals():
     import ast
     if not os.path.isdir(RELEASE):
-        pytest.skip(f"release files not found at {RELEASE}")
+        pytest.skip(f"release files not found at {RELEASE} (set EXTRACT_THINK_RELEASE)")
     stage1 = ast.parse(open(os.path.join(RELEASE, "mmstar", "stage_1_utils.py")).read())
     prefix = next(n.value for n in ast.walk(stage1) if isinstance(n, ast.Assign) and n.targets[0].id == "prompt_prefix")
     pieces = [n.value for n in ast.walk(prefix) if isinstance(n, ast.Constant)]   # 'a' + 'b' in the source

@@ -87,7 +87,7 @@ def test_description_prompt_is_byte_identical_to_release():
 
 def test_prompt_literals_appear_in_the_release_source():
     if not os.path.exists(RELEASE):
-        pytest.skip("release source not available")
+        pytest.skip(f"the released pipeline is not at {RELEASE} (set EXTRACT_THINK_RELEASE)")
     with open(RELEASE, encoding="utf-8") as f:
         literals = {n.value for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.Constant)}
     assert X.STATEMENT_TASK in literals and X.DESCRIPTION_TASK in literals

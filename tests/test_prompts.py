@@ -32,7 +32,7 @@ def release_stage1(hint):
 
 def test_perception_prompt_is_byte_identical_to_the_release_for_every_mmstar_hint():
     if not os.path.exists(HINTS_JSON):
-        pytest.skip("reference hints file not present")
+        pytest.skip(f"the released hints file is not at {HINTS_JSON} (set EXTRACT_THINK_RELEASE)")
     with open(HINTS_JSON) as f:
         hints = json.load(f)
     assert len(hints) == 1500

@@ -138,7 +138,7 @@ def test_a_vlm_quantizes_its_llm_only(tmp_path, mode):
 
 def test_bad_quantize_values_and_saving_a_quantized_model_are_clear_errors(tmp_path):
     folder = hf_checkpoint(tmp_path / "ckpt")
-    with pytest.raises(ValueError, match=r"quantize 'int2' is not supported \(choose from int8, int4\)"):
+    with pytest.raises(ValueError, match=r"quantize 'int2' is not supported \(choose from int8, int8-compiled, int4\)"):
         C.load_model(folder, quantize="int2")
     with pytest.raises(ValueError, match="int8-quantized"):
         C.save_model(C.load_model(folder, quantize="int8"), str(tmp_path / "out"))
@@ -156,10 +156,12 @@ def test_generation_runs_and_a_left_padded_batch_equals_each_row_alone(tmp_path,
     assert batched == [M.generate(q, [r], max_new_tokens=6)[0] for r in rows]
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                    reason="compile_int8=True needs a C++ compiler (torch.compile's inductor)")
+HAS_CXX = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.skipif(not HAS_CXX, reason="int8-compiled needs a C++ compiler (torch.compile's inductor)")
 def test_the_compiled_int8_path_takes_one_row_and_equals_its_dequantized_reference(tmp_path):
-    q = C.load_model(hf_checkpoint(tmp_path, kind="qwen2"), quantize="int8", compile_int8=True)
+    q = C.load_model(hf_checkpoint(tmp_path, kind="qwen2"), quantize="int8-compiled")
     layers = [m for m in q.modules() if isinstance(m, Int8Linear)]
     assert layers and all(m.compiled is not None for m in layers)
     lin = q.layers[0].self_attn.q_proj                                  # Qwen2: a bias too
@@ -173,8 +175,6 @@ def test_the_compiled_int8_path_takes_one_row_and_equals_its_dequantized_referen
         lin.compiled = fn
         assert torch.equal(lin(rows), want)
     assert [len(r) for r in M.generate(q, [[5, 6, 7]], max_new_tokens=4)] == [4]
-    with pytest.raises(ValueError, match="compile=True is for 'int8' only"):
-        C.load_model(tmp_path, quantize="int4", compile_int8=True)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def run_cli(script, *args):
                           text=True, timeout=240, env=env, cwd=ROOT)
 
 
-def test_reason_cli_runs_int8_and_names_an_unsupported_mode(tmp_path):
+def test_reason_cli_runs_int8_and_int8_compiled_and_names_an_unsupported_mode(tmp_path):
     from PIL import Image
     Image.new("RGB", (112, 112), (200, 30, 30)).save(tmp_path / "red.png")
     common = ["--image", tmp_path / "red.png", "--question", "Which colour?\nOptions: A: red, B: blue",
@@ -224,7 +224,12 @@ def test_reason_cli_runs_int8_and_names_an_unsupported_mode(tmp_path):
               os.path.join(BACKBONES, "lm-S"), "--hint", "none", "--budget", 8, "--max-new-tokens", 8, "--greedy"]
     r = run_cli("reason.py", *common, "--quantize", "int8", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["description"]
+    out = json.loads(r.stdout)
+    assert out["description"]
+    if HAS_CXX:   # the compiled path: the same weights, fp32 activations; greedy on a trained model, same reply
+        r = run_cli("reason.py", *common, "--quantize", "int8-compiled", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["description"] == out["description"]
     r = run_cli("reason.py", *common, "--quantize", "int2")
     assert r.returncode != 0 and "reason.py: error: argument --quantize: invalid choice: 'int2'" in r.stderr
     assert "Traceback" not in r.stderr

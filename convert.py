@@ -29,7 +29,7 @@ from tokenizers import AddedToken
 import checkpoints as C
 import model as M
 import prompts
-import reason
+import pipeline
 import records
 import vision
 
@@ -78,7 +78,7 @@ def convert(src, out, layout="llava-onevision", dtype=None, max_shard_bytes=5 * 
     ids = add_media_tokens(tok, net.config.llm.vocab_size, src)
     C.save_model(net, out, max_shard_bytes, layout, ids)
     records.atomic_write(os.path.join(out, "tokenizer.json"), tok.save)
-    stops = sorted(reason.stop_ids(tok))
+    stops = sorted(pipeline.stop_ids(tok))
     if tok.token_to_id(prompts.IM_END) is None:
         raise ValueError(f"{src}: its tokenizer has no {prompts.IM_END} token (the chat's end of turn)")
     pad = "<|endoftext|>" if tok.token_to_id("<|endoftext|>") is not None else prompts.IM_END

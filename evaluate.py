@@ -46,11 +46,11 @@ import model as M
 import openai_client
 import prompts
 import quantize
-import reason
+import pipeline
 import records
 import remote
 import shards
-from reason import ReasonSettings
+from pipeline import ReasonSettings
 from mmstar import (ANSWER_MATCHES, MMSTAR_SHORT, check_answer_match, load_docs, load_image, score_reply,
                     summarize)
 from prompts import E2E_POST_PROMPT  # lmms-eval's default MMStar post-prompt: the e2e baseline's instruction
@@ -188,15 +188,15 @@ def auto_hints(llm, tokenizer, max_new_tokens=256):
     if remote.is_served(llm):
         return lambda batch: remote.run_hint(llm, [question_text(d) for d in batch], max_new_tokens,
                                              where=f"doc_id {batch[0].doc_id}")
-    return lambda batch: reason.run_hint(llm, tokenizer, [question_text(d) for d in batch],
+    return lambda batch: pipeline.run_hint(llm, tokenizer, [question_text(d) for d in batch],
                                          max_new_tokens=max_new_tokens)
 
 
 def _perceive(vlm, tokenizer, images, user_texts, max_new_tokens, first):
-    """reason.run_perception, or remote's for a served VLM (a failed request stands in its row)."""
+    """pipeline.run_perception, or remote's for a served VLM (a failed request stands in its row)."""
     if remote.is_served(vlm):
         return remote.run_perception(vlm, images, user_texts, max_new_tokens, where=f"doc_id {first.doc_id}")
-    return reason.run_perception(vlm, tokenizer, images, user_texts=user_texts, max_new_tokens=max_new_tokens)
+    return pipeline.run_perception(vlm, tokenizer, images, user_texts=user_texts, max_new_tokens=max_new_tokens)
 
 
 def run_stage1(docs, vlm, tokenizer, out_path, *, hints="none", batch_size=8, max_new_tokens=1024,
@@ -245,7 +245,7 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
                                             where=f"doc_id {ok[0].doc_id}")
             else:
                 generator = _batch_generator(settings.seed, ok, llm.embed_tokens.weight.device)
-                outs = reason.run_reasoning(llm, tokenizer, questions, descriptions, settings, generator=generator)
+                outs = pipeline.run_reasoning(llm, tokenizer, questions, descriptions, settings, generator=generator)
             recs += [stage2_record(d, o, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 

@@ -17,7 +17,7 @@ Files:
   <out>                 the training file (LLaVA JSONL for train.py), written atomically once the range is
       complete: human "<image>\\n" + prompts.perception_prompt(hint), gpt the description (Figure A7).
 
-Differences from the released pipeline (reference/seed_repo/visual_extraction_tuning_pipeline.py):
+Differences from the released pipeline (its visual_extraction_tuning_pipeline.py):
   - resume by index, with the torn last line dropped (it counted valid lines and appended after a torn
     one, which corrupted the next record and shifted the resume point of every later restart);
   - a missing / corrupt image or a server error is a "failed" record with the reason (it crashed); a batch
@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 import checkpoints as C
 import model as M
+import pipeline
 import prompts
-import reason
 import shards
 import vision
 from openai_client import Client, FatalError, add_client_args, data_url
@@ -179,22 +179,21 @@ class LocalBackend:
     """The project's own checkpoints: a text LLM for steps 1 and 3, a VLM for step 2. Greedy, batched."""
 
     def __init__(self, args):
-        self.M, self.reason, self.args = M, reason, args
+        self.args = args
         device, dtype = C.device_and_dtype(args.device, args.dtype)
         self.llm, self.llm_tok = C.load_model(args.llm, dtype, device), C.load_tokenizer(args.llm)
         self.vlm, self.vlm_tok = C.load_model(args.vlm, dtype, device), C.load_tokenizer(args.vlm)
 
     def _generate(self, model, tokenizer, ids, images, max_new_tokens):
         """Token id prompts -> decoded replies (special tokens skipped, as the release decodes)."""
-        out = self.M.generate(model, ids, images, max_new_tokens=max_new_tokens,
-                              stop_ids=self.reason.stop_ids(tokenizer))
+        out = M.generate(model, ids, images, max_new_tokens=max_new_tokens, stop_ids=pipeline.stop_ids(tokenizer))
         return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
     def _vlm_ids(self, prompt):
         """llava_chat("<image>\\n" + prompt) -> ids; only the first <image> is the image (the statements are text)."""
         head, tail = prompts.llava_chat("<image>\n" + prompt).split("<image>", 1)
         enc = lambda s: self.vlm_tok.encode(s, add_special_tokens=False).ids
-        return enc(head) + [self.M.IMAGE_TOKEN_ID] + enc(tail)
+        return enc(head) + [M.IMAGE_TOKEN_ID] + enc(tail)
 
     def _batch(self, samples):
         a = self.args
@@ -202,7 +201,7 @@ class LocalBackend:
                  for s in samples]
         statements = self._generate(self.llm, self.llm_tok, [self.llm_tok.encode(c, add_special_tokens=False).ids
                                                              for c in chats], None, a.max_statement_tokens)
-        hints = self.reason.run_hint(self.llm, self.llm_tok, [s.hint_question for s in samples],
+        hints = pipeline.run_hint(self.llm, self.llm_tok, [s.hint_question for s in samples],
                                      max_new_tokens=a.max_hint_tokens)
         ids = [self._vlm_ids(description_prompt(st)) for st in statements]
         descriptions = self._generate(self.vlm, self.vlm_tok, ids, [[s.pixels] for s in samples],

@@ -1,5 +1,5 @@
 """The hint, perception and reasoning steps on an OpenAI-compatible server (vLLM, SGLang, transformers serve), with
-reason.py's semantics and its result types: evaluate.py and reason.py call these for --reasoner-url /
+pipeline.py's semantics and its result types: evaluate.py and reason.py call these for --reasoner-url /
 --perception-url.
 
     Served(client, name)    a model a server holds (name: the served model's name); passed where a model would be
@@ -12,13 +12,13 @@ Every row is its own request(s), sent concurrently by openai_client.Client.map (
 that failed comes back as its Exception, a batch that could not reach the server at all stops the run.
 
 The local path's semantics, request by request:
-  prompts   the completions endpoint gets the exact text reason.py tokenizes (reason.hint_chat, reasoning_chat),
+  prompts   the completions endpoint gets the exact text pipeline.py tokenizes (pipeline.hint_chat, reasoning_chat),
             so the server tokenizes the same prompt; perception is a chat completion (the system line, the image
             as a PNG data URL, the text), rendered by the VLM's template (convert.py writes one that renders
             prompts.llava_chat).
-  NoWait    logit_bias -100 on each of the reasoner's NoWait ids (reason.nowait_token_ids, 189 for Qwen3); with
+  NoWait    logit_bias -100 on each of the reasoner's NoWait ids (pipeline.nowait_token_ids, 189 for Qwen3); with
             nowait_scope "thinking" on the thinking request only.
-  budget    per row, as reason.ThinkingBudget: (1) up to budget - len(closing through </think>) tokens, stopping at
+  budget    per row, as pipeline.ThinkingBudget: (1) up to budget - len(closing through </think>) tokens, stopping at
             "</think>"; (2) if it did not close, the closing ("\\n</think>" for the release) is appended, and prompt +
             thinking + closing asks for answer_tokens (less the closing's tokens after </think>). A reply that ends
             inside its thinking ends there, as it does locally.
@@ -31,7 +31,7 @@ generated ids (the same whenever that text re-tokenizes to the same ids, as the 
 from dataclasses import dataclass
 
 import prompts
-import reason   # reason.py's CLI imports this module too: use reason.* at call time only (no from-import)
+import pipeline
 from openai_client import Client, add_client_args, data_url
 
 IMAGE_MARK = "<image>\n"    # how a perception user text starts; the image then goes as its own content part
@@ -61,16 +61,16 @@ def _tokens(completion, by_stop_string=False):
 
 
 def run_hint(served, questions, max_new_tokens=256, *, where="this batch"):
-    """reason.run_hint on the server (greedy) -> per question its hint, or the Exception of its request."""
+    """pipeline.run_hint on the server (greedy) -> per question its hint, or the Exception of its request."""
     def one(question):
-        reply = served.client.complete(served.name, reason.hint_chat(question), max_new_tokens, temperature=0.0)
+        reply = served.client.complete(served.name, pipeline.hint_chat(question), max_new_tokens, temperature=0.0)
         return prompts.parse_hint(reply.text)
     return served.client.map(one, questions, where)
 
 
 def run_perception(served, images, user_texts, max_new_tokens=1024, *, where="this batch"):
-    """reason.run_perception on the server (greedy): user_texts start with "<image>\\n" (the image's place, as
-    reason.py writes them) -> per image a Perception, or the Exception of its request."""
+    """pipeline.run_perception on the server (greedy): user_texts start with "<image>\\n" (the image's place, as
+    pipeline.py writes them) -> per image a Perception, or the Exception of its request."""
     if len(user_texts) != len(images):
         raise ValueError(f"{len(images)} images but {len(user_texts)} prompts")
     bad = [t for t in user_texts if not t.startswith(IMAGE_MARK)]
@@ -83,7 +83,7 @@ def run_perception(served, images, user_texts, max_new_tokens=1024, *, where="th
                     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                                  {"type": "text", "text": text[len(IMAGE_MARK):]}]}]
         reply = served.client.chat(served.name, messages, max_new_tokens, temperature=0.0)
-        return reason.Perception(reply.text, _tokens(reply))
+        return pipeline.Perception(reply.text, _tokens(reply))
     return served.client.map(one, list(zip(images, user_texts)), where)
 
 
@@ -99,7 +99,7 @@ def _sampling(settings, seed):
 
 
 def split_reply(text):
-    """A thinking reply -> (thinking, answer), cut as reason._split_reply cuts the ids: a leading <think> dropped,
+    """A thinking reply -> (thinking, answer), cut as pipeline._split_reply cuts the ids: a leading <think> dropped,
     split at the first </think>, both stripped; without </think> it is all thinking."""
     body = text[len("<think>"):] if text.startswith("<think>") else text
     thinking, _, answer = body.partition(THINK_END)
@@ -107,20 +107,20 @@ def split_reply(text):
 
 
 def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, seeds=None, where="this batch"):
-    """reason.run_reasoning on the server (module docstring) -> per row a Reasoning, or the Exception of its
+    """pipeline.run_reasoning on the server (module docstring) -> per row a Reasoning, or the Exception of its
     requests. tokenizer: the reasoner's (NoWait ids, the closing text); seeds: one per row, used when sampling."""
-    s = settings or reason.ReasonSettings()
+    s = settings or pipeline.ReasonSettings()
     if len(questions) != len(descriptions):
         raise ValueError(f"{len(questions)} questions but {len(descriptions)} descriptions")
     n = len(questions)
     budgets = list(s.budget) if isinstance(s.budget, (list, tuple)) else [s.budget] * n
-    forced, end_at = reason.closing_ids(tokenizer, s.closing) if s.thinking else ([], 0)
+    forced, end_at = pipeline.closing_ids(tokenizer, s.closing) if s.thinking else ([], 0)
     if s.thinking:
-        reason.check_budget(budgets, end_at)
+        pipeline.check_budget(budgets, end_at)
     # the forced text as the prompt must carry it: </think> kept even by a tokenizer that calls it special
     closing = tokenizer.decode(forced[:end_at + 1], skip_special_tokens=False)
     after, n_after = tokenizer.decode(forced[end_at + 1:], skip_special_tokens=False), len(forced) - end_at - 1
-    bias = {"logit_bias": {str(i): -100 for i in sorted(reason.nowait_token_ids(tokenizer))}} if s.nowait else {}
+    bias = {"logit_bias": {str(i): -100 for i in sorted(pipeline.nowait_token_ids(tokenizer))}} if s.nowait else {}
     answer_bias = bias if s.nowait_scope == "all" or not s.thinking else {}
 
     def one(row):
@@ -131,7 +131,7 @@ def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, 
         if not s.thinking:
             reply = complete(prompt, s.answer_tokens, **bias)
             k = _tokens(reply)
-            return reason.Reasoning(reply.text, "", reply.text.strip(), 0, False, k, k)
+            return pipeline.Reasoning(reply.text, "", reply.text.strip(), 0, False, k, k)
         free = budget - (end_at + 1)   # thinking tokens before the forced closing would start
         thought, hit, n_think = "", True, budget
         if free > 0:
@@ -141,7 +141,7 @@ def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, 
             thought = first.text + ("" if first.text.endswith(THINK_END) or not closed else THINK_END)
             if not closed and first.finish_reason == "stop":   # the reply ended inside its thinking
                 k = _tokens(first)
-                return reason.Reasoning(thought, split_reply(thought)[0], "", k, False, 0, k)
+                return pipeline.Reasoning(thought, split_reply(thought)[0], "", k, False, 0, k)
             if not closed and first.finish_reason != "length":
                 raise RuntimeError(f"{served.name}: the server ended a reply with finish_reason "
                                    f"{first.finish_reason!r}")
@@ -154,9 +154,9 @@ def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, 
             second = complete(prompt + head, s.answer_tokens - forced_after, **answer_bias)
             answer, k = second.text, _tokens(second)
         text = head + answer
-        return reason.Reasoning(text, *split_reply(text), n_think, hit, forced_after + k, n_think + forced_after + k)
+        return pipeline.Reasoning(text, *split_reply(text), n_think, hit, forced_after + k, n_think + forced_after + k)
 
-    rows = [(reason.reasoning_chat(q, d, s.thinking), b, seeds[i] if seeds else None)
+    rows = [(pipeline.reasoning_chat(q, d, s.thinking), b, seeds[i] if seeds else None)
             for i, (q, d, b) in enumerate(zip(questions, descriptions, budgets))]
     return served.client.map(one, rows, where)
 

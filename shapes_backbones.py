@@ -29,7 +29,7 @@ import checkpoints as C
 import evaluate
 import mmstar
 import model as M
-import reason
+import pipeline
 import records
 import shapes_world as W
 import vision
@@ -131,7 +131,7 @@ def reasoner_accuracy(lm: str, data: dict, kind: str, work: str, quantize=None) 
         os.remove(out)
     docs = mmstar.load_docs(data["eval"])
     recs = evaluate.run_stage2(docs, stage1, C.load_model(lm, quantize=quantize), C.load_tokenizer(lm), out,
-                               reason.ReasonSettings(budget=64, answer_tokens=8, greedy=True), batch_size=64,
+                               pipeline.ReasonSettings(budget=64, answer_tokens=8, greedy=True), batch_size=64,
                                show_progress=False, answer_match="text")
     return sum(r["correct"] for r in recs) / len(recs)
 

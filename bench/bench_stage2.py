@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 
 import mmstar  # noqa: E402
-import reason  # noqa: E402
+import pipeline  # noqa: E402
 import model  # noqa: E402
 import records  # noqa: E402
 
@@ -80,7 +80,7 @@ def main():
         llm = model.Qwen3(config).eval()
         for param in llm.parameters():
             param.normal_(0, 0.02)
-    settings = reason.ReasonSettings(thinking=True, budget=args.budget, answer_tokens=args.answer_tokens,
+    settings = pipeline.ReasonSettings(thinking=True, budget=args.budget, answer_tokens=args.answer_tokens,
                                        nowait=True, seed=0)
     docs, stage1 = make_docs(args.questions)
     rows = []

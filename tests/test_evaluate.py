@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 
 import mmstar  # noqa: E402
+import pipeline  # noqa: E402
 import records  # noqa: E402
 
 from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
@@ -363,19 +364,18 @@ def run_cli(tiny, out, *args, greedy=True):
 
 def killed_after(monkeypatch, n_batches, run):
     """run() with stage 2 killed (KeyboardInterrupt) when it starts its (n_batches + 1)-th batch; the real
-    reason.run_reasoning is back afterwards."""
-    import reason
-    real, calls = reason.run_reasoning, []
+    pipeline.run_reasoning is back afterwards."""
+    real, calls = pipeline.run_reasoning, []
 
     def crashing(*a, **k):
         calls.append(1)
         if len(calls) > n_batches:
             raise KeyboardInterrupt("simulated kill")
         return real(*a, **k)
-    monkeypatch.setattr(reason, "run_reasoning", crashing)
+    monkeypatch.setattr(pipeline, "run_reasoning", crashing)
     with pytest.raises(KeyboardInterrupt):
         run()
-    monkeypatch.setattr(reason, "run_reasoning", real)
+    monkeypatch.setattr(pipeline, "run_reasoning", real)
 
 
 def read_lines(path):
@@ -421,7 +421,6 @@ def test_stage2_scores_canned_replies_like_the_release(tiny, tmp_path, monkeypat
     """The records -> results path with replies that are right, wrong and unparsable (a random tiny model
     only writes noise): stage2_results.json equals the oracle computed from the same replies. In this set the
     l2 names are shared between categories, which checks lmms-eval's grouping per metric (not per l2 tree)."""
-    import reason
     canned = {0: "<think>\nred\n</think>\n\nAnswer: A", 1: "Answer: (B)", 2: "Answer: A", 4: "I am not sure",
               5: "Step 1.\nAnswer: B"}   # doc 3 has no image: failed in stage 1
 
@@ -430,7 +429,7 @@ def test_stage2_scores_canned_replies_like_the_release(tiny, tmp_path, monkeypat
         return [{"text": canned[i], "generated_tokens": 7, "thinking_tokens": 3, "budget_hit": False,
                  "answer_tokens": 4} for i in ids]
     run_cli(tiny, tmp_path, "--mode", "stage1")
-    monkeypatch.setattr(reason, "run_reasoning", fake)
+    monkeypatch.setattr(pipeline, "run_reasoning", fake)
     run_cli(tiny, tmp_path, "--mode", "stage2")
     res = json.loads((tmp_path / "stage2_results.json").read_text())
     rows = [json.loads(line) for line in (tiny / "set.jsonl").read_text().splitlines()]
@@ -442,11 +441,9 @@ def test_stage2_scores_canned_replies_like_the_release(tiny, tmp_path, monkeypat
     assert (res["n_failed"], res["n_unparsable"], res["accuracy"]) == (1, 1, pytest.approx(0.5))
 
 
-
 def test_stage2_answer_by_text_end_to_end(tiny, tmp_path, monkeypatch):
     """Stage 1 on the tiny VLM, then stage 2 --answer-match text with canned replies on a copy of the tiny set
     that carries option texts; the results equal a hand count and letter mode cannot resume the run."""
-    import reason
     rows = [{**json.loads(line), "options": OPTIONS} for line in (tiny / "set.jsonl").read_text().splitlines()]
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r["answer"] for r in rows] == list("ABCDAB")
@@ -462,7 +459,7 @@ def test_stage2_answer_by_text_end_to_end(tiny, tmp_path, monkeypatch):
                  "answer_tokens": 4} for i in ids]
     data = ["--data", str(tmp_path / "mc.jsonl"), "--image-folder", str(tiny)]
     run_cli(tiny, tmp_path, *data, "--mode", "stage1")
-    monkeypatch.setattr(reason, "run_reasoning", fake)
+    monkeypatch.setattr(pipeline, "run_reasoning", fake)
     run_cli(tiny, tmp_path, *data, "--mode", "stage2", "--answer-match", "text")
     recs = {r["doc_id"]: r for r in read_lines(tmp_path / "stage2.jsonl")}
     assert {i: r["predicted_letter"] for i, r in recs.items()} == {0: "A", 1: "B", 2: None, 3: None, 4: "D", 5: "B"}

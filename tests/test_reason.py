@@ -1,4 +1,4 @@
-"""reason.py: NoWait (vs the release's 189 ids), the per-row thinking budget, UTF-8 safe streaming, the
+"""pipeline.py and reason.py: NoWait (vs the release's 189 ids), the per-row thinking budget, UTF-8 safe streaming, the
 batched stages, and the `python reason.py` command end to end on a tiny checkpoint pair made here."""
 import ast
 import importlib.util
@@ -18,6 +18,7 @@ import checkpoints as C  # noqa: E402
 import model as M  # noqa: E402
 import vlm as V  # noqa: E402
 import prompts  # noqa: E402
+import pipeline  # noqa: E402
 import reason  # noqa: E402
 import shapes_world  # noqa: E402
 
@@ -53,20 +54,20 @@ def test_nowait_ids_equal_the_released_189_ids_with_the_real_qwen3_tokenizer():
     with open(RELEASE_QWEN3_PY) as f:
         released = ast.literal_eval(re.search(r"reflexive_token_ids = (\[[^\]]*\])", f.read()).group(1))
     assert len(released) == 189
-    assert reason.nowait_token_ids(qwen) == set(released)
+    assert pipeline.nowait_token_ids(qwen) == set(released)
 
 
 @pytest.mark.parametrize("text,core", [(" Wait", "wait"), ("Wait,", "wait"), ("_but", "but"), (" 2check", "check"),
                                        (" double-check", "double-check"), ("...", ""), (" Début", "début")])
 def test_token_core_strips_non_letters_and_lowercases(text, core):
-    assert reason.token_core(text) == core
+    assert pipeline.token_core(text) == core
 
 
 def test_nowait_ids_follow_the_rule_on_a_tiny_tokenizer(tok):
-    ids = reason.nowait_token_ids(tok)
+    ids = pipeline.nowait_token_ids(tok)
     decoded = {tok.decode([i]) for i in ids}
     assert {" but", " maybe", " check", "Wait"} <= decoded
-    assert all(reason.token_core(t) in reason.REFLEXIVE_WORDS + reason.RELEASE_EXTRA_CORES for t in decoded)
+    assert all(pipeline.token_core(t) in pipeline.REFLEXIVE_WORDS + pipeline.RELEASE_EXTRA_CORES for t in decoded)
     special = {tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
     assert not ids & special
     waiting = tok.token_to_id("Ġwaiting")
@@ -76,7 +77,7 @@ def test_nowait_ids_follow_the_rule_on_a_tiny_tokenizer(tok):
 def test_masked_ids_never_appear_in_tiny_model_output(tok):
     """Reflexive rows of the (tied) embedding are scaled up so the model loves them; NoWait must still win."""
     llm = tiny_llm(tok)
-    ids = sorted(reason.nowait_token_ids(tok))
+    ids = sorted(pipeline.nowait_token_ids(tok))
     with torch.no_grad():
         llm.embed_tokens.weight[ids] *= 30
     prompts = [ids_of(tok, "The red circle is left of"), ids_of(tok, "Question: which shape?")]
@@ -87,15 +88,15 @@ def test_masked_ids_never_appear_in_tiny_model_output(tok):
         return [t for row in out for t in row]
 
     assert set(sample([])) & set(ids), "control: without NoWait the boosted ids must show up"
-    assert not set(sample([reason.NoWait(ids)])) & set(ids)
+    assert not set(sample([pipeline.NoWait(ids)])) & set(ids)
 
 
 def test_nowait_thinking_scope_unmasks_a_row_after_its_think_end():
     think_end = 9
-    mask = reason.NoWait({3, 4}, think_end_id=think_end)
+    mask = pipeline.NoWait({3, 4}, think_end_id=think_end)
     logits = mask(torch.zeros(2, 10), [[1, 2], [1, think_end]])
     assert torch.isinf(logits[0, [3, 4]]).all() and not torch.isinf(logits[1]).any()
-    everywhere = reason.NoWait({3, 4})(torch.zeros(2, 10), [[1, 2], [1, think_end]])
+    everywhere = pipeline.NoWait({3, 4})(torch.zeros(2, 10), [[1, 2], [1, think_end]])
     assert torch.isinf(everywhere[:, [3, 4]]).all()
 
 
@@ -118,10 +119,10 @@ class Script:
 def test_budget_forces_each_row_at_its_own_budget_and_leaves_an_early_closer_alone(tok):
     a = ids_of(tok, "A")[0]
     nl, end = ids_of(tok, "\n")[0], tok.token_to_id("</think>")
-    closing, at = reason.closing_ids(tok, "release")
+    closing, at = pipeline.closing_ids(tok, "release")
     assert closing == [nl, end] and at == 1
     budgets, answer = [4, 7, 10, 10], 3
-    budget = reason.ThinkingBudget(budgets, closing, at, answer_tokens=answer, stop_id=tok.token_to_id("<|im_end|>"))
+    budget = pipeline.ThinkingBudget(budgets, closing, at, answer_tokens=answer, stop_id=tok.token_to_id("<|im_end|>"))
     plan = [{}, {}, {}, {2: end}]                      # row 3 closes thinking by itself at its 3rd token
     prompts = [ids_of(tok, "Question: " + "x" * n) for n in (1, 5, 9, 14)]   # left padding, different lengths
     out = M.generate(tiny_llm(tok), prompts, max_new_tokens=[b + answer for b in budgets],
@@ -137,10 +138,10 @@ def test_budget_forces_each_row_at_its_own_budget_and_leaves_an_early_closer_alo
 
 def test_budget_qwen_closing_puts_think_end_exactly_at_the_budget(tok):
     a = ids_of(tok, "A")[0]
-    closing, at = reason.closing_ids(tok, "qwen")
-    assert tok.decode(closing, skip_special_tokens=False) == reason.QWEN_CLOSING + "</think>\n\n"
+    closing, at = pipeline.closing_ids(tok, "qwen")
+    assert tok.decode(closing, skip_special_tokens=False) == pipeline.QWEN_CLOSING + "</think>\n\n"
     b = at + 5
-    budget = reason.ThinkingBudget(b, closing, at, answer_tokens=2)
+    budget = pipeline.ThinkingBudget(b, closing, at, answer_tokens=2)
     out = M.generate(tiny_llm(tok), [ids_of(tok, "Q")], max_new_tokens=b + 40, stop_ids=set(),
                      logits_processors=[Script([{}], a), budget])[0]
     assert out[:b] == [a] * 4 + closing[:at + 1]
@@ -149,25 +150,25 @@ def test_budget_qwen_closing_puts_think_end_exactly_at_the_budget(tok):
 
 
 def test_budget_shorter_than_its_closing_is_an_error(tok):
-    closing, at = reason.closing_ids(tok, "release")
+    closing, at = pipeline.closing_ids(tok, "release")
     with pytest.raises(ValueError, match="budget 1"):
-        reason.ThinkingBudget(1, closing, at)
+        pipeline.ThinkingBudget(1, closing, at)
 
 
 def test_run_reasoning_batched_records_per_row(tok):
     """Greedy tiny model: rows that reach the budget end it with "\\n</think>" at exactly `budget` tokens."""
     llm = tiny_llm(tok, seed=1)
     questions = ["Which shape is red?\nOptions: A: circle, B: star", "How many?", "Is the square left of the star?"]
-    rows = reason.run_reasoning(llm, tok, questions, ["A red circle."] * 3,
-                                reason.ReasonSettings(budget=12, answer_tokens=5, greedy=True))
+    rows = pipeline.run_reasoning(llm, tok, questions, ["A red circle."] * 3,
+                                pipeline.ReasonSettings(budget=12, answer_tokens=5, greedy=True))
     for r in rows:
         assert r["budget_hit"] == r.budget_hit
         assert r.thinking_tokens <= 12 and r.answer_tokens <= 5 + 1
         assert r.generated_tokens == r.thinking_tokens + r.answer_tokens
         if r.budget_hit:
             assert r.thinking_tokens == 12 and "</think>" in r.text
-    plain = reason.run_reasoning(llm, tok, questions[:2], ["A red circle."] * 2,
-                                 reason.ReasonSettings(thinking=False, answer_tokens=4, greedy=True))
+    plain = pipeline.run_reasoning(llm, tok, questions[:2], ["A red circle."] * 2,
+                                 pipeline.ReasonSettings(thinking=False, answer_tokens=4, greedy=True))
     assert all(r.thinking_tokens == 0 and not r.budget_hit and r.generated_tokens <= 4 for r in plain)
     assert all(r.answer == r.text.strip() for r in plain)
 
@@ -180,8 +181,8 @@ def test_a_literal_image_mark_is_plain_text_for_the_text_only_reasoner(tok, monk
     monkeypatch.setattr(M, "generate", lambda model, ids, *a, **k: seen.extend(ids) or real(model, ids, *a, **k))
     llm = tiny_llm(tok)
     question, description = "What is in <image> 1?", "The <image> shows a red circle."
-    rows = reason.run_reasoning(llm, tok, [question], [description],
-                                reason.ReasonSettings(budget=4, answer_tokens=2, greedy=True))
+    rows = pipeline.run_reasoning(llm, tok, [question], [description],
+                                pipeline.ReasonSettings(budget=4, answer_tokens=2, greedy=True))
     chat = prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(question, description, True)}])
     assert rows and seen[0] == ids_of(tok, chat) and M.IMAGE_TOKEN_ID not in seen[0]
     assert M.encode(tok, "a <image> b") != M.encode(tok, "a <image> b", image_marks=False)
@@ -189,8 +190,8 @@ def test_a_literal_image_mark_is_plain_text_for_the_text_only_reasoner(tok, monk
 
 def test_run_reasoning_with_a_seeded_generator_is_reproducible(tok):
     llm = tiny_llm(tok, seed=2)
-    run = lambda: [r.text for r in reason.run_reasoning(llm, tok, ["Which?", "Where is it?"], ["A star."] * 2,
-                                                         reason.ReasonSettings(budget=10, answer_tokens=4),
+    run = lambda: [r.text for r in pipeline.run_reasoning(llm, tok, ["Which?", "Where is it?"], ["A star."] * 2,
+                                                         pipeline.ReasonSettings(budget=10, answer_tokens=4),
                                                          generator=torch.Generator().manual_seed(7))]
     assert run() == run()
 
@@ -201,7 +202,7 @@ def test_incremental_decoder_never_splits_a_multibyte_character(tok):
     text = "Ein grüner Stern — 日本語 ✓ the end"
     ids = ids_of(tok, text)
     assert len(ids) > len(text.encode()) // 2          # mostly byte tokens: characters span several tokens
-    dec = reason.IncrementalDecoder(tok)
+    dec = pipeline.IncrementalDecoder(tok)
     pieces = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)

@@ -35,6 +35,7 @@ import mmstar  # noqa: E402
 import model as M  # noqa: E402
 import openai_client  # noqa: E402
 import prompts  # noqa: E402
+import pipeline  # noqa: E402
 import reason  # noqa: E402
 import records  # noqa: E402
 import remote  # noqa: E402
@@ -128,7 +129,7 @@ def chain_qwen3(folder, tok):
     C.save_model(net, str(folder))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(QWEN_FILES, name), folder)
-    stops = sorted(reason.stop_ids(tok))   # the server stops where our generate does
+    stops = sorted(pipeline.stop_ids(tok))   # the server stops where our generate does
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": stops, "pad_token_id": stops[0]}))
     return str(folder)
 
@@ -196,7 +197,7 @@ def test_stage2_over_transformers_serve_equals_the_local_path_token_for_token(tr
     # measured: transformers serve ignores logit_bias (the first token, banned, is written all the same), so the
     # NoWait requests are checked on a recording stub below
     five = str(C.load_tokenizer(folder).token_to_id("5"))
-    banned = openai_client.Client(url, max_retries=0).complete(folder, reason.reasoning_chat("Q", "D", False), 2,
+    banned = openai_client.Client(url, max_retries=0).complete(folder, pipeline.reasoning_chat("Q", "D", False), 2,
                                                                temperature=0.0, logit_bias={five: -100})
     assert banned.text == "56"
 
@@ -226,7 +227,7 @@ def reasoning_over(server, tok, settings, cases, seeds=None):
 
 
 def test_nowait_and_budget_requests_field_by_field(qwen_tok):
-    nowait = {str(i): -100 for i in sorted(reason.nowait_token_ids(qwen_tok))}
+    nowait = {str(i): -100 for i in sorted(pipeline.nowait_token_ids(qwen_tok))}
     assert len(nowait) == 189   # the release's list, within the usual 300-entry logit_bias limit
     server = Loopback(scripted({
         "hit": ("<think>\nThe star is", "length", 6, {}),                     # ran out of budget
@@ -234,9 +235,9 @@ def test_nowait_and_budget_requests_field_by_field(qwen_tok):
         "vllm-closed": ("<think>\nRed.", "stop", 4, {"stop_reason": "</think>"}),   # dropped, and named (vLLM)
         "ended": ("<think>\nhmm", "stop", 3, {})}))                          # end of reply inside the thinking
     try:
-        settings = reason.ReasonSettings(budget=8, answer_tokens=5)          # sampled: T 0.6, top-p 0.95, top-k 20
+        settings = pipeline.ReasonSettings(budget=8, answer_tokens=5)          # sampled: T 0.6, top-p 0.95, top-k 20
         got = reasoning_over(server, qwen_tok, settings, ["hit", "hf-closed", "vllm-closed", "ended"], [7, 8, 9, 10])
-        prompt = lambda case: reason.reasoning_chat(f"{QUESTION} ({case})", DESCRIPTION, True)
+        prompt = lambda case: pipeline.reasoning_chat(f"{QUESTION} ({case})", DESCRIPTION, True)
         sent = {}
         for path, body in server.requests:
             sent.setdefault(next(c for c in got if f"({c})" in body["prompt"]), []).append(body)
@@ -248,22 +249,22 @@ def test_nowait_and_budget_requests_field_by_field(qwen_tok):
         hit = sent["hit"][1]
         assert hit["prompt"] == prompt("hit") + "<think>\nThe star is\n</think>" and hit["max_tokens"] == 5
         assert "stop" not in hit and hit["logit_bias"] == nowait and hit["seed"] == 7
-        assert got["hit"] == reason.Reasoning("<think>\nThe star is\n</think>\n\nAnswer: A", "The star is",
+        assert got["hit"] == pipeline.Reasoning("<think>\nThe star is\n</think>\n\nAnswer: A", "The star is",
                                               "Answer: A", 8, True, 3, 11)
         for case in ("hf-closed", "vllm-closed"):
             assert sent[case][1]["prompt"] == prompt(case) + "<think>\nRed.</think>"
             assert sent[case][1]["max_tokens"] == 5
-            assert got[case] == reason.Reasoning("<think>\nRed.</think>\n\nAnswer: A", "Red.", "Answer: A", 4, False,
+            assert got[case] == pipeline.Reasoning("<think>\nRed.</think>\n\nAnswer: A", "Red.", "Answer: A", 4, False,
                                                  3, 7)
-        assert len(sent["ended"]) == 1 and got["ended"] == reason.Reasoning("<think>\nhmm", "hmm", "", 2, False, 0, 2)
+        assert len(sent["ended"]) == 1 and got["ended"] == pipeline.Reasoning("<think>\nhmm", "hmm", "", 2, False, 0, 2)
         # NoWait only while thinking; Qwen's closing; greedy: temperature 0, no top-k, no seed
         server.requests.clear()
-        settings = reason.ReasonSettings(budget=40, answer_tokens=5, nowait_scope="thinking", closing="qwen",
+        settings = pipeline.ReasonSettings(budget=40, answer_tokens=5, nowait_scope="thinking", closing="qwen",
                                          greedy=True)
         got = reasoning_over(server, qwen_tok, settings, ["hit"])["hit"]
         (_, first), (_, second) = server.requests
-        closing = reason.QWEN_CLOSING + "</think>"
-        n_head = len(qwen_tok.encode(reason.QWEN_CLOSING, add_special_tokens=False).ids) + 1
+        closing = pipeline.QWEN_CLOSING + "</think>"
+        n_head = len(qwen_tok.encode(pipeline.QWEN_CLOSING, add_special_tokens=False).ids) + 1
         assert first["max_tokens"] == 40 - n_head and first["temperature"] == 0.0 and first["logit_bias"] == nowait
         assert "top_k" not in first and "seed" not in first
         assert second["prompt"] == prompt("hit") + "<think>\nThe star is" + closing + "\n\n"
@@ -271,12 +272,12 @@ def test_nowait_and_budget_requests_field_by_field(qwen_tok):
         assert (got.thinking_tokens, got.budget_hit, got.answer_tokens) == (40, True, 1 + 3)
         # thinking off: one request, the whole answer budget, NoWait throughout
         server.requests.clear()
-        got = reasoning_over(server, qwen_tok, reason.ReasonSettings(thinking=False, answer_tokens=5), ["hit"])["hit"]
+        got = reasoning_over(server, qwen_tok, pipeline.ReasonSettings(thinking=False, answer_tokens=5), ["hit"])["hit"]
         (_, only), = server.requests
-        assert only["prompt"] == reason.reasoning_chat(f"{QUESTION} (hit)", DESCRIPTION, False)
+        assert only["prompt"] == pipeline.reasoning_chat(f"{QUESTION} (hit)", DESCRIPTION, False)
         assert only["max_tokens"] == 5 and "stop" not in only and only["logit_bias"] == nowait
         assert (only["temperature"], only["top_p"], only["top_k"]) == (0.7, 0.8, 20)
-        assert got == reason.Reasoning("\n\nAnswer: A", "", "Answer: A", 0, False, 3, 3)
+        assert got == pipeline.Reasoning("\n\nAnswer: A", "", "Answer: A", 0, False, 3, 3)
     finally:
         server.close()
 
@@ -285,7 +286,7 @@ def test_a_budget_shorter_than_its_closing_is_refused_before_any_request(qwen_to
     server = Loopback(lambda path, body: (200, completion("x")))
     try:
         with pytest.raises(ValueError, match="thinking budget 1 is shorter than the forced closing"):
-            reasoning_over(server, qwen_tok, reason.ReasonSettings(budget=1), ["hit"])
+            reasoning_over(server, qwen_tok, pipeline.ReasonSettings(budget=1), ["hit"])
         assert not server.requests
     finally:
         server.close()
@@ -306,7 +307,7 @@ def tiny(tmp_path_factory):
     import vlm as V
     root = tmp_path_factory.mktemp("tiny_remote")
     texts = [prompts.llava_chat("<image>\n" + prompts.perception_prompt("the colour of the star")),
-             reason.hint_chat("What colour is the star?"), "Answer: B"]
+             pipeline.hint_chat("What colour is the star?"), "Answer: B"]
     tok = shapes_world.train_tokenizer(texts * 4, vocab_size=400)
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()
@@ -341,7 +342,7 @@ class OurModels:
         with self.lock:   # one generation at a time
             if path == "/v1/completions":
                 out = M.generate(self.llm, [M.encode(self.tok, body["prompt"], False)],
-                                 max_new_tokens=body["max_tokens"], stop_ids=reason.stop_ids(self.tok))[0]
+                                 max_new_tokens=body["max_tokens"], stop_ids=pipeline.stop_ids(self.tok))[0]
             else:
                 system, user = body["messages"]
                 assert system == {"role": "system", "content": prompts.LLAVA_SYSTEM}
@@ -351,7 +352,7 @@ class OurModels:
                 image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
                 ids = M.encode(self.tok, prompts.llava_chat("<image>\n" + text_part["text"]))
                 out = M.generate(self.vlm, [ids], [[image]], max_new_tokens=body["max_tokens"],
-                                 stop_ids=reason.stop_ids(self.tok))[0]
+                                 stop_ids=pipeline.stop_ids(self.tok))[0]
         ended = len(out) < body["max_tokens"]
         return 200, completion(self.tok.decode(out, skip_special_tokens=True), "stop" if ended else "length",
                                len(out) + ended, chat=path != "/v1/completions")
@@ -383,7 +384,7 @@ def test_stage1_with_auto_hints_and_e2e_over_servers_equal_the_local_path(tiny, 
     chats = [b for p, b in stub.requests if p == "/v1/chat/completions"]
     hints = [b for p, b in stub.requests if p == "/v1/completions"]
     assert len(chats) == 2 * N_DOCS and len(hints) == N_DOCS
-    assert {h["prompt"] for h in hints} == {reason.hint_chat(f"What colour is shape {i}?\nOptions: A: red, B: blue")
+    assert {h["prompt"] for h in hints} == {pipeline.hint_chat(f"What colour is shape {i}?\nOptions: A: red, B: blue")
                                             for i in range(N_DOCS)}
     assert all(b["temperature"] == 0.0 and b["model"] == str(tiny / "vlm") for b in chats)
 

@@ -13,9 +13,11 @@ used). For each LLM size, every step goes through the project's own tools:
                          reasoner on the true descriptions; scored by the answer's text, per category
   4. reports             a measured blind baseline, the descriptions' facts checked against the scene graphs,
                          2-standard-error bars, a gallery of held-out scenes, a reason.py command to try
-The sizes run side by side (--jobs). A rerun skips every step whose output is complete and whose inputs are
-unchanged (a stamp of the exact options and of the stamps, or hashes, of what it read, next to a finished model
-or results file) and resumes the others, so no finished work is redone and no stale result is kept.
+The steps run in --jobs worker processes, each as soon as the models it reads are done (the two sizes side by
+side, and a size's QA and extraction tuning side by side once the other size's chain is done). A rerun skips every
+step whose output is complete and whose inputs are unchanged (a stamp of the exact options and of the stamps, or
+hashes, of what it read, next to a finished model or results file) and resumes the others, so no finished work
+is redone and no stale result is kept.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
@@ -56,7 +58,7 @@ class RunConfig:
     tower: str = os.path.join(BACKBONES, "captioner")   # a VLM folder: its pretrained tower is used
     pretrain_steps: int = 100     # connector pretraining (projector + image_newline)
     caption_steps: int = 800      # captioning: the perception module of Caption+Think, and where the others start
-    finetune_steps: int = 400     # QA (end-to-end) and extraction tuning: the same steps and batch
+    finetune_steps: int = 600     # QA (end-to-end) and extraction tuning: the same steps and batch
     batch: int = 16
     pretrain_lr: float = 1e-2
     finetune_lr: float = 2e-3     # captioning
@@ -65,7 +67,7 @@ class RunConfig:
     stage1_tokens: int = 64       # descriptions are 25-40 tokens
     budget: int = 64              # thinking budget of the toy reasoner (its traces are 10-40 tokens)
     eval_batch: int = 64
-    jobs: int = 2                 # sizes trained and evaluated side by side, one process (one thread) each
+    jobs: int = 2                 # steps run side by side, one process (one thread) each
     seed: int = 0
 
 
@@ -179,65 +181,113 @@ def evaluate_step(argv: list, out: str, results_file: str, log: str, say) -> dic
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One LLM size: pretrain -> three fine-tunes -> evaluations
+# The plan: every size's steps, and the worker processes that run them as soon as what they read is done
 # ---------------------------------------------------------------------------------------------------------------
 
-def train_size(cfg: RunConfig, data: dict, size: str, say) -> dict:
-    """-> {"pretrain", "caption", "e2e", "extract"}: the VLM folders of this size. As in the paper, Extract+Think's
-    perception module is post-trained from a captioning model (paper section 4.1); the end-to-end baseline starts
-    from the same captioning model with the same steps, so only what they are tuned on differs."""
-    models, log = os.path.join(cfg.out, "models"), os.path.join(cfg.out, f"train-{size}.log")
+@dataclass
+class Step:
+    """One train.py or evaluate.py run of the plan: fn(*args, log, say) once every step in `needs` is done."""
+    name: str      # "caption-L", "eval extract+think-L": also its log file, <out>/logs/<name>.log
+    size: str
+    kind: str      # "train" or "eval": of the steps ready, training goes first
+    needs: tuple   # names of the steps whose outputs it reads
+    fn: object     # train_step or evaluate_step (module level: a worker process imports it)
+    args: tuple
+
+
+def train_plan(cfg: RunConfig, data: dict, size: str) -> tuple[list[Step], dict]:
+    """-> (the training steps of this size, {"pretrain", "caption", "extract", "e2e"}: their VLM folders). As in
+    the paper, Extract+Think's perception module is post-trained from a captioning model (paper section 4.1); the
+    end-to-end baseline starts from the same captioning model with the same steps, so only what they are tuned on
+    differs."""
+    models = {k: os.path.join(cfg.out, "models", f"{k}-{size}") for k in ("pretrain", "caption", "extract", "e2e")}
     common = dict(image_folder=os.path.dirname(data["eval"]), global_batch=cfg.batch, micro_batch=cfg.batch,
                   seed=cfg.seed)
-    out = {"pretrain": train_step(dict(
-        stage="pretrain", data=data["pretrain"], out=os.path.join(models, f"pretrain-{size}"),
-        llm_path=cfg.sizes[size], vision_path=cfg.tower, lr=cfg.pretrain_lr, max_steps=cfg.pretrain_steps,
-        **common), log, say)}
     tune = dict(stage="finetune", train="llm,projector,image_newline", lr=cfg.finetune_lr, **common)
-    out["caption"] = train_step(dict(tune, data=data["caption"], out=os.path.join(models, f"caption-{size}"),
-                                     init=out["pretrain"], max_steps=cfg.caption_steps,
-                                     train="llm,projector,image_newline,vision", vision_lr=cfg.vision_lr), log, say)
-    for name, file in (("e2e", "qa"), ("extract", "extract")):
-        out[name] = train_step(dict(tune, data=data[file], out=os.path.join(models, f"{name}-{size}"),
-                                    init=out["caption"], max_steps=cfg.finetune_steps, lr=cfg.post_lr), log, say)
-    return out
+    options = {
+        "pretrain": dict(stage="pretrain", data=data["pretrain"], out=models["pretrain"], llm_path=cfg.sizes[size],
+                         vision_path=cfg.tower, lr=cfg.pretrain_lr, max_steps=cfg.pretrain_steps, **common),
+        "caption": dict(tune, data=data["caption"], out=models["caption"], init=models["pretrain"],
+                        max_steps=cfg.caption_steps, train="llm,projector,image_newline,vision",
+                        vision_lr=cfg.vision_lr),
+        # extraction tuning before QA: the longer of the two starts first when both are ready
+        "extract": dict(tune, data=data["extract"], out=models["extract"], init=models["caption"],
+                        max_steps=cfg.finetune_steps, lr=cfg.post_lr),
+        "e2e": dict(tune, data=data["qa"], out=models["e2e"], init=models["caption"], max_steps=cfg.finetune_steps,
+                    lr=cfg.post_lr),
+    }
+    needs = {"pretrain": (), "caption": ("pretrain",), "extract": ("caption",), "e2e": ("caption",)}
+    return [Step(f"{k}-{size}", size, "train", tuple(f"{n}-{size}" for n in needs[k]), train_step, (o,))
+            for k, o in options.items()], models
 
 
-def evaluate_size(cfg: RunConfig, data: dict, size: str, models: dict, say) -> dict:
-    """evaluate.py for every method of this size -> {method: results dict}."""
-    root, log = os.path.join(cfg.out, "eval"), os.path.join(cfg.out, f"eval-{size}.log")
-    os.makedirs(root, exist_ok=True)
-    reasoner = cfg.sizes[size]
+def evaluate_plan(cfg: RunConfig, data: dict, size: str, models: dict, true_stage1: str) -> list[Step]:
+    """evaluate.py for every method of this size, each after the model it evaluates."""
+    root = os.path.join(cfg.out, "eval")
     common = ["--data", data["eval"], "--answer-match", "text", "--batch-size", str(cfg.eval_batch),
               "--seed", str(cfg.seed), "--quiet"]
-    stage2 = ["--reasoner", reasoner, "--thinking", "on", "--budget", str(cfg.budget), "--answer-tokens", "8",
+    stage2 = ["--reasoner", cfg.sizes[size], "--thinking", "on", "--budget", str(cfg.budget), "--answer-tokens", "8",
               "--greedy", "--stage1-tokens", str(cfg.stage1_tokens)]
-    runs = {
-        "e2e": (["--mode", "e2e", "--perception", models["e2e"], "--stage1-tokens", "8"], "e2e_results.json"),
+    runs = {   # method: (argv, results file, the model it evaluates)
+        "e2e": (["--mode", "e2e", "--perception", models["e2e"], "--stage1-tokens", "8"], "e2e_results.json", "e2e"),
         "extract+think": (["--mode", "two-stage", "--perception", models["extract"], "--hints", data["hints"],
-                           *stage2], "stage2_results.json"),
+                           *stage2], "stage2_results.json", "extract"),
         "caption+think": (["--mode", "two-stage", "--perception", models["caption"], "--hints", "none", *stage2],
-                          "stage2_results.json"),
-        "true-descriptions": (["--mode", "stage2", "--stage1-file",
-                               W.true_stage1(data, os.path.join(root, "true_stage1.jsonl")), *stage2],
-                              "stage2_results.json"),
+                          "stage2_results.json", "caption"),
+        "true-descriptions": (["--mode", "stage2", "--stage1-file", true_stage1, *stage2], "stage2_results.json",
+                              None),
     }
-    return {name: evaluate_step([*argv, *common], os.path.join(root, f"{name}-{size}"), results, log, say)
-            for name, (argv, results) in runs.items()}
+    return [Step(f"eval {m}-{size}", size, "eval", (f"{model}-{size}",) if model else (), evaluate_step,
+                 ([*argv, *common], os.path.join(root, f"{m}-{size}"), results))
+            for m, (argv, results, model) in runs.items()]
 
 
-def run_size(cfg: RunConfig, data: dict, size: str) -> dict:
-    """The whole chain of one size (a worker process): -> {"models", "results"}."""
-    torch.set_num_threads(1)  # tiny models: one thread per size beats two competing ones
-    start = time.time()
+class Say:
+    """A step's progress lines, "[L   123 s] ...", timed from the start of the run (picklable, for the workers)."""
 
-    def say(text):
-        print(f"[{size} {time.time() - start:5.0f} s] {text}", flush=True)
+    def __init__(self, size: str, start: float):
+        self.size, self.start = size, start
 
-    models = train_size(cfg, data, size, say)
-    results = evaluate_size(cfg, data, size, models, say)
-    say("done")
-    return {"models": models, "results": results, "seconds": time.time() - start}
+    def __call__(self, text: str) -> None:
+        print(f"[{self.size} {time.time() - self.start:5.0f} s] {text}", flush=True)
+
+
+def run_step(step: Step, log_dir: str, start: float):
+    """One step in this (worker) process, on one thread: tiny models run faster on one thread each than on two
+    competing ones."""
+    torch.set_num_threads(1)
+    return step.fn(*step.args, os.path.join(log_dir, f"{step.name}.log"), Say(step.size, start))
+
+
+def run_plan(steps: list[Step], jobs: int, log_dir: str, start: float) -> dict:
+    """Every step, up to `jobs` at a time in worker processes, each once the steps it needs are done. Of the
+    steps ready, training goes first, then the larger size (the later one in the plan: its chain is the longest),
+    then plan order. -> {name: (result, seconds from start at its end)}. A failing step stops the run with its
+    error (the steps already running finish first); a rerun skips what is done."""
+    os.makedirs(log_dir, exist_ok=True)
+    sizes = list(dict.fromkeys(s.size for s in steps))
+    rank = {s.name: (s.kind != "train", -sizes.index(s.size), i) for i, s in enumerate(steps)}
+    pending, done = list(steps), {}
+
+    def ready():
+        return sorted((s for s in pending if all(n in done for n in s.needs)), key=lambda s: rank[s.name])
+
+    if jobs <= 1:
+        while pending:
+            step = ready()[0]
+            pending.remove(step)
+            done[step.name] = (run_step(step, log_dir, start), time.time() - start)
+        return done
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        running = {}
+        while pending or running:
+            for step in ready()[:jobs - len(running)]:
+                pending.remove(step)
+                running[pool.submit(run_step, step, log_dir, start)] = step.name
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done[running.pop(future)] = (future.result(), time.time() - start)
+    return done
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,12 +456,16 @@ def run(cfg: RunConfig) -> dict:
         _finish(data_dir, options)
     print(f"[{time.time() - start:5.0f} s] data: {cfg.n_train} training and {cfg.n_eval} held-out scenes "
           f"in {data_dir}", flush=True)
-    if cfg.jobs > 1 and len(cfg.sizes) > 1:
-        with ProcessPoolExecutor(min(cfg.jobs, len(cfg.sizes)), mp_context=get_context("spawn")) as pool:
-            futures = {size: pool.submit(run_size, cfg, data, size) for size in cfg.sizes}
-            per_size = {size: f.result() for size, f in futures.items()}
-    else:
-        per_size = {size: run_size(cfg, data, size) for size in cfg.sizes}
+    os.makedirs(os.path.join(cfg.out, "eval"), exist_ok=True)
+    true_stage1 = W.true_stage1(data, os.path.join(cfg.out, "eval", "true_stage1.jsonl"))
+    steps, models = [], {}
+    for size in cfg.sizes:
+        train_steps, models[size] = train_plan(cfg, data, size)
+        steps += train_steps + evaluate_plan(cfg, data, size, models[size], true_stage1)
+    done = run_plan(steps, cfg.jobs, os.path.join(cfg.out, "logs"), start)
+    per_size = {size: {"models": models[size], "results": {m: done[f"eval {m}-{size}"][0] for m in METHODS},
+                       "seconds": max(t for name, (_, t) in done.items() if name.endswith(f"-{size}"))}
+                for size in cfg.sizes}
     rows = records.read_jsonl(data["eval"])
     blind = score(W.blind_baseline(rows, cfg.n_train, cfg.seed), rows)
     summary = {"sizes": {}, "out": cfg.out, "models": {s: r["models"] for s, r in per_size.items()}}
@@ -445,7 +499,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=RunConfig.out, help="output folder (data/, models/, eval/, summary.json)")
     p.add_argument("--quick", action="store_true", help="the small smoke-test run of tests/test_pipeline.py")
     p.add_argument("--sizes", nargs="+", choices=["S", "L"], default=["S", "L"], help="LLM sizes to run")
-    p.add_argument("--jobs", type=int, default=RunConfig.jobs, help="sizes run side by side (processes)")
+    p.add_argument("--jobs", type=int, default=RunConfig.jobs, help="steps run side by side (processes)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--data-only", action="store_true", help="write the data set and stop")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")

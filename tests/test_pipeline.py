@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -68,3 +69,46 @@ def test_a_retrained_model_is_evaluated_again(run, capsys):
     evaluated = [line for line in printed.splitlines() if "python evaluate.py" in line]
     assert len(evaluated) == 2 and any("models/e2e-S" in x for x in evaluated)
     assert any("models/extract-S" in x for x in evaluated)
+
+
+def timed_step(seconds, log, say):
+    """A stand-in for train_step / evaluate_step in run_plan: sleeps; -> (start, end) wall times."""
+    t0 = time.time()
+    time.sleep(seconds)
+    return t0, time.time()
+
+
+def toy_plan():
+    """The real plan's shape (shapes.train_plan + evaluate_plan) with sleeps for steps, L's chain the longest."""
+    steps = []
+    for size, k in (("S", 1), ("L", 2)):
+        chain = [("pretrain", (), 0.1), ("caption", ("pretrain",), 0.3 * k), ("extract", ("caption",), 0.2 * k),
+                 ("e2e", ("caption",), 0.15 * k)]
+        steps += [shapes.Step(f"{n}-{size}", size, "train", tuple(f"{d}-{size}" for d in needs), timed_step, (t,))
+                  for n, needs, t in chain]
+        steps += [shapes.Step(f"eval {m}-{size}", size, "eval", (f"{n}-{size}",) if n else (), timed_step, (0.05,))
+                  for m, n in (("e2e", "e2e"), ("extract+think", "extract"), ("true", None))]
+    return steps
+
+
+def test_run_plan_in_one_process_takes_training_first_then_the_larger_size(tmp_path):
+    done = shapes.run_plan(toy_plan(), 1, str(tmp_path / "logs"), time.time())
+    order = sorted(done, key=lambda name: done[name][0][0])
+    assert order == ["pretrain-L", "caption-L", "extract-L", "e2e-L", "pretrain-S", "caption-S", "extract-S",
+                     "e2e-S", "eval e2e-L", "eval extract+think-L", "eval true-L", "eval e2e-S",
+                     "eval extract+think-S", "eval true-S"]
+
+
+def test_run_plan_in_two_workers_starts_each_step_after_what_it_needs_and_runs_two_at_a_time(tmp_path):
+    steps = toy_plan()
+    t0 = time.time()
+    done = shapes.run_plan(steps, 2, str(tmp_path / "logs"), t0)
+    spans = {name: result for name, (result, _) in done.items()}
+    assert set(spans) == {s.name for s in steps}
+    for s in steps:
+        assert all(spans[s.name][0] >= spans[n][1] for n in s.needs), s.name
+    edges = sorted([(a, 1) for a, _ in spans.values()] + [(b, -1) for _, b in spans.values()])   # ends first
+    running = [sum(d for _, d in edges[:i + 1]) for i in range(len(edges))]
+    assert max(running) == 2                                              # side by side, never more than two
+    # L's two fine-tunes go side by side once S's chain no longer holds a worker
+    assert spans["extract-L"][0] < spans["e2e-L"][1] and spans["e2e-L"][0] < spans["extract-L"][1]

@@ -202,7 +202,7 @@ class LocalBackend:
         statements = self._generate(self.llm, self.llm_tok, [self.llm_tok.encode(c, add_special_tokens=False).ids
                                                              for c in chats], None, a.max_statement_tokens)
         hints = pipeline.run_hint(self.llm, self.llm_tok, [s.hint_question for s in samples],
-                                     max_new_tokens=a.max_hint_tokens)
+                                  max_new_tokens=a.max_hint_tokens)
         ids = [self._vlm_ids(description_prompt(st)) for st in statements]
         descriptions = self._generate(self.vlm, self.vlm_tok, ids, [[s.pixels] for s in samples],
                                       a.max_description_tokens)

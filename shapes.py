@@ -464,7 +464,7 @@ def run(cfg: RunConfig) -> dict:
         steps += train_steps + evaluate_plan(cfg, data, size, models[size], true_stage1)
     done = run_plan(steps, cfg.jobs, os.path.join(cfg.out, "logs"), start)
     per_size = {size: {"models": models[size], "results": {m: done[f"eval {m}-{size}"][0] for m in METHODS},
-                       "seconds": max(t for name, (_, t) in done.items() if name.endswith(f"-{size}"))}
+                       "seconds": max(done[s.name][1] for s in steps if s.size == size)}
                 for size in cfg.sizes}
     rows = records.read_jsonl(data["eval"])
     blind = score(W.blind_baseline(rows, cfg.n_train, cfg.seed), rows)

@@ -10,8 +10,8 @@ used). For each LLM size, every step goes through the project's own tools:
   2. train.py finetune   captioning (Caption+Think's perception module), then from it, with equal steps, QA (the
                          end-to-end baseline) and visual extraction tuning (Extract+Think's perception module);
                          LLM + projector + image_newline. The pretrained tower stays frozen throughout: training it
-                         in the captioning stage (lr 1e-3) measured slower (10.7 vs 8.0 min for the whole job) and
-                         no better (facts in extraction descriptions 78.8 / 76.8 % vs 79.2 / 81.8 %, S / L)
+                         in the captioning stage too (lr 1e-3) made shapes.py slower (10.7 vs 7.6 min on fresh
+                         clones, 2-core Intel Xeon), and the scores moved both ways (README, the main job's step 2)
   3. evaluate.py         e2e; stage 1 -> stage 2 with the untouched toy LM (Extract+Think, Caption+Think); the
                          reasoner on the true descriptions; scored by the answer's text, per category
   4. reports             a measured blind baseline, the descriptions' facts checked against the scene graphs,

@@ -61,7 +61,8 @@ class RunConfig:
     tower: str = os.path.join(BACKBONES, "captioner")   # a VLM folder: its pretrained tower is used
     pretrain_steps: int = 100     # connector pretraining (projector + image_newline)
     caption_steps: int = 800      # captioning: the perception module of Caption+Think, and where the others start
-    finetune_steps: int = 450     # QA (end-to-end) and extraction tuning: the same steps and batch
+    finetune_steps: int = 450     # QA (end-to-end) and extraction tuning: the same steps and batch (400 left the
+                                  # end-to-end VLM below blind + 15; 500 took the first command to 10 min)
     batch: int = 16
     pretrain_lr: float = 1e-2
     finetune_lr: float = 2e-3     # captioning

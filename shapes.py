@@ -153,13 +153,14 @@ def command_line(tool: str, options) -> str:
     return " ".join(["python", tool] + [shlex.quote(a) for a in options])
 
 
-def train_step(options: dict, log: str, say) -> str:
-    """One train.py run in this process unless its model is already complete. -> the model folder."""
+def train_step(options: dict, log: str, say) -> tuple[str, bool]:
+    """One train.py run in this process unless its model is already complete. -> (the model folder, whether it
+    ran now)."""
     out = options["out"]
     stamp = _with_inputs(options, options.values(), out)
     if _done(out, stamp, "config.json", "model.safetensors"):
         say(f"done before: {out}")
-        return out
+        return out, False
     say(command_line("train.py", options))
     _begin(out, stamp)
     result = _quietly(log, train.train, {**options, "progress": False, "save_every": 50, "resume": True})
@@ -167,20 +168,22 @@ def train_step(options: dict, log: str, say) -> str:
     tail = result["losses"][-10:]
     if tail:
         say(f"loss {result['losses'][0]:.3f} -> {sum(tail) / len(tail):.3f} over {len(result['losses'])} steps")
-    return out
+    return out, True
 
 
-def evaluate_step(argv: list, out: str, results_file: str, log: str, say) -> dict:
-    """One evaluate.py run (resumed if interrupted) unless its results are complete. -> the results dict."""
+def evaluate_step(argv: list, out: str, results_file: str, log: str, say) -> tuple[dict, bool]:
+    """One evaluate.py run (resumed if interrupted) unless its results are complete. -> (the results dict, whether
+    it ran now)."""
     argv = [*argv, "--out", out]
     stamp = _with_inputs({"argv": argv}, argv, out)
-    if not _done(out, stamp, results_file):
+    ran = not _done(out, stamp, results_file)
+    if ran:
         say(command_line("evaluate.py", argv))
         _begin(out, stamp)
         _quietly(log, evaluate.main, argv)
         _finish(out, stamp)
     with open(os.path.join(out, results_file)) as f:
-        return json.load(f)
+        return json.load(f), ran
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,7 +468,7 @@ def run(cfg: RunConfig) -> dict:
         train_steps, models[size] = train_plan(cfg, data, size)
         steps += train_steps + evaluate_plan(cfg, data, size, models[size], true_stage1)
     done = run_plan(steps, cfg.jobs, os.path.join(cfg.out, "logs"), start)
-    per_size = {size: {"models": models[size], "results": {m: done[f"eval {m}-{size}"][0] for m in METHODS},
+    per_size = {size: {"models": models[size], "results": {m: done[f"eval {m}-{size}"][0][0] for m in METHODS},
                        "seconds": max(done[s.name][1] for s in steps if s.size == size)}
                 for size in cfg.sizes}
     rows = records.read_jsonl(data["eval"])
@@ -487,7 +490,8 @@ def run(cfg: RunConfig) -> dict:
     summary["plot"] = plot(summary, os.path.join(cfg.out, "results.png"))
     summary["example"] = example(cfg, data, summary["models"][largest], largest)
     summary["config"] = asdict(cfg)
-    summary["wall_seconds"] = time.time() - start
+    summary["wall_seconds"] = time.time() - start   # of this call: steps done before cost it nothing
+    summary["steps_done_before"] = [name for name, ((_, ran), _) in done.items() if not ran]
     records.atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
     records.atomic_write_text(os.path.join(cfg.out, "results.md"), summary["table"] + "\n")
     return summary
@@ -521,10 +525,15 @@ def main(argv=None) -> None:
     ex = summary["example"]
     print(f"\ngallery: {summary['gallery']}\nplot: {summary['plot'] or 'skipped (pip install matplotlib)'}"
           f"\nsummary: {os.path.join(cfg.out, 'summary.json')}\nwall time: {summary['wall_seconds'] / 60:.1f} min"
+          f"{_reused(summary['steps_done_before'])}"
           f"\n\ntry it (offline, on the first held-out question):\n  {_shell_line(ex['command'])}\n"
           f"  -> answer {ex['answer']!r}; the right answer is {ex['truth']!r}")
     if args.json:
         print(json.dumps(summary, indent=1))
+
+
+def _reused(names: list[str]) -> str:
+    return f" ({len(names)} steps were done before: their models and results were reused)" if names else ""
 
 
 def _shell_line(command: list[str]) -> str:

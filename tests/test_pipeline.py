@@ -55,6 +55,8 @@ def test_rerun_skips_every_finished_step(run, capsys):
     printed = capsys.readouterr().out
     assert "python train.py" not in printed and "python evaluate.py" not in printed
     assert printed.count("done before") == 4   # connector pretraining, captioning, QA and extraction tuning
+    assert first["steps_done_before"] == []     # the first run ran every step; the rerun none (8: 4 train, 4 eval)
+    assert len(again["steps_done_before"]) == 8 and "eval e2e-S" in again["steps_done_before"]
     assert again["sizes"]["S"]["extract+think"] == first["sizes"]["S"]["extract+think"]
 
 

@@ -102,8 +102,9 @@ class TrainConfig:
     grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30%% more compute")
     cache_mb: int = opt(1024, "host memory per rank for each of two caches (least recently used dropped first): "
                               "tokenised samples, and every image's preprocessed tiles (uint8); 0 = off")
-    feature_cache_mb: int = opt(512, "memory per rank, on the model's device, for the vision tower's output per "
-                                     "image, reused while the tower is frozen (--train without vision); 0 = off. "
+    feature_cache_mb: int = opt(512, "memory per process, on the model's device, for the vision tower's output "
+                                     "per image, reused while the tower is frozen (--train without vision), also by "
+                                     "later runs in the same process with the same tower; 0 = off. "
                                      "Never with --fsdp (a rank skipping the tower would stall the others)")
     fsdp: bool = opt(False, "under torchrun: shard parameters, gradients, optimiser state (4B/8B)")
     precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", ["auto", "bf16", "fp32"])
@@ -243,9 +244,23 @@ def image_preparer(model, exif_transpose=False):
     from vision import load_image
 
     def prepare(path, n_in_row):
-        return model.tile_image(load_image(path, exif_transpose=exif_transpose), n_in_row,
-                                key=(path, model.tiling_mode(n_in_row)), name=path)
+        stat = os.stat(path)   # in the key: a file rewritten between two runs of one process is a new image
+        return model.tile_image(load_image(path, exif_transpose=exif_transpose), n_in_row, name=path,
+                                key=(path, stat.st_mtime_ns, stat.st_size, model.tiling_mode(n_in_row), exif_transpose))
     return prepare
+
+
+_FEATURE_CACHE = []   # the process's one tower-feature cache (a list: no global statement)
+
+
+def process_feature_cache(max_bytes):
+    """The tower-feature cache of this process, shared by every run in it (shapes.py's worker processes run
+    several stages each, all on the same frozen tower). VLM._tower_features files each entry under the tower's
+    content, so a run with another tower never reads this one's. A new budget starts a new cache."""
+    if not _FEATURE_CACHE or _FEATURE_CACHE[0].max_bytes != max_bytes:
+        from vision import TensorLRU
+        _FEATURE_CACHE[:] = [TensorLRU(max_bytes)]
+    return _FEATURE_CACHE[0]
 
 
 def images_repeat(samples, steps, cfg):
@@ -476,8 +491,9 @@ def _train(args, held):
     wrapped = wrap(LossSum(model, pad_id, cfg.max_length), cfg, device, world)
     loader = BatchLoader(samples, tokenizer, cfg, image_preparer(model, cfg.exif_transpose), cfg.cache_mb * 2**20)
     if M.is_vlm(model) and cfg.feature_cache_mb > 0 and not cfg.fsdp and images_repeat(samples, total, cfg):
-        from vision import TensorLRU
-        model.feature_cache = TensorLRU(cfg.feature_cache_mb * 2**20)   # used only while the tower is frozen
+        model.feature_cache = process_feature_cache(cfg.feature_cache_mb * 2**20)   # used only while frozen
+    features = getattr(model, "feature_cache", None)
+    features_before = (features.hits, features.misses) if features is not None else None
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     # optimiser
@@ -542,9 +558,11 @@ def _train(args, held):
         bar.close()
     if stop == total and not log.done:
         save_final(model, wrapped, cfg, rank)
-        caches = dict(tokens=loader.tokens, images=loader.images, features=getattr(model, "feature_cache", None))
+        hits = {k: [c.hits, c.misses] for k, c in (("tokens", loader.tokens), ("images", loader.images))}
+        if features is not None:   # shared with earlier runs in this process: this run's lookups only
+            hits["features"] = [features.hits - features_before[0], features.misses - features_before[1]]
         log(dict(event="done", steps=total, truncated_total=stats["truncated"], skipped_total=stats["skipped"],
-                 cache_hits={k: [c.hits, c.misses] for k, c in caches.items() if c is not None}))  # [hits, misses]
+                 cache_hits=hits))  # [hits, misses]
     if started:
         dist.destroy_process_group()
     return dict(out=cfg.out, steps=stop, losses=losses)

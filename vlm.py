@@ -5,6 +5,7 @@ checkpoints.py.
 
 Shapes: B batch, T tokens, H LLM hidden, C tower hidden, S tile side (px), P patches per tile side.
 """
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -67,10 +68,10 @@ class VLM(nn.Module):
         unpad = "unpad" in config.mm_patch_merge_type
         self.image_newline = nn.Parameter(torch.empty(config.llm.hidden_size)) if unpad else None
         self.max_pixels = None  # per-image pixel limit; None = vision.MAX_PIXELS
-        # Tower outputs per TiledImage.key, reused while the tower is frozen (train.py sets a vision.TensorLRU;
-        # None = off, as for inference). See _tower_features for why it can never serve stale features.
+        # Tower outputs per TiledImage.key, reused while the tower is frozen (train.py sets its process-wide
+        # vision.TensorLRU; None = off, as for inference). _tower_features says why they are never stale.
         self.feature_cache = None
-        self._feature_cache_state = None
+        self._feature_cache_state = self._feature_namespace = None
 
     def init_connector(self):
         """Fresh projector (PyTorch default Linear init) and newline ~ N(0, 1/H), as LLaVA's pretraining does."""
@@ -136,26 +137,30 @@ class VLM(nn.Module):
         """TiledImages -> tower features [N_tiles, P*P, C], in order. One tower call, or, with feature_cache and a
         frozen tower, the cached features of every image seen before and one tower call per new image.
 
-        Never stale: the cache is used only while no tower parameter requires grad, and it is emptied whenever
-        a tower parameter is replaced or changed in place (its storage or autograd version counter moves: an
-        optimiser step, load_state_dict, .to()) or the autocast setting changes. One call per new image, not one
-        for all of them, so an image's features never depend on which other images missed the cache: a resumed
-        run, which starts with an empty cache, computes the very same bits."""
+        Never stale: the cache is used only while no tower parameter requires grad, and every entry is filed under
+        the tower's content (a hash of its weights' bytes), the autocast setting, device, dtype and thread count.
+        The hash is taken again whenever a tower parameter is replaced or changed in place (its storage or autograd
+        version counter moves: an optimiser step, load_state_dict, .to()), so a changed tower never finds the old
+        entries, and the very same tower in another model (the next train.py run in the same process: shapes.py's
+        workers) finds them all. One call per new image, not one for all of them, so an image's features never
+        depend on which other images missed the cache: a resumed run, which starts with an empty cache, computes
+        the very same bits."""
         params = list(self.vision.parameters())
         cache = self.feature_cache
         if cache is None or any(p.requires_grad for p in params) or any(t.key is None for t in tiled):
             return self._tower(torch.cat([t.tiles for t in tiled]), device, dtype)
         state = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
-                 torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type), device, dtype)
+                 torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type), device, dtype,
+                 torch.get_num_threads())
         if state != self._feature_cache_state:
-            cache.clear()
-            self._feature_cache_state = state
+            self._feature_cache_state, self._feature_namespace = state, (content_hash(self.vision), *state[1:])
         features = []
         for t in tiled:
-            f = cache.get(t.key)
+            key = (self._feature_namespace, t.key)
+            f = cache.get(key)
             if f is None:
                 f = self._tower(t.tiles, device, dtype)                             # (n_tiles, P*P, C)
-                cache.put(t.key, f, f.numel() * f.element_size())
+                cache.put(key, f, f.numel() * f.element_size())
             features.append(f)
         return torch.cat(features)
 
@@ -242,6 +247,17 @@ class VLM(nn.Module):
         """Convenience: token lists + images -> logits [B, T, V] over the spliced sequence."""
         batch = self.prepare_inputs(ids, images, padding_side=padding_side)
         return self.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"])
+
+
+def content_hash(module):
+    """Hex digest of a module's parameters and buffers: names, dtypes, shapes and bytes (equal weights, equal
+    digest, in any model object). Reads every weight once: VLM._tower_features takes it once per tower state."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def build_vlm(llm, vision_tower, **options):

@@ -526,15 +526,27 @@ def test_batch_loader_caches_tokens_and_tiles(tmp_path, tiny_tok, image_data):
 
 def test_vlm_frozen_tower_run_uses_the_feature_cache_and_resumes_exactly(tmp_path, tiny_tok, image_data):
     """Finetuning without the tower (its outputs cached per image): the losses of a run without any cache,
-    and a run stopped and resumed (empty caches again) continues bit for bit."""
+    a second run in the same process reads the first one's features (same tower: shapes.py's workers), and a
+    run stopped and resumed continues bit for bit."""
     frozen = ("--train", "llm,projector,image_newline", "--max-steps", "4")
-    straight = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "a", *frozen))["losses"]
-    done = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")][-1]
-    hits, misses = done["cache_hits"]["features"]
+    T._FEATURE_CACHE.clear()                                       # earlier tests trained this tower on these files
+
+    def run(out, *extra):
+        losses = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / out, *frozen, *extra))["losses"]
+        done = [json.loads(line) for line in open(tmp_path / out / "metrics.jsonl")][-1]
+        return losses, done["cache_hits"].get("features")
+
+    straight, (hits, misses) = run("a")
     assert misses == 8 and hits > 0                                # 6 single images + the pair, tiled to pad
-    uncached = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "c", *frozen,
-                                "--cache-mb", "0", "--feature-cache-mb", "0"))["losses"]
-    assert uncached == pytest.approx(straight, rel=1e-6)
+    uncached, features = run("c", "--cache-mb", "0", "--feature-cache-mb", "0")
+    assert uncached == pytest.approx(straight, rel=1e-6) and features is None
+    again, (hits, misses) = run("d")                               # a new model object, the same tower weights
+    assert again == straight and misses == 0 and hits > 0
+    os.utime(os.path.join(image_data["folder"], "3.png"), ns=(1, 1))   # a file rewritten: its entry is not read
+    _, (hits, misses) = run("e")
+    assert misses == 1
+    other, (hits, misses) = run("f", "--seed", "1")                # another tower (another init): nothing shared
+    assert misses == 8 and other != straight
     first = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "b", *frozen, "--stop-after", "2"))["losses"]
     second = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / "b", *frozen, "--resume"))["losses"]
     assert first + second == straight

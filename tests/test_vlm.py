@@ -352,7 +352,8 @@ def test_tiled_images_give_the_pixels_of_fresh_preprocessing(ours):
 
 def test_feature_cache_serves_only_a_frozen_unchanged_tower():
     """VLM.feature_cache holds tower outputs per image key: used while no tower parameter requires grad, never
-    when the tower trains, and emptied when the frozen tower's weights change (no stale features)."""
+    when the tower trains, shared by any model with the same tower weights, and never read once the frozen
+    tower's weights change (no stale features)."""
     from vision import TensorLRU
     torch.manual_seed(0)
     vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), SiglipConfig.preset("tiny"))
@@ -370,13 +371,18 @@ def test_feature_cache_serves_only_a_frozen_unchanged_tower():
     vlm.vision.requires_grad_(False)
     assert torch.equal(encode(), fresh) and len(cache) == 2 and cache.misses == 2
     assert torch.equal(encode(), fresh) and cache.hits == 2       # frozen: served from the cache, same bits
+    twin = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), SiglipConfig.preset("tiny"))
+    twin.load_state_dict(vlm.state_dict())
+    twin.requires_grad_(False)
+    twin.feature_cache = cache                                    # another model, the same tower weights: shared
+    assert torch.equal(torch.cat(twin.encode_images(images)), fresh) and cache.hits == 4 and cache.misses == 2
     with torch.no_grad():
         vlm.vision.layers[0].mlp.fc1.weight.mul_(1.5)             # the frozen tower changes in place ...
     vlm.feature_cache = None
     changed = encode()
     vlm.feature_cache = cache
     assert not torch.equal(changed, fresh)
-    assert torch.equal(encode(), changed) and cache.misses == 4   # ... so the cache was emptied, not served
+    assert torch.equal(encode(), changed) and cache.misses == 4   # ... so its old entries are not served
     vlm.vision.requires_grad_(True)
     hits = cache.hits
     assert torch.equal(encode(), changed) and cache.hits == hits  # training again: not used

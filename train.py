@@ -245,8 +245,8 @@ def image_preparer(model, exif_transpose=False):
 
     def prepare(path, n_in_row):
         stat = os.stat(path)   # in the key: a file rewritten between two runs of one process is a new image
-        return model.tile_image(load_image(path, exif_transpose=exif_transpose), n_in_row, name=path,
-                                key=(path, stat.st_mtime_ns, stat.st_size, model.tiling_mode(n_in_row), exif_transpose))
+        key = (path, stat.st_mtime_ns, stat.st_size, model.tiling_mode(n_in_row), exif_transpose)
+        return model.tile_image(load_image(path, exif_transpose=exif_transpose), n_in_row, key=key, name=path)
     return prepare
 
 

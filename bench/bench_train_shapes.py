@@ -6,8 +6,8 @@ the training fast paths) vs the working tree, same data, same flags, same run. P
 
 What runs: `python train.py` in a subprocess for each (config, stage, code) row, on a synthetic LLaVA data set
 written here (112x112 PNG pictures of coloured squares, captions and QA of ~30-60 tokens, a byte-level BPE of
-~800 ids trained with shapes.train_tokenizer of the base commit). The old code is `git archive <base>`
-extracted into a temp folder.
+~800 ids trained with the base commit's train_tokenizer: shapes.py's, or shapes_world.py's from the split on).
+The old code is `git archive <base>` extracted into a temp folder.
 Speed is read from each run's metrics.jsonl (time_s of every step, the first --warmup steps skipped):
 samples/s = global batch / mean step time, tokens/s = tokens (after image splicing, padding excluded) / time.
 The two codes' runs are interleaved per row (old, new, old, new: --repeats, the fastest of each counts) so
@@ -95,7 +95,7 @@ def module_from(folder, name):
 def make_data(folder, n_images, qa_per_image, shapes, seed=0):
     """112x112 PNG pictures (one coloured square on a plain background) + captions.jsonl (plain template:
     one caption per image) + qa.jsonl (qa_per_image questions per image) + tokenizer.json (~800 ids, trained
-    with shapes.train_tokenizer: the `shapes` module given, the base commit's, so the data never changes)."""
+    with shapes.train_tokenizer: the module given, the base commit's, so the data never changes)."""
     from PIL import Image, ImageDraw
     rng = random.Random(seed)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
@@ -199,7 +199,8 @@ def main():
     os.makedirs(work, exist_ok=True)
     try:
         old = old_code(args.base, os.path.join(work, "old_code"))
-        data = make_data(os.path.join(work, "data"), args.images, args.qa_per_image, module_from(old, "shapes"))
+        world = "shapes_world" if os.path.exists(os.path.join(old, "shapes_world.py")) else "shapes"  # where it lives
+        data = make_data(os.path.join(work, "data"), args.images, args.qa_per_image, module_from(old, world))
         commit = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
         import torch

@@ -28,6 +28,7 @@ by the world size).
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -250,17 +251,13 @@ def image_preparer(model, exif_transpose=False):
     return prepare
 
 
-_FEATURE_CACHE = []   # the process's one tower-feature cache (a list: no global statement)
-
-
+@functools.lru_cache(maxsize=1)
 def process_feature_cache(max_bytes):
     """The tower-feature cache of this process, shared by every run in it (shapes.py's worker processes run
     several stages each, all on the same frozen tower). VLM._tower_features files each entry under the tower's
     content, so a run with another tower never reads this one's. A new budget starts a new cache."""
-    if not _FEATURE_CACHE or _FEATURE_CACHE[0].max_bytes != max_bytes:
-        from vision import TensorLRU
-        _FEATURE_CACHE[:] = [TensorLRU(max_bytes)]
-    return _FEATURE_CACHE[0]
+    from vision import TensorLRU
+    return TensorLRU(max_bytes)
 
 
 def images_repeat(samples, steps, cfg):
@@ -490,10 +487,10 @@ def _train(args, held):
             m.grad_checkpointing = cfg.grad_checkpointing
     wrapped = wrap(LossSum(model, pad_id, cfg.max_length), cfg, device, world)
     loader = BatchLoader(samples, tokenizer, cfg, image_preparer(model, cfg.exif_transpose), cfg.cache_mb * 2**20)
+    features = None
     if M.is_vlm(model) and cfg.feature_cache_mb > 0 and not cfg.fsdp and images_repeat(samples, total, cfg):
-        model.feature_cache = process_feature_cache(cfg.feature_cache_mb * 2**20)   # used only while frozen
-    features = getattr(model, "feature_cache", None)
-    features_before = (features.hits, features.misses) if features is not None else None
+        features = model.feature_cache = process_feature_cache(cfg.feature_cache_mb * 2**20)   # used only while frozen
+        features_before = (features.hits, features.misses)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     # optimiser

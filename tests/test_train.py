@@ -529,7 +529,7 @@ def test_vlm_frozen_tower_run_uses_the_feature_cache_and_resumes_exactly(tmp_pat
     a second run in the same process reads the first one's features (same tower: shapes.py's workers), and a
     run stopped and resumed continues bit for bit."""
     frozen = ("--train", "llm,projector,image_newline", "--max-steps", "4")
-    T._FEATURE_CACHE.clear()                                       # earlier tests trained this tower on these files
+    T.process_feature_cache.cache_clear()                          # earlier tests trained this tower on these files
 
     def run(out, *extra):
         losses = T.train(vlm_args(tiny_tok, image_data, "finetune", tmp_path / out, *frozen, *extra))["losses"]

@@ -38,6 +38,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
+from typing import NamedTuple
 
 import torch
 
@@ -201,6 +202,13 @@ class Step:
     args: tuple
 
 
+class Finished(NamedTuple):
+    """A step of the plan once done: its fn's (value, ran now) and the seconds from the run's start at its end."""
+    value: object
+    ran: bool
+    seconds: float
+
+
 def train_plan(cfg: RunConfig, data: dict, size: str) -> tuple[list[Step], dict]:
     """-> (the training steps of this size, {"pretrain", "caption", "extract", "e2e"}: their VLM folders). As in
     the paper, Extract+Think's perception module is post-trained from a captioning model (paper section 4.1); the
@@ -267,7 +275,7 @@ def run_step(step: Step, log_dir: str, start: float):
 def run_plan(steps: list[Step], jobs: int, log_dir: str, start: float) -> dict:
     """Every step, up to `jobs` at a time in worker processes, each once the steps it needs are done. Of the
     steps ready, training goes first, then the larger size (the later one in the plan: its chain is the longest),
-    then plan order. -> {name: (result, seconds from start at its end)}. A failing step stops the run with its
+    then plan order. -> {name: Finished}. A failing step stops the run with its
     error (the steps already running finish first); a rerun skips what is done."""
     os.makedirs(log_dir, exist_ok=True)
     sizes = list(dict.fromkeys(s.size for s in steps))
@@ -281,7 +289,7 @@ def run_plan(steps: list[Step], jobs: int, log_dir: str, start: float) -> dict:
         while pending:
             step = ready()[0]
             pending.remove(step)
-            done[step.name] = (run_step(step, log_dir, start), time.time() - start)
+            done[step.name] = Finished(*run_step(step, log_dir, start), time.time() - start)
         return done
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
         running = {}
@@ -291,7 +299,7 @@ def run_plan(steps: list[Step], jobs: int, log_dir: str, start: float) -> dict:
                 running[pool.submit(run_step, step, log_dir, start)] = step.name
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                done[running.pop(future)] = (future.result(), time.time() - start)
+                done[running.pop(future)] = Finished(*future.result(), time.time() - start)
     return done
 
 
@@ -468,8 +476,8 @@ def run(cfg: RunConfig) -> dict:
         train_steps, models[size] = train_plan(cfg, data, size)
         steps += train_steps + evaluate_plan(cfg, data, size, models[size], true_stage1)
     done = run_plan(steps, cfg.jobs, os.path.join(cfg.out, "logs"), start)
-    per_size = {size: {"models": models[size], "results": {m: done[f"eval {m}-{size}"][0][0] for m in METHODS},
-                       "seconds": max(done[s.name][1] for s in steps if s.size == size)}
+    per_size = {size: {"models": models[size], "results": {m: done[f"eval {m}-{size}"].value for m in METHODS},
+                       "seconds": max(done[s.name].seconds for s in steps if s.size == size)}
                 for size in cfg.sizes}
     rows = records.read_jsonl(data["eval"])
     blind = score(W.blind_baseline(rows, cfg.n_train, cfg.seed), rows)
@@ -491,7 +499,7 @@ def run(cfg: RunConfig) -> dict:
     summary["example"] = example(cfg, data, summary["models"][largest], largest)
     summary["config"] = asdict(cfg)
     summary["wall_seconds"] = time.time() - start   # of this call: steps done before cost it nothing
-    summary["steps_done_before"] = [name for name, ((_, ran), _) in done.items() if not ran]
+    summary["steps_done_before"] = [name for name, step in done.items() if not step.ran]
     records.atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
     records.atomic_write_text(os.path.join(cfg.out, "results.md"), summary["table"] + "\n")
     return summary

@@ -74,10 +74,10 @@ def test_a_retrained_model_is_evaluated_again(run, capsys):
 
 
 def timed_step(seconds, log, say):
-    """A stand-in for train_step / evaluate_step in run_plan: sleeps; -> (start, end) wall times."""
+    """A stand-in for train_step / evaluate_step in run_plan: sleeps; -> ((start, end) wall times, ran now)."""
     t0 = time.time()
     time.sleep(seconds)
-    return t0, time.time()
+    return (t0, time.time()), True
 
 
 def toy_plan():
@@ -95,7 +95,7 @@ def toy_plan():
 
 def test_run_plan_in_one_process_takes_training_first_then_the_larger_size(tmp_path):
     done = shapes.run_plan(toy_plan(), 1, str(tmp_path / "logs"), time.time())
-    order = sorted(done, key=lambda name: done[name][0][0])
+    order = sorted(done, key=lambda name: done[name].value[0])
     assert order == ["pretrain-L", "caption-L", "extract-L", "e2e-L", "pretrain-S", "caption-S", "extract-S",
                      "e2e-S", "eval e2e-L", "eval extract+think-L", "eval true-L", "eval e2e-S",
                      "eval extract+think-S", "eval true-S"]
@@ -105,7 +105,7 @@ def test_run_plan_in_two_workers_starts_each_step_after_what_it_needs_and_runs_t
     steps = toy_plan()
     t0 = time.time()
     done = shapes.run_plan(steps, 2, str(tmp_path / "logs"), t0)
-    spans = {name: result for name, (result, _) in done.items()}
+    spans = {name: step.value for name, step in done.items()}
     assert set(spans) == {s.name for s in steps}
     for s in steps:
         assert all(spans[s.name][0] >= spans[n][1] for n in s.needs), s.name

@@ -39,6 +39,11 @@ An earlier run of the same bench under load (another user's two training process
 and intermediate 512) gave S finetune 1.37x and L finetune 1.20x.
 Under that load, with no image seen twice (--qa-per-image 1 --images 256: train.py then leaves the tower cache off): S finetune 1.23x,
 L finetune 1.15x. Micro-batches of 4 (train.py's default): S finetune 1.22x, S pretrain 1.09x.
+Using both cores, 2026-12-03 on a 2-core Intel Xeon with AMX (a slower machine: 1 thread read 51.1 -> 65.1, 1.28x):
+--threads 2 gives 70.7 -> 101.4 samples/s (1.43x); the new code under `torchrun --nproc_per_node 2` (1 thread each,
+micro-batch 8, same global batch, same losses) 82.3, below one process with 2 threads (gloo's all-reduce of every
+step costs more than the second core gains at this size). With one thread, micro-batches of 16, 8, 4, 2, 1 gave
+66.9-79.7, 64.8, 75.4-78.6, 54.8, 44.0 samples/s: the spread of two runs of one setting is as large as any gain.
 
 Why not more: what is left is the decoder's own arithmetic. On S finetune (16 x ~185 positions) one layer's
 forward + backward is ~30 ms: SDPA ~9 (the CPU flash kernel at head_dim 16; a math-path or per-row attention is

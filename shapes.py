@@ -167,9 +167,11 @@ def train_step(options: dict, log: str, say) -> tuple[str, bool]:
     _begin(out, stamp)
     result = _quietly(log, train.train, {**options, "progress": False, "save_every": 50, "resume": True})
     _finish(out, stamp)
-    tail = result["losses"][-10:]
+    tail, first = result["losses"][-10:], result["steps"] - len(result["losses"])
     if tail:
-        say(f"loss {result['losses'][0]:.3f} -> {sum(tail) / len(tail):.3f} over {len(result['losses'])} steps")
+        resumed = f" (resumed after step {first})" if first else ""
+        say(f"loss {result['losses'][0]:.3f} -> {sum(tail) / len(tail):.3f} over {len(result['losses'])} steps"
+            + resumed)
     return out, True
 
 

@@ -80,6 +80,21 @@ def timed_step(seconds, log, say):
     return (t0, time.time()), True
 
 
+def test_qa_and_extraction_tuning_differ_only_in_data_and_learning_rate():
+    """The end-to-end baseline and the Extract+Think perception module start from the same captioning model with
+    the same steps and batch (paper section 4.1); each has its own learning rate (RunConfig)."""
+    cfg = shapes.RunConfig()
+    data = {k: f"data/{k}.jsonl" for k in ("pretrain", "caption", "extract", "qa", "eval")}
+    steps, models = shapes.train_plan(cfg, data, "S")
+    options = {step.name: step.args[0] for step in steps}
+    e2e, extract = options.pop("e2e-S"), options.pop("extract-S")
+    assert e2e["init"] == extract["init"] == models["caption"] == options["caption-S"]["out"]
+    assert (e2e["data"], e2e["lr"]) == (data["qa"], cfg.finetune_lr)
+    assert (extract["data"], extract["lr"]) == (data["extract"], cfg.extract_lr)
+    same = lambda o: {k: v for k, v in o.items() if k not in ("data", "lr", "out")}
+    assert same(e2e) == same(extract) and e2e["max_steps"] == cfg.finetune_steps
+
+
 def toy_plan():
     """The real plan's shape (shapes.train_plan + evaluate_plan) with sleeps for steps, L's chain the longest."""
     steps = []

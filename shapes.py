@@ -433,14 +433,20 @@ def plot(summary: dict, path: str) -> str | None:
     return path
 
 
+def shown(path: str) -> str:
+    """A path as the printed command gives it: relative to the working directory, or absolute if that climbs out."""
+    relative = os.path.relpath(path)
+    return os.path.abspath(path) if relative.split(os.sep)[0] == os.pardir else relative
+
+
 def example(cfg: RunConfig, data: dict, models: dict, size: str) -> dict:
     """A reason.py command on the first held-out question (a fixed rule), run once: -> command, reply, truth."""
     row = records.read_jsonl(data["eval"])[0]
-    command = ["python", "reason.py", "--image", os.path.join(os.path.dirname(data["eval"]), row["image"]),
-               "--question", row["question"], "--perception-model", os.path.relpath(models["extract"]),
-               "--reasoner", os.path.relpath(cfg.sizes[size]), "--hint", row["hint"], "--greedy", "--budget", str(cfg.budget),
-               "--max-new-tokens", str(cfg.stage1_tokens)]
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "reason.py"), *command[2:], "--json"],
+    image = os.path.join(os.path.dirname(data["eval"]), row["image"])
+    command = ["python", shown(os.path.join(ROOT, "reason.py")), "--image", shown(image), "--question", row["question"],
+               "--perception-model", shown(models["extract"]), "--reasoner", shown(cfg.sizes[size]),
+               "--hint", row["hint"], "--greedy", "--budget", str(cfg.budget), "--max-new-tokens", str(cfg.stage1_tokens)]
+    done = subprocess.run([sys.executable, *command[1:], "--json"],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         raise RuntimeError(f"the example reason.py command failed: {done.stderr.strip()[-500:]}")

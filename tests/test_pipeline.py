@@ -5,10 +5,13 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 
+import records
 import shapes
 
 
@@ -47,6 +50,25 @@ def test_two_stage_answers_beat_the_blind_baseline(run):
     blind, n = by["blind"]["accuracy"], by["caption+think"]["n"]
     assert beats(by["caption+think"]["accuracy"], blind, n), (by["caption+think"]["accuracy"], blind)
     assert by["true-descriptions"]["accuracy"] >= 0.95
+
+
+def test_the_printed_example_runs_as_printed_and_says_the_truth(run, tmp_path, monkeypatch):
+    """The reason.py command the run prints works from where it was printed and from another folder once its
+    relative paths are rebased; its answer is the one printed, next to the truth from the scene graph."""
+    _, summary = run
+    ex = summary["example"]
+    command = ex["command"][1:]
+    assert os.path.samefile(command[0], os.path.join(shapes.ROOT, "reason.py"))
+    assert os.path.isdir(command[command.index("--reasoner") + 1])
+    assert not [a for a in command if a.startswith(os.pardir)]   # relative only below the working directory
+    elsewhere = [a if a.startswith("-") or not os.path.exists(a) else os.path.abspath(a) for a in command]
+    monkeypatch.chdir(tmp_path)
+    assert shapes.shown(elsewhere[0]) == elsewhere[0]       # outside the working directory: absolute
+    assert shapes.shown(str(tmp_path / "a" / "b")) == os.path.join("a", "b")
+    reply = subprocess.run([sys.executable, *elsewhere, "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(reply.stdout)["final"] == ex["answer"]
+    row = records.read_jsonl(os.path.join(summary["out"], "data", "eval.jsonl"))[0]
+    assert ex["truth"] == row["answer_text"] and row["question"] in command
 
 
 def test_rerun_skips_every_finished_step(run, capsys):

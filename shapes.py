@@ -216,7 +216,7 @@ def train_plan(cfg: RunConfig, data: dict, size: str) -> tuple[list[Step], dict]
     """-> (the training steps of this size, {"pretrain", "caption", "extract", "e2e"}: their VLM folders). As in
     the paper, Extract+Think's perception module is post-trained from a captioning model (paper section 4.1); the
     end-to-end baseline starts from the same captioning model with the same steps and batch; each is tuned at the
-    better of lr 2e-3 and 4e-3 for it (RunConfig), so neither side is handicapped by the other's setting."""
+    learning rate measured better for it (RunConfig), so neither side is handicapped by the other's setting."""
     models = {k: os.path.join(cfg.out, "models", f"{k}-{size}") for k in ("pretrain", "caption", "extract", "e2e")}
     common = dict(image_folder=os.path.dirname(data["eval"]), global_batch=cfg.batch, micro_batch=cfg.batch,
                   seed=cfg.seed)
@@ -445,7 +445,8 @@ def example(cfg: RunConfig, data: dict, models: dict, size: str) -> dict:
     image = os.path.join(os.path.dirname(data["eval"]), row["image"])
     command = ["python", shown(os.path.join(ROOT, "reason.py")), "--image", shown(image), "--question", row["question"],
                "--perception-model", shown(models["extract"]), "--reasoner", shown(cfg.sizes[size]),
-               "--hint", row["hint"], "--greedy", "--budget", str(cfg.budget), "--max-new-tokens", str(cfg.stage1_tokens)]
+               "--hint", row["hint"], "--greedy", "--budget", str(cfg.budget),
+               "--max-new-tokens", str(cfg.stage1_tokens)]
     done = subprocess.run([sys.executable, *command[1:], "--json"],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:

@@ -356,7 +356,7 @@ def load_model(path_or_hub_id, dtype=None, device=None, quantize=None):
     Built on the meta device and filled with assign=True: weights are read once, never initialised.
     quantize="int8" (or "int4"): then the LLM's linears and LM head become weight-only quantized layers
     (quantize.py); the vision tower and projector stay floating point. "int8-compiled": int8 with batch-1 CPU
-    decode products through torch.compile (needs a C++ compiler)."""
+    decode products compiled by inductor with the weights frozen in (needs a C++ compiler)."""
     check_mode(quantize)   # a bad value fails before any weight is read
     folder = _resolve_checkpoint(path_or_hub_id)
     cfg = _read_config(folder)

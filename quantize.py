@@ -2,7 +2,7 @@
 
     checkpoints.load_model(path, quantize="int8")   the one way in: loads the float checkpoint, then quantize_model
     quantize_model(model, "int8")                   in place: a Qwen3's linears and its LM head -> Int8Linear
-    quantize_model(model, "int8-compiled")          the same, with one-row CPU products through torch.compile
+    quantize_model(model, "int8-compiled")          the same, with one-row CPU products compiled (inductor)
     Int8Linear.from_linear(linear)                  one layer (Int4Linear: the same for "int4", CPU only)
 
 Why: a decode step reads every weight once, so on a CPU tokens/s is memory bandwidth / weight bytes, and int8
@@ -14,17 +14,19 @@ What stays floating point: the vision tower and the projector (they run once per
 not once per token), the norms, and the token embedding (a lookup reads one row per token, not the matrix); a
 tied LM head therefore gets its own quantized copy of the embedding.
 
-"int8-compiled" (optional; needs a C++ compiler, and compiles once per process, a few seconds): int8's weights;
-the rule is one place, Int8Linear.forward: on CPU, a single row (a batch-1 decode step) goes through `matvec`, a
-plain product-and-sum that torch.compile (inductor, dynamic=True) turns into one pass over q with the int8 -> fp32
-conversion fused into the reduction; every other call (prefill, batch > 1, GPU) keeps the kernel below, which
-measured faster there. If compiling fails, quantize_model raises a one-line error naming the mode. The compiled code
-keeps the thread count it was compiled at (it compiles in quantize_model): set it first. Measured
-(bench/bench_generate.py, 0.6B shapes, 4 layers), vs transformers fp32: batch 1 at 1 / 2 threads 3.47x / 3.41x
-(the kernel: 2.01x / 3.08x); batch 8 keeps the kernel (an earlier compiled batch-8 try: ~1.98x). Activations
-stay fp32, so it tracks fp32 closer: lm-S true captions at batch 1, 321 of 327 greedy replies as fp32 (kernel 317).
+"int8-compiled" (optional; needs a C++ compiler): int8's weights; the rule is one place, Int8Linear.forward: on CPU,
+a single fp32 row (a batch-1 decode step) goes through `compile_product`, the same int8 product compiled by inductor
+(torch.compile's compiler) with the layer's q and s frozen into the graph as constants. That lets inductor's C++
+GEMM template repack q into blocks for a register-blocked micro-kernel that streams the weights at ~90 % of copy
+bandwidth, where PyTorch's kernel converts and scales weight by weight and stays compute-bound at about a third of
+it. Every other call (prefill, batch > 1, GPU) keeps the kernel. Costs: the packed copy doubles the int8 weight
+memory, and quantize_model compiles every layer (~2-4 s per new weight shape, ~0.3 s per further layer of a known
+shape: 59 s for Qwen3-0.6B's 197 layers). The compiled code keeps the thread count it was compiled at: set it
+first. CPU models only; if compiling fails, quantize_model raises a one-line error naming the mode. Measured:
+bench/bench_generate.py, the README report card.
 """
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -40,11 +42,6 @@ def check_mode(mode):
     return mode
 
 
-def matvec(x, q, s):
-    """x [N, in] fp32, q [out, in] int8, s [out] -> x @ (q * s).T [N, out] fp32, written so that inductor fuses."""
-    return (x[:, None, :] * q.to(x.dtype)).sum(-1) * s.to(x.dtype)
-
-
 class Int8Linear(nn.Module):
     """y = x @ (q * s).T + b with q int8 [out, in] and s [out] (bf16, the CPU kernel's dtype); b stays float."""
 
@@ -54,7 +51,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))   # [out, in]
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16))             # [out]
         self.bias = bias   # nn.Parameter [out] (Qwen2's q/k/v) or None
-        self.compiled = None   # "int8-compiled": torch.compile(matvec) for one-row CPU calls
+        self.compiled = None   # "int8-compiled": compile_product(self), for one-row CPU calls
 
     @classmethod
     @torch.no_grad()
@@ -79,9 +76,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         """x [..., in] -> [..., out] in x's dtype."""
-        if self.compiled is not None and x.device.type == "cpu" and x.numel() == self.in_features:
-            y = self.compiled(x.reshape(1, -1).float(), self.weight, self.scales)           # (1, out) fp32
-            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self.compiled is not None and x.numel() == self.in_features and x.dtype == torch.float32 and x.is_cpu:
+            y = self.compiled(x.reshape(1, -1)).view(*x.shape[:-1], self.out_features)   # (1, out) fp32
         elif x.device.type == "cpu" and self.in_features % 16 == 0:
             # PyTorch's int8 weight-only kernel. It takes bf16 activations (given fp32 ones it takes a ~9x slower
             # path), and its aligned 16-wide loads need in % 16 == 0 and a fresh buffer: copy=True makes one.
@@ -149,13 +145,47 @@ class Int4Linear(nn.Module):
     extra_repr = Int8Linear.extra_repr
 
 
+class FrozenProduct(nn.Module):
+    """x [1, in] fp32 -> x @ (q * s).T [1, out] fp32: the int8 kernel's product over one layer's q and s (its casts
+    inside, so that they cost no dispatch of their own), as a module whose weights freezing turns into constants."""
+
+    def __init__(self, linear: Int8Linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight)   # the same tensors, not copies
+        self.register_buffer("scales", linear.scales)
+
+    def forward(self, x):
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales).float()
+
+
+def compile_product(linear: Int8Linear):
+    """-> a function x [1, in] fp32 -> [1, out] fp32: `linear`'s FrozenProduct compiled by inductor, now.
+
+    The graph is traced by torch.fx and handed to inductor directly (torch._inductor.compile), not through
+    torch.compile: dynamo keys its compiled code on the forward's code object, shared by every layer, so past its
+    recompile limit (8) further layers would silently run uncompiled. Options: freezing makes q and s graph
+    constants, which inductor's C++ GEMM template needs to repack q; max-autotune with only the CPP backend picks
+    that template without timing the alternatives. fx_graph_cache=False: through torch.compile (torch 2.13) a
+    second module of the same shape was served the first one's graph and frozen weights; this path showed no such
+    bug, but the cache buys nothing here (~0.3 s per layer of a known shape either way), so it stays off.
+    tests/test_quantize.py checks every layer against its own weights."""
+    import torch._inductor   # here: a heavy import that only this mode needs
+    graph = torch.fx.symbolic_trace(FrozenProduct(linear))
+    options = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP", fx_graph_cache=False)
+    with torch.inference_mode():   # as decoding calls it: freezing applies to inference graphs only
+        return torch._inductor.compile(graph, [torch.zeros(1, linear.in_features)], options)
+
+
 def quantize_model(model, mode="int8"):
     """In place: every nn.Linear of a Qwen3 (for a VLM: of its LLM only) and its LM head -> Int8Linear (int4:
-    Int4Linear; None: nothing). "int8-compiled": Int8Linear, one-row CPU calls through torch.compile. -> model."""
+    Int4Linear; None: nothing). "int8-compiled": Int8Linear, one-row CPU calls compiled (compile_product). -> model."""
     if check_mode(mode) is None:
         return model
     layer = {"int8": Int8Linear, "int8-compiled": Int8Linear, "int4": Int4Linear}[mode]
     llm = model.llm if M.is_vlm(model) else model
+    if mode == "int8-compiled" and llm.embed_tokens.weight.device.type != "cpu":   # checked before anything changes
+        raise ValueError(f"quantize 'int8-compiled': needs a CPU model (got {llm.embed_tokens.weight.device.type}); "
+                         f"use int8")
     for module in list(llm.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
@@ -163,17 +193,13 @@ def quantize_model(model, mode="int8"):
     if llm.lm_head is None:   # tied: Qwen3.logits uses lm_head whenever there is one
         llm.lm_head = layer.from_weight(llm.embed_tokens.weight)
     if mode == "int8-compiled":
-        fn = torch.compile(matvec, dynamic=True)
-        try:   # compile now, on a tiny layer, so a missing compiler fails here and not mid-generation
-            with torch.no_grad():
-                fn(torch.ones(1, 32), torch.ones(48, 32, dtype=torch.int8), torch.ones(48, dtype=torch.bfloat16))
+        try:
+            for m in [m for m in llm.modules() if isinstance(m, Int8Linear)]:
+                m.compiled = compile_product(m)
         except Exception as e:
             first = (str(e).splitlines() or [""])[0]
-            raise RuntimeError(f"quantize 'int8-compiled': torch.compile failed ({type(e).__name__}: {first}); "
+            raise RuntimeError(f"quantize 'int8-compiled': compiling failed ({type(e).__name__}: {first}); "
                                f"use int8") from None
-        for m in llm.modules():
-            if isinstance(m, Int8Linear):
-                m.compiled = fn
     return model
 
 

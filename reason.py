@@ -88,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16; unset: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--quantize", choices=quantize.MODES,
                    help="int8: both LLMs' linears and LM heads int8 weight-only, at load (faster CPU decoding); "
-                        "int8-compiled: the same, batch-1 products via torch.compile; int4: groups of 64")
+                        "int8-compiled: the same, batch-1 products compiled (C++ compiler); int4: groups of 64")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the stream goes to stderr)")
     remote.add_server_args(p)
     args = p.parse_args(argv)

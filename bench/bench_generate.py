@@ -13,7 +13,8 @@ Rows:
    generate(1)) / new, so the prefill is not counted; greedy, no stop token, every side exactly the same
    number of tokens. Five models on the very same weights: ours fp32, ours int8 and int4 (quantize.quantize_model:
    every linear and the LM head weight-only, int8 per output channel, int4 per group of 64), ours int8 with
-   "int8-compiled" (one-row products through torch.compile, so batch 8 is the plain int8 kernel) and transformers fp32.
+   "int8-compiled" (one-row products compiled by inductor, with the weights frozen in: its C++ GEMM template;
+   batch 8 is the plain int8 kernel; compiled anew at each thread count) and transformers fp32.
    Bandwidth ceiling: every step must read all weights once, so steps/s can be at most copy bandwidth /
    bytes read per step (copy bandwidth measured at the same thread count: a 256 MiB tensor copy counts
    read + write bytes). fp32 reads every parameter (the tied embedding as the LM head); int8 / int4 read the
@@ -142,11 +143,11 @@ def main():
 
     ours, hf = qwen3_pair(args.layers)
     int8, int4 = quantized_copy(ours, "int8"), quantized_copy(ours, "int4")
-    int8c = quantized_copy(ours, "int8-compiled")   # one-row products through torch.compile
     fp32_bytes, int8_bytes, int4_bytes = bytes_per_step(ours), bytes_per_step(int8), bytes_per_step(int4)
     rows, bandwidths = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
+        int8c = quantized_copy(ours, "int8-compiled")   # compiled code keeps the thread count it was compiled at
         bw = copy_bandwidth()
         bandwidths.append(f"{bw / 1e9:.1f} GB/s at {threads}")
         for batch in (1, 8):

@@ -560,7 +560,8 @@ def _train(args, held):
             hits["features"] = [features.hits - features_before[0], features.misses - features_before[1]]
         log(dict(event="done", steps=total, truncated_total=stats["truncated"], skipped_total=stats["skipped"],
                  cache_hits=hits))  # [hits, misses]
-    if started:
+    if started:  # every rank done (rank 0's save_final included) before gloo's teardown: tearing down while a
+        dist.barrier()  # peer is still busy aborted a rank now and then ("terminate called without an active exception")
         dist.destroy_process_group()
     return dict(out=cfg.out, steps=stop, losses=losses)
 

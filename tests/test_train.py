@@ -227,8 +227,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_tok, sharding):
     data = write_jsonl(tmp_path / "d.jsonl", colour_records(12))
     args = text_args(tiny_tok, data, tmp_path / "dist", "--max-steps", "3", "--micro-batch", "1",
                      *(["--fsdp"] if sharding == "fsdp" else []))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29517 + (sharding == "fsdp")), os.path.join(ROOT, "train.py"), *args],
+    # --standalone: a free port of its own, so that two runs of the suite at once do not collide
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "train.py"), *args],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     single = T.train(text_args(tiny_tok, data, tmp_path / "one", "--max-steps", "3"))["losses"]

@@ -268,8 +268,8 @@ class Qwen3(nn.Module):
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """logits [B, V] (fp32) -> next token ids [B]. temperature 0 = greedy. Same distribution as transformers:
     temperature, then top-k, then top-p (keep the smallest head of the sorted distribution with mass >= top_p)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
+    if temperature <= 0:   # the first maximum, as argmax; max(-1) is ~3x faster than argmax on CPU (151936 logits)
+        return logits.max(-1).indices
     if top_k > 0:
         # only the k best can survive: sort and softmax k values, not the whole vocabulary (151936)
         values, order = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)    # (B, k), descending

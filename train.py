@@ -310,9 +310,14 @@ def lr_lambda(total, warmup):
 
 # ----------------------------------------------------------------------------- distributed + checkpoints
 
+def world_size():
+    """The number of ranks torchrun started (its WORLD_SIZE); 1 in a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed():
     """(rank, world, device, started): init the process group under torchrun (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -590,7 +595,7 @@ if __name__ == "__main__":
         train(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:  # bad record, file or checkpoint (CheckpointError): one line
         sys.exit(f"train.py: error: {e}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size() > 1:
         # Everything is written and the process group destroyed, but gloo's worker threads may still be freeing a
         # finished collective's work; its tensors belong to Python objects, so that needs the GIL, and once the
         # interpreter is finalizing it aborts the rank ("terminate called without an active exception", about 1

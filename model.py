@@ -316,7 +316,7 @@ def generate(llm, prompts=None, *, inputs_embeds=None, attention_mask=None, max_
     inputs_embeds [B, T, H] with attention_mask [B, T] (a VLM's spliced prompt: vlm.VLM.generate).
     max_new_tokens: int or a per-row list. Returns each row's new tokens, without the stop token."""
     if (prompts is None) == (inputs_embeds is None):
-        raise ValueError("generate: give the prompts as token lists or as inputs_embeds + attention_mask, not both")
+        raise ValueError("generate: give the prompts either as token lists or as inputs_embeds + attention_mask")
     B = len(prompts) if prompts is not None else inputs_embeds.shape[0]
     budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     steps = max(budgets, default=0)

@@ -160,9 +160,13 @@ class Say:
 
 def run_step(step: Step, log_dir: str, start: float):
     """One step in this (worker) process, on one thread: tiny models run faster on one thread each than on two
-    competing ones."""
+    competing ones. The thread count is put back after it (with jobs=1 the steps run in the caller's process)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return step.fn(*step.args, os.path.join(log_dir, f"{step.name}.log"), Say(step.size, start))
+    try:
+        return step.fn(*step.args, os.path.join(log_dir, f"{step.name}.log"), Say(step.size, start))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_plan(steps: list[Step], jobs: int, log_dir: str, start: float) -> dict:

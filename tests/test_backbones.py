@@ -40,9 +40,11 @@ def test_backbones_load_strictly_with_the_recorded_shapes():
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as when the numbers were recorded
     work = tmp_path_factory.mktemp("backbones")
-    return work, train_backbones.heldout_data(str(work / "heldout"))
+    yield work, train_backbones.heldout_data(str(work / "heldout"))
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("size", sorted(train_backbones.SIZES))

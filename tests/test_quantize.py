@@ -195,9 +195,11 @@ def test_int8_compiled_names_a_model_off_the_cpu_and_leaves_it_as_it_was():
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as test_backbones.py
     work = tmp_path_factory.mktemp("quantize_backbones")
-    return work, train_backbones.heldout_data(str(work / "heldout"))
+    yield work, train_backbones.heldout_data(str(work / "heldout"))
+    torch.set_num_threads(threads)
 
 
 def test_the_trained_toy_lm_quantized_agrees_with_fp32_and_keeps_its_held_out_accuracy(heldout):
@@ -252,11 +254,9 @@ def test_reason_cli_runs_int8_and_int8_compiled_and_names_an_unsupported_mode(tm
 
 
 def test_evaluate_cli_stage2_int8_on_the_trained_toy_lm(heldout, tmp_path):
-    work, data = heldout
-    stage1 = os.path.join(str(work), "lm-S-int8", "true-caption.jsonl")   # written by the test above
-    if not os.path.exists(stage1):
-        from shapes_world import world
-        stage1 = world.true_stage1(data, str(tmp_path / "true-caption.jsonl"), "caption")
+    _, data = heldout
+    from shapes_world import world
+    stage1 = world.true_stage1(data, str(tmp_path / "true-caption.jsonl"), "caption")
     r = run_cli("evaluate.py", "--mode", "stage2", "--data", data["eval"], "--stage1-file", stage1, "--reasoner",
                 os.path.join(BACKBONES, "lm-S"), "--budget", 64, "--answer-tokens", 8, "--greedy",
                 "--answer-match", "text", "--batch-size", 64, "--quantize", "int8", "--out", tmp_path / "eval",

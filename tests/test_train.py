@@ -657,3 +657,15 @@ def test_exif_transpose_reaches_the_image_loader(tmp_path):
         tile_image = staticmethod(lambda image, n, key, name: image.size)
     assert train.image_preparer(Model())(str(tmp_path / "rot.png"), 1) == (4, 2)
     assert train.image_preparer(Model(), exif_transpose=True)(str(tmp_path / "rot.png"), 1) == (2, 4)
+
+
+def test_the_design_example_without_data_says_what_it_still_needs():
+    """`python train.py --llm 0.6B` (the design's own example) names what is missing and shows whole commands."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "train.py", "--llm", "0.6B"], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("train.py: error: --stage and --data are missing\n")
+    for needed in ("--stage pretrain | finetune | text", "--data FILE", "--image-folder DIR", "Qwen/Qwen3-<size>",
+                   "python train.py --stage pretrain --llm 0.6B", "python shapes.py"):
+        assert needed in run.stderr, needed

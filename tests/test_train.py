@@ -601,6 +601,19 @@ def test_resume_refuses_a_metrics_file_with_a_step_logged_twice(tmp_path, tiny_t
         T.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--resume"))
 
 
+def test_resume_removes_the_temp_checkpoint_of_a_killed_run(tmp_path, tiny_tok, capsys):
+    import socket
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(12))
+    out = tmp_path / "o"
+    T.train(text_args(tiny_tok, data, out, "--max-steps", "2", "--stop-after", "1"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    torn = out / f"checkpoint.tmp-{socket.gethostname()}-{int(dead.stdout)}.pt"   # kill -9 during torch.save
+    torn.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    T.train(text_args(tiny_tok, data, out, "--max-steps", "2", "--resume"))
+    assert not torn.exists() and f"{torn}: removed a temporary file left by pid" in capsys.readouterr().err
+
+
 class _Hostile:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

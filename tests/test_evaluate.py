@@ -260,6 +260,31 @@ def test_mmstar_parquet_reader(tmp_path):
     assert mmstar.load_docs(str(tmp_path), limit=2)[-1].doc_id == 1   # a folder of parquet files
 
 
+def test_a_repeated_index_in_a_parquet_set_is_refused_naming_file_and_row(tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    make_mmstar_parquet(str(tmp_path / "val.parquet"), [Image.new("RGB", (8, 8))] * 3)
+    table = pq.read_table(tmp_path / "val.parquet").to_pylist()
+    table[2]["index"] = 0                                          # row 2 asks under row 0's index
+    import pyarrow as pa
+    pq.write_table(pa.Table.from_pylist(table), tmp_path / "val.parquet")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'val.parquet'}: row 2 repeats index '0' of row 0")):
+        mmstar.load_docs(str(tmp_path / "val.parquet"))
+
+
+@pytest.mark.parametrize("first,second,blank,error", [
+    ("a", "a", "\n", 'line 3 repeats index "a" of line 1'),            # the line, past a blank one
+    ("0", 0, "", "record 2 repeats index '0' of record 1"),             # 0 and "0": one index once read as text
+])
+def test_a_repeated_index_in_a_jsonl_set_is_refused_naming_file_and_line(tmp_path, first, second, blank, error):
+    rows = [{"index": first, "question": "Q?", "answer": "A"}, {"index": second, "question": "Q again?", "answer": "B"}]
+    path = tmp_path / "set.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n" + blank + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {error}")) as e:
+        mmstar.load_docs(str(path))
+    assert "\n" not in str(e.value)
+
+
 def test_jsonl_set_and_bad_images(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "ok.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

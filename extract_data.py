@@ -44,7 +44,7 @@ import prompts
 import shards
 import vision
 from openai_client import Client, FatalError, add_client_args, data_url
-from records import ResumableJsonl, WriterLock, atomic_write_text, read_jsonl, read_records
+from records import ResumableJsonl, WriterLock, atomic_write_text, read_jsonl, read_jsonl_numbered, read_records
 
 STATEMENT_TASK = ("Your task is to convert each question–answer pair about an image into a concise, fully "
                   "self-contained declarative statement. The resulting statements should be understandable on "
@@ -361,14 +361,14 @@ def merge(args):
         raise ValueError("merge needs --data (to count the samples) or --total N")
     seen, problems = {}, []
     for path in args.parts:
-        for r in read_jsonl(path):
+        for line_no, r in read_jsonl_numbered(path):
             i = r.get("index")
             if not isinstance(i, int) or not 0 <= i < total:
-                problems.append(f"{path}: index {i!r} outside 0..{total - 1}")
+                problems.append(f"{path}: line {line_no}: index {i!r} outside 0..{total - 1}")
             elif i in seen:
-                problems.append(f"index {i} appears twice ({seen[i][0]} and {path})")
+                problems.append(f"{path}: line {line_no}: index {i} appears twice (first at {seen[i][0]})")
             else:
-                seen[i] = (path, r)
+                seen[i] = (f"{path}: line {line_no}", r)
     missing = [i for i in range(total) if i not in seen]
     if missing:
         problems.append(f"{len(missing)} indices missing: {shards.ranges(missing)}")

@@ -22,6 +22,12 @@ def read_jsonl(path, unique=None):
     """One dict per non-empty line; a malformed line (bad JSON, or bytes that are not UTF-8) raises ValueError
     naming the file and line number. unique: a key no two records may share (a resumable file's key); a repeat
     raises ValueError naming the file, both lines and the value (records without the key are not checked)."""
+    return [record for _, record in read_jsonl_numbered(path, unique)]
+
+
+def read_jsonl_numbered(path, unique=None):
+    """read_jsonl, each record with its line number: [(line_no, record)], for checks that span files and must
+    still name the line (extract_data.py merge)."""
     records, seen = [], {}
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -33,11 +39,12 @@ def read_jsonl(path, unique=None):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from None
-            if unique is not None and isinstance(records[-1], dict) and unique in records[-1]:
-                value = json.dumps(records[-1][unique], sort_keys=True)
+            records.append((line_no, record))
+            if unique is not None and isinstance(record, dict) and unique in record:
+                value = json.dumps(record[unique], sort_keys=True)
                 if value in seen:
                     raise ValueError(f"{path}: line {line_no} repeats {unique} {value} of line {seen[value]} (two "
                                      "writers at once, or lines copied by hand); remove the duplicate")

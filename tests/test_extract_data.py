@@ -512,6 +512,21 @@ def test_shards_merge_into_the_unsharded_result(tmp_path, server, capsys):
     assert "index 0 appears twice" in capsys.readouterr().err
 
 
+def test_merge_names_the_line_of_a_repeated_index(tmp_path, capsys):
+    rec = lambda i: json.dumps({"index": i, "caption": "SKIP", "status": "skipped"}) + "\n"
+    (tmp_path / "a.captions.jsonl").write_text(rec(0) + "\n" + rec(1))        # a blank line: line numbers, not records
+    (tmp_path / "b.captions.jsonl").write_text(rec(2) + rec(1) + rec(2))
+    argv = ["merge", "--total", "3", "--out", str(tmp_path / "all.jsonl"),
+            str(tmp_path / "a.captions.jsonl"), str(tmp_path / "b.captions.jsonl")]
+    assert X.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b.captions.jsonl'}: line 2: index 1 appears twice (first at " \
+           f"{tmp_path / 'a.captions.jsonl'}: line 3)" in err
+    assert f"{tmp_path / 'b.captions.jsonl'}: line 3: index 2 appears twice (first at " \
+           f"{tmp_path / 'b.captions.jsonl'}: line 1)" in err
+    assert not (tmp_path / "all.jsonl").exists()
+
+
 def test_an_empty_input_is_named_as_such(tmp_path, capsys):
     empty = tmp_path / "train.json"
     empty.write_text("[]")

@@ -310,6 +310,11 @@ def run(args):
 
 def _extract(args, data, start, end, captions_path):
     store = ResumableJsonl(captions_path, "index")
+    if start == end:   # e.g. more shards than samples: an empty captions file is this part, for merge
+        print(f"extract_data.py: {'--shard ' + args.shard if args.shard else '--start/--end'}: no samples in this "
+              f"part ({len(data)} samples); writing the empty part {captions_path}", file=sys.stderr)
+        if not os.path.exists(captions_path):
+            atomic_write_text(captions_path, "")
     if args.retry_failed:
         store = drop_failed(captions_path)
     todo = [i for i in range(start, end) if i not in store.done_keys]

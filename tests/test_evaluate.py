@@ -809,8 +809,25 @@ def test_merge_refuses_missing_and_duplicated_docs(tiny, tmp_path):
         run_cli(tiny, tmp_path / "p0", "--mode", "e2e")
     with pytest.raises(ValueError, match=r"--shard 2/2: need 0 <= i < n"):
         run_cli(tiny, tmp_path / "x", "--mode", "e2e", "--shard", "2/2")
-    with pytest.raises(ValueError, match=r"--shard 0/4: no docs \(6 docs are 3 batches of 2, fewer than 4 shards\)"):
-        run_cli(tiny, tmp_path / "y", "--mode", "e2e", "--shard", "0/4")
+
+
+def test_empty_shards_are_parts_and_merge_to_the_unsharded_run(tiny, tmp_path, capsys):
+    """3 docs in batches of 2 over 5 shards: shards 0, 1 and 3 get none, write their shard.json only, and merge."""
+    run_cli(tiny, tmp_path / "full", "--mode", "e2e", "--limit", "3")
+    capsys.readouterr()
+    for i in range(5):
+        run_cli(tiny, tmp_path / f"p{i}", "--mode", "e2e", "--limit", "3", "--shard", f"{i}/5")
+        said = f"evaluate.py: --shard {i}/5: no docs in this part (3 docs make fewer batches of 2 than parts); " \
+               f"wrote the empty part {tmp_path / f'p{i}'}"
+        assert (said in capsys.readouterr().err) == (i in (0, 1, 3))
+    assert os.listdir(tmp_path / "p0") == ["shard.json"]
+    assert json.loads((tmp_path / "p0" / "shard.json").read_text())["doc_ids"] == []
+    evaluate.main(["merge", *(str(tmp_path / f"p{i}") for i in range(5)), "--out", str(tmp_path / "m")])
+    assert (tmp_path / "m" / "e2e.jsonl").read_bytes() == (tmp_path / "full" / "e2e.jsonl").read_bytes()
+    assert _results_without_paths(tmp_path / "m" / "e2e_results.json") == \
+        _results_without_paths(tmp_path / "full" / "e2e_results.json")
+    with pytest.raises(ValueError, match=r"merge refused:\n  shard 1/5 missing"):   # empty or not, every part
+        evaluate.main(["merge", *(str(tmp_path / f"p{i}") for i in (0, 2, 3, 4)), "--out", str(tmp_path / "m2")])
 
 
 def test_sharded_e2e_and_grid_merge_to_the_unsharded_files(tiny, tmp_path):

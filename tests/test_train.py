@@ -659,3 +659,54 @@ def test_exif_transpose_reaches_the_image_loader(tmp_path):
         tile_image = staticmethod(lambda image, n, key, name: image.size)
     assert T.image_preparer(Model())(str(tmp_path / "rot.png"), 1) == (4, 2)
     assert T.image_preparer(Model(), exif_transpose=True)(str(tmp_path / "rot.png"), 1) == (2, 4)
+
+
+def _tar(*members):
+    """The bytes of a tar holding members given as (name, kind, link target): kind "file" (text "x"), "sym", "link"."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind, target in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+            else:
+                info.type, info.linkname = (tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE), target
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("python_has_data_filter", [True, False])
+@pytest.mark.parametrize("bad", [("../escaped.txt", "file", None), ("TMP/sub/escaped-abs.txt", "file", None),
+                                 ("up", "sym", "../.."), ("etc", "sym", "/etc"), ("hard", "link", "../escaped.txt")])
+def test_bench_extracts_the_old_code_inside_its_folder_on_every_python(tmp_path, monkeypatch, bad,
+                                                                       python_has_data_filter):
+    """bench_train_shapes.old_code extracts `git archive` output: no member lands outside the folder, whether or
+    not this Python's tarfile has the "data" filter (3.10.12+, 3.11.4+)."""
+    import tarfile
+    import types
+    spec = importlib.util.spec_from_file_location("bench_train_shapes", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_train_shapes.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not python_has_data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = {}   # what `git archive` prints, per test step
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout=archive["blob"]))
+    archive["blob"] = _tar(("train.py", "file", None), ("docs/a.md", "file", None), ("alias.py", "sym", "train.py"))
+    bench.old_code("base", str(tmp_path / "ok"))
+    assert (tmp_path / "ok" / "docs" / "a.md").read_text() == "x" and os.readlink(tmp_path / "ok" / "alias.py") == \
+        "train.py"
+    (tmp_path / "sub").mkdir()
+    bad = (bad[0].replace("TMP", str(tmp_path)), *bad[1:])   # an absolute path, in this test's folder
+    archive["blob"], refused = _tar(("first.py", "file", None), bad), None
+    try:   # the data filter refuses some members and re-roots others (a leading "/" is dropped)
+        bench.old_code("base", str(tmp_path / "sub" / "dest"))
+    except (ValueError, tarfile.TarError) as e:
+        refused = e
+    assert os.listdir(tmp_path / "sub") in ([], ["dest"])
+    if not python_has_data_filter:   # refused, naming the member, before anything is written
+        assert isinstance(refused, ValueError) and f"member {bad[0]!r}" in str(refused)
+        assert os.listdir(tmp_path / "sub") == []

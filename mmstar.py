@@ -225,7 +225,7 @@ def _load_jsonl_docs(path, image_folder, allow_outside_images=False):
                         options=options))
         if docs[-1].index in seen:
             raise ValueError(f"{path}: record {row + 1} repeats index {docs[-1].index!r} of record "
-                             f"{seen[docs[-1].index] + 1} (a record without one takes its record number - 1); "
+                             f"{seen[docs[-1].index] + 1} (a record without an index gets its 0-based record number); "
                              "every question needs its own index")
         seen[docs[-1].index] = row
     return docs

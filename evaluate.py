@@ -482,6 +482,10 @@ def main(argv=None):
             "shard": args.shard, "mode": "grid" if args.grid else args.mode, "n_docs": len(docs),
             "batch_size": args.batch_size, "doc_ids": [d.doc_id for d in part],
             "grid": [{**grid_row(*plan[:3]), "name": plan[3]} for plan in grid_plan(args)] if args.grid else None})
+        if not part:   # more shards than batches: this part is its shard.json alone, which merge accepts
+            print(f"evaluate.py: --shard {args.shard}: no docs in this part ({len(docs)} docs make fewer batches of "
+                  f"{args.batch_size} than parts); wrote the empty part {args.out}", file=sys.stderr)
+            return
         docs = part
     loader = outputs.ModelLoader(device, dtype, args.quantize, remote.clients(args))
     start = time.time()

@@ -43,8 +43,8 @@ import prompts
 import vision
 from serving.client import Client, FatalError, add_client_args, data_url
 from storage import shards
-from storage.records import (ResumableJsonl, WriterLock, atomic_write_text, read_jsonl, read_records,
-                             resolve_image_path)
+from storage.records import (ResumableJsonl, WriterLock, atomic_write_text, read_jsonl, read_jsonl_numbered,
+                             read_records, resolve_image_path)
 from vlm import VLM
 from weights import checkpoints
 
@@ -317,6 +317,11 @@ def run(args):
 
 def _extract(args, data, start, end, captions_path):
     store = ResumableJsonl(captions_path, "index")
+    if start == end:   # e.g. more shards than samples: an empty captions file is this part, for merge
+        print(f"extract_data.py: {'--shard ' + args.shard if args.shard else '--start/--end'}: no samples in this "
+              f"part ({len(data)} samples); writing the empty part {captions_path}", file=sys.stderr)
+        if not os.path.exists(captions_path):
+            atomic_write_text(captions_path, "")
     if args.retry_failed:
         store = drop_failed(captions_path)
     todo = [i for i in range(start, end) if i not in store.done_keys]
@@ -368,14 +373,14 @@ def merge(args):
         raise ValueError("merge needs --data (to count the samples) or --total N")
     seen, problems = {}, []
     for path in args.parts:
-        for r in read_jsonl(path):
+        for line_no, r in read_jsonl_numbered(path):
             i = r.get("index")
             if not isinstance(i, int) or not 0 <= i < total:
-                problems.append(f"{path}: index {i!r} outside 0..{total - 1}")
+                problems.append(f"{path}: line {line_no}: index {i!r} outside 0..{total - 1}")
             elif i in seen:
-                problems.append(f"index {i} appears twice ({seen[i][0]} and {path})")
+                problems.append(f"{path}: line {line_no}: index {i} appears twice (first at {seen[i][0]})")
             else:
-                seen[i] = (path, r)
+                seen[i] = (f"{path}: line {line_no}", r)
     missing = [i for i in range(total) if i not in seen]
     if missing:
         problems.append(f"{len(missing)} indices missing: {shards.ranges(missing)}")

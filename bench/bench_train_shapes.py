@@ -154,9 +154,29 @@ def old_code(base, dest):
     with tempfile.TemporaryFile() as f:
         f.write(blob)
         f.seek(0)
-        with tarfile.open(fileobj=f) as tar:   # our own commit; the "data" filter where Python has it (3.11.4+)
-            tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        with tarfile.open(fileobj=f) as tar:
+            extract_safely(tar, dest)
     return dest
+
+
+def extract_safely(tar, dest):
+    """tar.extractall(dest) that writes nothing outside dest: tarfile's "data" filter where Python has it (3.10.12+,
+    3.11.4+, 3.12+); on an older Python every member is checked first, and one that could escape (an absolute
+    path, a ".." in its name or link target, a device or fifo) is a ValueError naming it, before anything is
+    written. Link targets must descend from where they point from: then no chain of links can climb out."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    for m in tar.getmembers():
+        names = [m.name] + ([m.linkname] if m.issym() or m.islnk() else [])
+        if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+            raise ValueError(f"{tar.name or 'tar archive'}: member {m.name!r} is not a file, folder or link; refusing "
+                             f"to extract into {dest}")
+        for name in names:
+            if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+                raise ValueError(f"{tar.name or 'tar archive'}: member {m.name!r} ({name!r}) leads outside {dest} "
+                                 "(an absolute path or '..'); refusing to extract")
+    tar.extractall(dest)
 
 
 def run_train(code, data, config, stage, out, args):

@@ -196,8 +196,10 @@ def load_docs(source, image_folder=None, limit=None, allow_outside_images=False,
 
 def _load_jsonl_docs(path, image_folder, allow_outside_images=False):
     folder = image_folder or os.path.dirname(os.path.abspath(path))
-    docs = []
-    for row, rec in enumerate(records.read_jsonl(path)):
+    docs, seen = [], {}
+    # a repeated index would be evaluated and scored twice (and merged shards check docs by it): refused, naming
+    # both lines; the check below also catches indexes equal only once read as text (1 and "1")
+    for row, rec in enumerate(records.read_jsonl(path, unique="index")):
         missing = [k for k in ("question", "answer") if k not in rec]
         if missing:
             raise ValueError(f"{path}: record {row + 1} lacks {missing}")
@@ -211,6 +213,11 @@ def _load_jsonl_docs(path, image_folder, allow_outside_images=False):
                         image_path=records.resolve_image_path(folder, image, f"{path}: record {row + 1}",
                                                              allow_outside_images) if image else None,
                         options=options))
+        if docs[-1].index in seen:
+            raise ValueError(f"{path}: record {row + 1} repeats index {docs[-1].index!r} of record "
+                             f"{seen[docs[-1].index] + 1} (a record without an index gets its 0-based record number); "
+                             "every question needs its own index")
+        seen[docs[-1].index] = row
     return docs
 
 
@@ -256,15 +263,21 @@ def _load_parquet_docs(files):
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError("reading parquet datasets needs pyarrow: pip install pyarrow") from e
-    docs = []
+    docs, seen = [], {}
     for path in files:
         table = pq.read_table(path)
         missing = {"index", "question", "image", "answer", "category", "l2_category"} - set(table.column_names)
         if missing:
             raise ValueError(f"{path}: parquet lacks the MMStar columns {sorted(missing)}")
-        for row in table.select(["index", "question", "image", "answer", "category", "l2_category"]).to_pylist():
+        rows = table.select(["index", "question", "image", "answer", "category", "l2_category"]).to_pylist()
+        for n, row in enumerate(rows):
+            index = str(row["index"])
+            if index in seen:   # the index keys the hints and the merge of shards: one question each
+                raise ValueError(f"{path}: row {n} repeats index {index!r} of {seen[index]}; every question "
+                                 "needs its own index")
+            seen[index] = f"row {n}" if len(files) == 1 else f"{path} row {n}"
             image = row["image"]
-            docs.append(Doc(doc_id=len(docs), index=str(row["index"]), question=row["question"],
+            docs.append(Doc(doc_id=len(docs), index=index, question=row["question"],
                             answer=str(row["answer"]), category=row["category"], l2_category=row["l2_category"],
                             image_bytes=image.get("bytes") if isinstance(image, dict) else image))
     return docs

@@ -9,6 +9,7 @@ Two processes must never append to one file: every tool holds a WriterLock on wh
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -22,6 +23,12 @@ def read_jsonl(path, unique=None):
     """One dict per non-empty line; a malformed line (bad JSON, or bytes that are not UTF-8) raises ValueError
     naming the file and line number. unique: a key no two records may share (a resumable file's key); a repeat
     raises ValueError naming the file, both lines and the value (records without the key are not checked)."""
+    return [record for _, record in read_jsonl_numbered(path, unique)]
+
+
+def read_jsonl_numbered(path, unique=None):
+    """read_jsonl, each record with its line number: [(line_no, record)], for checks that span files and must
+    still name the line (extract_data.py merge)."""
     records, seen = [], {}
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -33,11 +40,12 @@ def read_jsonl(path, unique=None):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {line_no} is not valid JSON ({e.msg})") from None
-            if unique is not None and isinstance(records[-1], dict) and unique in records[-1]:
-                value = json.dumps(records[-1][unique], sort_keys=True)
+            records.append((line_no, record))
+            if unique is not None and isinstance(record, dict) and unique in record:
+                value = json.dumps(record[unique], sort_keys=True)
                 if value in seen:
                     raise ValueError(f"{path}: line {line_no} repeats {unique} {value} of line {seen[value]} (two "
                                      "writers at once, or lines copied by hand); remove the duplicate")
@@ -83,16 +91,57 @@ def resolve_image_path(folder, path, where, allow_outside=False):
 
 def atomic_write(path, write):
     """write(tmp) fills a temporary file beside path, then os.replace puts it in place: readers see the old or the
-    new file, never half of one. The temporary name keeps path's extension (PIL and matplotlib pick the format
-    from it) and the writer's pid (two writers never share it); it is removed if write fails."""
+    new file, never half of one. The temporary name, <base>.tmp-<host>-<pid><ext>, keeps path's extension (PIL and
+    matplotlib pick the format from it), and the writer's host and pid (two writers never share it, and
+    remove_stale_temp_files can tell a killed writer's file from a live one's); it is removed if write fails."""
     base, ext = os.path.splitext(str(path))
-    tmp = f"{base}.tmp-{os.getpid()}{ext}"
+    tmp = f"{base}.tmp-{socket.gethostname()}-{os.getpid()}{ext}"
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temp_files(path):
+    """Remove the temporary files atomic_write leaves when its writer is killed (kill -9, OOM, power loss): path is
+    a target file (its temporaries only) or a folder (those of every file in it). Only files of this host whose
+    writer pid is no longer running go, each named on stderr: a live writer's file, or another host's (its pids
+    mean nothing here), is kept. Returns the removed paths."""
+    path, host = str(path), re.escape(socket.gethostname())
+    if os.path.isdir(path):
+        folder, pattern = path, rf".+\.tmp-{host}-(\d+)(\.[^.]*)?"
+    else:
+        base, ext = os.path.splitext(os.path.basename(path))
+        folder, pattern = os.path.dirname(path) or ".", rf"{re.escape(base)}\.tmp-{host}-(\d+){re.escape(ext)}"
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for name in names:
+        match, tmp = re.fullmatch(pattern, name), os.path.join(folder, name)
+        if not match or not os.path.isfile(tmp) or _pid_running(int(match.group(1))):
+            continue
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:   # another run's cleaner removed it first
+            continue
+        print(f"{tmp}: removed a temporary file left by pid {match.group(1)}, no longer running on this host",
+              file=sys.stderr)
+        removed.append(tmp)
+    return removed
+
+
+def _pid_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):   # another user's process, or not a pid: keep its file
+        return True
+    return True
 
 
 def atomic_write_text(path, text):
@@ -121,6 +170,7 @@ class ResumableJsonl:
     def __init__(self, path, key):
         self.path, self.key = str(path), key
         self.done_keys = set()
+        remove_stale_temp_files(self.path)   # a rewrite of this file (extract_data.py, shards.py) killed midway
         if os.path.exists(self.path):
             self._repair_and_scan()
 
@@ -174,7 +224,8 @@ class WriterLock:
     missing), holding the writer's pid and host. A second writer gets LockedError naming the lock file and the
     holder. The kernel drops the lock when its holder exits or dies, even by kill -9, so a lock file left behind by
     a dead process never blocks (there is no stale lock to clean up); the file itself is kept, since deleting it
-    would let two writers lock two different files. Use as a context manager, or acquire() / release()."""
+    would let two writers lock two different files. Once held, the temporary files killed writers left in the lock's
+    folder are removed (remove_stale_temp_files). Use as a context manager, or acquire() / release()."""
 
     def __init__(self, path, tool=""):
         self.path, self.tool, self.fd = str(path), tool, None
@@ -200,6 +251,9 @@ class WriterLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self.fd = fd
+        # a run starts here: what killed writers of this folder left behind goes (only dead pids' files, so the
+        # atomic writes of other live processes in the folder are untouched)
+        remove_stale_temp_files(os.path.dirname(os.path.abspath(self.path)))
         return self
 
     def release(self):

@@ -37,13 +37,11 @@ def shard_range(i, n, total):
 
 def shard_docs(docs, spec, batch_size):
     """The docs of shard `spec`: batches of batch_size cut from the whole list (as evaluate.py cuts them), split
-    into n contiguous blocks of batches."""
+    into n contiguous blocks of batches. Fewer batches than shards leaves some shards none: an empty list, a valid
+    part (its shard.json lists no doc_ids), so one command line per machine works whatever the set's size."""
     i, n = parse_shard(spec)
     batches = -(-len(docs) // batch_size)
     start, end = shard_range(i, n, batches)
-    if start == end:
-        raise ValueError(f"--shard {spec}: no docs ({len(docs)} docs are {batches} batches of {batch_size}, "
-                         f"fewer than {n} shards); use fewer shards or a smaller --batch-size")
     return docs[start * batch_size:end * batch_size]
 
 
@@ -110,6 +108,7 @@ def merge_parts(dirs, out):
             os.path.exists(os.path.join(out, MANIFEST)):
         raise ValueError(f"--out {out}: is a part (holds {MANIFEST}); merge into a new folder")
     parts, manifest = _read_parts(dirs)
+    parts = [p for p in parts if p[3]["doc_ids"]]   # an empty part (no docs) holds shard.json only
     names = sorted({name for d, _, _, _ in parts for name in _jsonl_files(d)})
     problems = [f"{d} lacks {name}" for d, _, _, _ in parts for name in names if name not in _jsonl_files(d)]
     merged = {}

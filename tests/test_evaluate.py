@@ -259,6 +259,31 @@ def test_mmstar_parquet_reader(tmp_path):
     assert mmstar.load_docs(str(tmp_path), limit=2)[-1].doc_id == 1   # a folder of parquet files
 
 
+def test_a_repeated_index_in_a_parquet_set_is_refused_naming_file_and_row(tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    make_mmstar_parquet(str(tmp_path / "val.parquet"), [Image.new("RGB", (8, 8))] * 3)
+    table = pq.read_table(tmp_path / "val.parquet").to_pylist()
+    table[2]["index"] = 0                                          # row 2 asks under row 0's index
+    import pyarrow as pa
+    pq.write_table(pa.Table.from_pylist(table), tmp_path / "val.parquet")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'val.parquet'}: row 2 repeats index '0' of row 0")):
+        mmstar.load_docs(str(tmp_path / "val.parquet"))
+
+
+@pytest.mark.parametrize("first,second,blank,error", [
+    ("a", "a", "\n", 'line 3 repeats index "a" of line 1'),            # the line, past a blank one
+    ("0", 0, "", "record 2 repeats index '0' of record 1"),             # 0 and "0": one index once read as text
+])
+def test_a_repeated_index_in_a_jsonl_set_is_refused_naming_file_and_line(tmp_path, first, second, blank, error):
+    rows = [{"index": first, "question": "Q?", "answer": "A"}, {"index": second, "question": "Q again?", "answer": "B"}]
+    path = tmp_path / "set.jsonl"
+    path.write_text(json.dumps(rows[0]) + "\n" + blank + json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {error}")) as e:
+        mmstar.load_docs(str(path))
+    assert "\n" not in str(e.value)
+
+
 def test_jsonl_set_and_bad_images(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "ok.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -790,8 +815,25 @@ def test_merge_refuses_missing_and_duplicated_docs(tiny, tmp_path):
         run_cli(tiny, tmp_path / "p0", "--mode", "e2e")
     with pytest.raises(ValueError, match=r"--shard 2/2: need 0 <= i < n"):
         run_cli(tiny, tmp_path / "x", "--mode", "e2e", "--shard", "2/2")
-    with pytest.raises(ValueError, match=r"--shard 0/4: no docs \(6 docs are 3 batches of 2, fewer than 4 shards\)"):
-        run_cli(tiny, tmp_path / "y", "--mode", "e2e", "--shard", "0/4")
+
+
+def test_empty_shards_are_parts_and_merge_to_the_unsharded_run(tiny, tmp_path, capsys):
+    """3 docs in batches of 2 over 5 shards: shards 0, 1 and 3 get none, write their shard.json only, and merge."""
+    run_cli(tiny, tmp_path / "full", "--mode", "e2e", "--limit", "3")
+    capsys.readouterr()
+    for i in range(5):
+        run_cli(tiny, tmp_path / f"p{i}", "--mode", "e2e", "--limit", "3", "--shard", f"{i}/5")
+        said = f"evaluate.py: --shard {i}/5: no docs in this part (3 docs make fewer batches of 2 than parts); " \
+               f"wrote the empty part {tmp_path / f'p{i}'}"
+        assert (said in capsys.readouterr().err) == (i in (0, 1, 3))
+    assert os.listdir(tmp_path / "p0") == ["shard.json"]
+    assert json.loads((tmp_path / "p0" / "shard.json").read_text())["doc_ids"] == []
+    evaluate.main(["merge", *(str(tmp_path / f"p{i}") for i in range(5)), "--out", str(tmp_path / "m")])
+    assert (tmp_path / "m" / "e2e.jsonl").read_bytes() == (tmp_path / "full" / "e2e.jsonl").read_bytes()
+    assert _results_without_paths(tmp_path / "m" / "e2e_results.json") == \
+        _results_without_paths(tmp_path / "full" / "e2e_results.json")
+    with pytest.raises(ValueError, match=r"merge refused:\n  shard 1/5 missing"):   # empty or not, every part
+        evaluate.main(["merge", *(str(tmp_path / f"p{i}") for i in (0, 2, 3, 4)), "--out", str(tmp_path / "m2")])
 
 
 def test_sharded_e2e_and_grid_merge_to_the_unsharded_files(tiny, tmp_path):

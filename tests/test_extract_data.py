@@ -518,6 +518,43 @@ def test_shards_merge_into_the_unsharded_result(tmp_path, server, capsys):
     assert "index 0 appears twice" in capsys.readouterr().err
 
 
+def test_empty_shards_are_parts_that_merge_into_the_unsharded_result(tmp_path, server, capsys):
+    data = make_dataset(tmp_path)                        # 5 samples over 7 shards: shards 0 and 3 get none
+    assert extract_data.main(openai_argv(tmp_path, server, "all.jsonl")) == 0
+    capsys.readouterr()
+    for i in range(7):
+        assert extract_data.main(openai_argv(tmp_path, server, f"part{i}.jsonl", "--shard", f"{i}/7")) == 0
+        err = capsys.readouterr().err
+        empty = f"extract_data.py: --shard {i}/7: no samples in this part (5 samples); writing the empty part " \
+                f"{tmp_path / f'part{i}.captions.jsonl'}"
+        assert (empty in err) == (i in (0, 3))
+    assert (tmp_path / "part0.captions.jsonl").read_text() == (tmp_path / "part0.jsonl").read_text() == ""
+    parts = [str(tmp_path / f"part{i}.captions.jsonl") for i in range(7)]
+    merged = tmp_path / "merged.jsonl"
+    assert extract_data.main(["merge", "--data", str(tmp_path / "train.json"), "--out", str(merged), *parts]) == 0
+    assert merged.read_bytes() == (tmp_path / "all.jsonl").read_bytes()
+    assert (tmp_path / "merged.captions.jsonl").read_bytes() == (tmp_path / "all.captions.jsonl").read_bytes()
+    check_outputs(tmp_path, data, tmp_path / "merged.captions.jsonl", merged)
+    capsys.readouterr()
+    assert extract_data.main(["merge", "--data", str(tmp_path / "train.json"), "--out", str(merged), *parts[:2], *parts[3:]]) == 2
+    assert "1 indices missing: 1" in capsys.readouterr().err      # shard 2 left out: still every index once
+
+
+def test_merge_names_the_line_of_a_repeated_index(tmp_path, capsys):
+    rec = lambda i: json.dumps({"index": i, "caption": "SKIP", "status": "skipped"}) + "\n"
+    (tmp_path / "a.captions.jsonl").write_text(rec(0) + "\n" + rec(1))        # a blank line: line numbers, not records
+    (tmp_path / "b.captions.jsonl").write_text(rec(2) + rec(1) + rec(2))
+    argv = ["merge", "--total", "3", "--out", str(tmp_path / "all.jsonl"),
+            str(tmp_path / "a.captions.jsonl"), str(tmp_path / "b.captions.jsonl")]
+    assert extract_data.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b.captions.jsonl'}: line 2: index 1 appears twice (first at " \
+           f"{tmp_path / 'a.captions.jsonl'}: line 3)" in err
+    assert f"{tmp_path / 'b.captions.jsonl'}: line 3: index 2 appears twice (first at " \
+           f"{tmp_path / 'b.captions.jsonl'}: line 1)" in err
+    assert not (tmp_path / "all.jsonl").exists()
+
+
 def test_an_empty_input_is_named_as_such(tmp_path, capsys):
     empty = tmp_path / "train.json"
     empty.write_text("[]")

@@ -141,6 +141,26 @@ def test_bad_keys_raise_one_error_naming_the_key(tmp_path, edit, needle):
         checkpoints.load_model(path)
 
 
+def test_an_integer_tensor_is_one_error_naming_it_in_python_and_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    from PIL import Image
+    path = saved(hf_model(), tmp_path / "llm")
+    _edit_checkpoint(path, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)}))
+    error = f"{path}: tensor norm.weight is int32, expected a floating dtype (float32, bfloat16 or float16)"
+    for dtype in (None, "float32", "bfloat16"):   # as stored, or cast: the same error before any cast
+        with pytest.raises(checkpoints.CheckpointError) as e:
+            checkpoints.load_model(path, dtype=dtype)
+        assert str(e.value) == error
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for tool, command in (("weights.convert", ["-m", "weights.convert", path, str(tmp_path / "out")]),
+                          ("reason.py", ["reason.py", "--image", str(tmp_path / "a.png"), "--question", "Q?",
+                                         "--perception-model", path, "--device", "cpu", "--dtype", "float32"])):
+        run = subprocess.run([sys.executable, *command], cwd=root, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1 and run.stderr == f"{tool}: error: {error}\n", run.stderr
+
+
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
         checkpoints.load_model(str(tmp_path))

@@ -156,3 +156,44 @@ def test_writer_lock_of_a_killed_process_never_blocks(tmp_path):
     assert json.loads(lock.read_text())["pid"] == holder.pid   # the stale file stays ...
     with WriterLock(lock):                                      # ... and does not block
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def exited_pid():
+    """The pid of a process that has exited (and been reaped): a writer killed earlier."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(gone.stdout)
+
+
+def test_a_temp_file_of_a_killed_atomic_write_is_removed_when_the_output_is_reopened(tmp_path, capsys):
+    target = tmp_path / "captions.jsonl"
+    code = (f"import time\nfrom storage import records\n"
+            f"def write(tmp):\n    open(tmp, 'w').write('half')\n    print(tmp, flush=True)\n    time.sleep(60)\n"
+            f"records.atomic_write({str(target)!r}, write)")
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        left = writer.stdout.readline().strip()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert left == str(tmp_path / f"captions.tmp-{socket.gethostname()}-{writer.pid}.jsonl") and os.path.exists(left)
+    live = tmp_path / f"captions.tmp-{socket.gethostname()}-{os.getpid()}.jsonl"   # a writer running now
+    live.write_text("")
+    assert ResumableJsonl(target, "index").done_keys == set()
+    assert not os.path.exists(left) and live.exists()
+    assert capsys.readouterr().err == f"{left}: removed a temporary file left by pid {writer.pid}, no longer running " \
+                                      "on this host\n"
+
+
+def test_writer_lock_removes_only_dead_writers_temp_files_of_this_host(tmp_path, capsys):
+    host, dead = socket.gethostname(), exited_pid()
+    stale = [tmp_path / f"checkpoint.tmp-{host}-{dead}.pt", tmp_path / f"results.tmp-{host}-{dead}.json",
+             tmp_path / f"tokenizer.tmp-{host}-{dead}"]
+    kept = [tmp_path / f"config.tmp-{host}-{os.getpid()}.json",     # another live process's atomic write
+            tmp_path / f"checkpoint.tmp-other-host-{dead}.pt",      # its pid means nothing on this host
+            tmp_path / "notes.tmp-draft.txt", tmp_path / "results.json"]
+    for p in stale + kept:
+        p.write_text("x")
+    with WriterLock(tmp_path / "train.lock"):
+        assert sorted(os.listdir(tmp_path)) == sorted([p.name for p in kept] + ["train.lock"])
+    assert sorted(capsys.readouterr().err.splitlines()) == sorted(
+        f"{p}: removed a temporary file left by pid {dead}, no longer running on this host" for p in stale)

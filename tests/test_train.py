@@ -610,6 +610,19 @@ def test_resume_refuses_a_metrics_file_with_a_step_logged_twice(tmp_path, tiny_t
         train.train(text_args(tiny_tok, data, out, "--max-steps", "3", "--resume"))
 
 
+def test_resume_removes_the_temp_checkpoint_of_a_killed_run(tmp_path, tiny_tok, capsys):
+    import socket
+    data = write_jsonl(tmp_path / "d.jsonl", colour_records(12))
+    out = tmp_path / "o"
+    train.train(text_args(tiny_tok, data, out, "--max-steps", "2", "--stop-after", "1"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    torn = out / f"checkpoint.tmp-{socket.gethostname()}-{int(dead.stdout)}.pt"   # kill -9 during torch.save
+    torn.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    train.train(text_args(tiny_tok, data, out, "--max-steps", "2", "--resume"))
+    assert not torn.exists() and f"{torn}: removed a temporary file left by pid" in capsys.readouterr().err
+
+
 class _Hostile:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
@@ -657,6 +670,57 @@ def test_exif_transpose_reaches_the_image_loader(tmp_path):
         tile_image = staticmethod(lambda image, n, key, name: image.size)
     assert train.image_preparer(Model())(str(tmp_path / "rot.png"), 1) == (4, 2)
     assert train.image_preparer(Model(), exif_transpose=True)(str(tmp_path / "rot.png"), 1) == (2, 4)
+
+
+def _tar(*members):
+    """The bytes of a tar holding members given as (name, kind, link target): kind "file" (text "x"), "sym", "link"."""
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind, target in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"x"))
+            else:
+                info.type, info.linkname = (tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE), target
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("python_has_data_filter", [True, False])
+@pytest.mark.parametrize("bad", [("../escaped.txt", "file", None), ("TMP/sub/escaped-abs.txt", "file", None),
+                                 ("up", "sym", "../.."), ("etc", "sym", "/etc"), ("hard", "link", "../escaped.txt")])
+def test_bench_extracts_the_old_code_inside_its_folder_on_every_python(tmp_path, monkeypatch, bad,
+                                                                       python_has_data_filter):
+    """bench_train_shapes.old_code extracts `git archive` output: no member lands outside the folder, whether or
+    not this Python's tarfile has the "data" filter (3.10.12+, 3.11.4+)."""
+    import tarfile
+    import types
+    spec = importlib.util.spec_from_file_location("bench_train_shapes", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_train_shapes.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not python_has_data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    archive = {}   # what `git archive` prints, per test step
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout=archive["blob"]))
+    archive["blob"] = _tar(("train.py", "file", None), ("docs/a.md", "file", None), ("alias.py", "sym", "train.py"))
+    bench.old_code("base", str(tmp_path / "ok"))
+    assert (tmp_path / "ok" / "docs" / "a.md").read_text() == "x" and os.readlink(tmp_path / "ok" / "alias.py") == \
+        "train.py"
+    (tmp_path / "sub").mkdir()
+    bad = (bad[0].replace("TMP", str(tmp_path)), *bad[1:])   # an absolute path, in this test's folder
+    archive["blob"], refused = _tar(("first.py", "file", None), bad), None
+    try:   # the data filter refuses some members and re-roots others (a leading "/" is dropped)
+        bench.old_code("base", str(tmp_path / "sub" / "dest"))
+    except (ValueError, tarfile.TarError) as e:
+        refused = e
+    assert os.listdir(tmp_path / "sub") in ([], ["dest"])
+    if not python_has_data_filter:   # refused, naming the member, before anything is written
+        assert isinstance(refused, ValueError) and f"member {bad[0]!r}" in str(refused)
+        assert os.listdir(tmp_path / "sub") == []
 
 
 def test_the_design_example_without_data_says_what_it_still_needs():

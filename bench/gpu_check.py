@@ -55,8 +55,9 @@ ROW_IDS = ["tests",
            "prefill-1.7B", "decode-b1-1.7B", "decode-b16-1.7B",
            "stage1", "stage2", "train-vlm", "train-vlm-ckpt", "train-llm"]
 
-FULL = dict(names={"0.6B": "Qwen3-0.6B", "1.7B": "Qwen3-1.7B"}, prompt=1024, new=64, repeats=3, stage1_new=64, questions=16, budget=64, answer=16,
-            train_text=320, train_labelled=256, vision="so400m", llms={"0.6B": {}, "1.7B": {}})
+FULL = dict(names={"0.6B": "Qwen3-0.6B", "1.7B": "Qwen3-1.7B"}, prompt=1024, new=64, repeats=3, stage1_new=64,
+            questions=16, budget=64, answer=16, train_text=320, train_labelled=256, vision="so400m",
+            llms={"0.6B": {}, "1.7B": {}})
 SMALL = dict(names={"0.6B": "tiny Qwen3 (for 0.6B)", "1.7B": "tiny Qwen3, hidden 128 (for 1.7B)"},
              prompt=64, new=8, repeats=2, stage1_new=4, questions=16, budget=6, answer=3,
              train_text=40, train_labelled=32, vision="tiny",
@@ -198,7 +199,8 @@ def run_tests(out_dir, device):
         f.write(" ".join(cmd) + "\n\n" + text)
     summary = next((line.strip("= ") for line in reversed(text.splitlines()) if " in " in line and "=" in line),
                    text.strip().splitlines()[-1] if text.strip() else "no output")
-    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in text.splitlines()
+              if line.startswith(("FAILED", "ERROR"))]
     row = dict(ours=summary, note="the CUDA cases of tests/test_devices.py; full output in pytest.txt")
     if device != "cuda":
         row["note"] = "no CUDA here: the CUDA cases are skipped (the CPU cases run in the test suite)"
@@ -292,15 +294,14 @@ def stage2_row(shape, device, dtype, tokenizer, tok_name):
     del ours
     free(device)
     return dict(ours=n_b / t_batched, base=n_s / t_single, base_name="one at a time", unit="generated tok/s",
-                setting=f"{shape['names']['0.6B']}, {len(questions)} questions, budget {shape['budget']} + {shape['answer']} "
-                        f"answer tokens, NoWait, T 0.6",
+                setting=f"{shape['names']['0.6B']}, {len(questions)} questions, budget {shape['budget']} + "
+                        f"{shape['answer']} answer tokens, NoWait, T 0.6",
                 note=f"tokenizer: {tok_name}; batched {t_batched:.1f} s for {n_b} tokens, one at a time "
                      f"{t_single:.1f} s for {n_s}")
 
 
 def train_rows(shape, device):
     """-> rows train-vlm, train-vlm-ckpt, train-llm: fp32 weights, bf16 autocast, forward + backward."""
-    import model
     import train
     from model import IGNORE_INDEX, IMAGE_TOKEN_ID
     n_text, n_lab = shape["train_text"], shape["train_labelled"]
@@ -377,8 +378,8 @@ def train_rows(shape, device):
     del ours, hf, llm_sum
     free(device)
     out["train-llm"] = dict(ours=s_o, base=s_h, unit="tok/s", mem=m_o, base_mem=m_h,
-                            setting=f"{shape['names']['0.6B']} alone, {seq} tokens ({n_lab} labelled), fp32 weights, bf16 "
-                                    f"autocast, checkpointing off",
+                            setting=f"{shape['names']['0.6B']} alone, {seq} tokens ({n_lab} labelled), fp32 "
+                                    f"weights, bf16 autocast, checkpointing off",
                             note=f"loss ours {l_o:.4f}, transformers {l_h:.4f} (same weights and tokens)")
     return out
 
@@ -504,7 +505,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1)
     print("\n" + table)
-    print(f"written: {os.path.join(args.out, 'gpu_check.md')}, gpu_check.json, pytest.txt")
+    written = [n for n in ("gpu_check.md", "gpu_check.json", "pytest.txt") if os.path.exists(os.path.join(args.out, n))]
+    print(f"written to {args.out}: {', '.join(written)}")
     return 1 if any(r.get("error") for r in result["rows"]) else 0
 
 

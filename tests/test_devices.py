@@ -349,7 +349,8 @@ def test_training_step_under_bf16_autocast_matches_transformers(qwen3_folder, de
     fp32 tolerances; both are measured against the fp32 step of the same weights instead. Loss: within 1 %
     relative of transformers' (autocast moves it ~0.05 % here). Each gradient: ours no further from the fp32
     gradient than transformers' is, x 1.5 + 1 % of its norm (on the CPU both are ~3 % of the norm away), and
-    transformers' itself within 25 % (autocast working at all; the VLM's patch embedding is ~8 % away). A wrong mask, shift or scale is off by O(1)."""
+    transformers' itself within 25 % (autocast working at all; the VLM's patch embedding is ~8 % away). A wrong
+    mask, shift or scale is off by O(1)."""
     rows, labels, ids, mask, lab = right_padded_batch(device)
 
     def ours_step(autocast):

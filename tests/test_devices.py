@@ -418,7 +418,8 @@ def test_vlm_training_step_under_bf16_autocast_matches_llava_onevision(vlm_folde
     hf_labels, mask, _ = model.pad_rows([[lab for _, lab in r] for r in rows], "right", pad_id=IGNORE_INDEX)
     with torch.autocast(device, dtype=torch.bfloat16):
         ref_loss = hf(input_ids=hf_ids.to(device), attention_mask=mask.to(device), labels=hf_labels.to(device),
-                      pixel_values=pixels.to(device), image_sizes=torch.tensor([[h, w] for w, h in sizes], device=device),
+                      pixel_values=pixels.to(device),
+                      image_sizes=torch.tensor([[h, w] for w, h in sizes], device=device),
                       batch_num_images=torch.tensor([len(r) for r in images], device=device)).loss
     ref_loss.backward()
     names = dict(hf.named_parameters())

@@ -130,11 +130,14 @@ def vlm_folder(tmp_path_factory):
     return folder
 
 
-def load_vlm_pair(folder, device, dtype=torch.float32):
-    ours = checkpoints.load_model(folder, dtype=dtype, device=device)
+def load_hf_vlm(folder, device, dtype=torch.float32):
     hf = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(folder, dtype=dtype,
                                                                              attn_implementation="sdpa")
-    return ours, hf.to(device).eval()
+    return hf.to(device).eval()
+
+
+def load_vlm_pair(folder, device, dtype=torch.float32):
+    return checkpoints.load_model(folder, dtype=dtype, device=device), load_hf_vlm(folder, device, dtype)
 
 
 def hf_vlm_inputs(ours, rows, images, device, dtype):
@@ -407,8 +410,7 @@ def test_vlm_training_step_under_bf16_autocast_matches_llava_onevision(vlm_folde
         (loss / n).backward()
         return (loss / n).item(), {k: p.grad.float() for k, p in net.named_parameters() if k in VLM_GRADS}
 
-    ours, hf = load_vlm_pair(vlm_folder, device)
-    del ours
+    hf = load_hf_vlm(vlm_folder, device)
     pixels, _, sizes = checkpoints.load_model(vlm_folder).image_pixels(images)
     counts = iter(anyres.image_token_count(w, h, tile_size=TILE) for w, h in sizes)
     rows = [[(t, lab) for t, lab in zip(r, lr) for t, lab in

@@ -415,9 +415,13 @@ def markdown(result):
              f"{'--small (tiny shapes)' if result['small'] else 'real shapes, random weights'}; "
              f"torch {result['torch']}, transformers {result['transformers']}, Python {result['python']}; "
              f"models in {result['dtype']} with SDPA on both sides unless the row says otherwise; "
-             f"{result['seconds']:.0f} s in all.", "",
-             "| check | id | setting | ours | compared with | ours / it | peak GPU MiB (ours / it) | notes |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{result['seconds']:.0f} s in all.", ""]
+    if result["small"]:
+        lines += ["--small runs every row on tiny models to show that it works end to end: its speeds and ratios "
+                  "are not measurements of the real shapes (tiny models are dominated by per-call overhead, and "
+                  "a shared CPU adds noise).", ""]
+    lines += ["| check | id | setting | ours | compared with | ours / it | peak GPU MiB (ours / it) | notes |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r.get("error"):
             status = "**NOT RUN**" if r["error"].startswith("not run") else "**FAILED**"

@@ -13,7 +13,6 @@ import ast
 import math
 import re
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -110,7 +109,7 @@ def pad_to_square(image, fill=PAD_FILL):
 
 
 def image_tiles(image, mode="anyres", candidates=None, tile_size=TILE_SIZE):
-    """RGB PIL image -> list of PIL tiles for the vision tower (each later resized to tile_size).
+    """RGB PIL image -> list of PIL tiles for the vision tower (vision.tile_pixels resizes each to tile_size).
 
     anyres: [base = whole image squashed to a tile] + the tiles of the best-fitting grid.
     pad:    [image padded to a square with the mean colour].  square: [image]."""
@@ -123,21 +122,6 @@ def image_tiles(image, mode="anyres", candidates=None, tile_size=TILE_SIZE):
     if mode == "square":
         return [image]
     raise ValueError(f"unknown tiling mode {mode!r}")
-
-
-def resize_to_tile(image, size=TILE_SIZE):
-    """RGB PIL image -> [3, size, size] uint8, bicubic (the SigLIP processor's resize). uint8 is 4x smaller than the
-    float pixels, so this is what train.py caches per image; vision.normalize makes the tower's input of it."""
-    if image.mode != "RGB":
-        raise ValueError(f"resize_to_tile needs an RGB image (vision.to_rgb), got mode {image.mode!r}")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)   # (3, S, S) uint8
-
-
-def tile_pixels(image, mode="anyres", candidates=None, tile_size=TILE_SIZE):
-    """RGB PIL image -> the tower's tiles [n_tiles, 3, S, S] uint8: image_tiles, each resized to the tile."""
-    return torch.stack([resize_to_tile(t, tile_size) for t in image_tiles(image, mode, candidates, tile_size)])
 
 
 # ----------------------------------------------------------------------------- feature side (shapes)

@@ -8,13 +8,13 @@
     two-stage stage 1 then stage 2 in one process
     --grid    perception model x reasoner x thinking on/off x budget, stage-1 outputs cached per perception
               model; writes grid.md, grid.csv and PNG plots.
-    --reasoner-url, --perception-url: the stages on an OpenAI-compatible server (remote.py); --shard i/n and
+    --reasoner-url, --perception-url: the stages on an OpenAI-compatible server (serving/remote.py); --shard i/n and
               `evaluate.py merge DIR... --out DIR`: one part per machine, merged to the unsharded run's files.
 
-Reading the set and scoring the replies (the release's answer parse, lmms-eval's exact match and aggregation,
-`--answer-match text`) is mmstar.py; this file runs the models over the docs. Every output JSONL is
-resumable: finished doc_ids are skipped, a torn last line is repaired (records.ResumableJsonl), one process writes
-it (records.WriterLock on <file>.lock), a doc_id written twice is refused. A doc whose image is
+Reading the set and scoring the replies (lmms-eval's exact match and aggregation, `--answer-match text`) is
+evaluation/mmstar.py, the tables and plots evaluation/reports.py; this file runs the models over the docs. Every
+output JSONL is resumable: finished doc_ids are skipped, a torn last line is repaired (records.ResumableJsonl), one
+process writes it (records.WriterLock on <file>.lock), a doc_id written twice is refused. A doc whose image is
 missing or unreadable gets a record with status "failed" and the reason; it scores 0, is counted in
 n_failed, and is not retried on resume (delete its line to retry).
 
@@ -25,35 +25,27 @@ docs from mmstar.load_docs):
     run_stage2(docs, stage1_path, llm, tokenizer, out_path, ReasonSettings(...), *, batch_size, answer_match) -> records
     run_e2e(docs, vlm, tokenizer, out_path, *, batch_size, max_new_tokens, answer_match) -> records
     (a remote.Served where a model goes runs that stage on its server: same records)
-    mmstar.summarize(records, mode) -> results dict (average, category, l2_category, n_failed, n_unparsable, ...)
-    score_table([(label, results), ...]) -> markdown table (percent, MMStar's Table 2 columns)
+    outputs.write_results(out_dir, name, records, mode, config) -> results dict (evaluation.mmstar.summarize:
+        average, category, l2_category, n_failed, n_unparsable, ...), also written to <name>_results.json
+    reports.score_table([(label, results), ...]) -> markdown table (percent, MMStar's Table 2 columns)
 """
 import argparse
-import csv
-import io
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import asdict
 
 import torch
-from tqdm import tqdm
-
-import checkpoints
-import model as M
-import openai_client
-import prompts
-import quantize
 import pipeline
-import records
-import remote
-import shards
+import prompts
+from evaluation import outputs, reports
+from evaluation.mmstar import ANSWER_MATCHES, check_answer_match, load_docs, load_image, score_reply
 from pipeline import ReasonSettings
-from mmstar import (ANSWER_MATCHES, MMSTAR_SHORT, check_answer_match, load_docs, load_image, score_reply,
-                    summarize)
 from prompts import E2E_POST_PROMPT  # lmms-eval's default MMStar post-prompt: the e2e baseline's instruction
+from serving import client, remote
+from storage import records, shards
+from weights import checkpoints, quantize
 
 # ----------------------------------------------------------------------------- stage-1 samples file
 
@@ -127,30 +119,6 @@ def e2e_user_text(doc):
     return "<image>\n" + question_text(doc) + E2E_POST_PROMPT
 
 
-# ----------------------------------------------------------------------------- the resumable batch loop
-
-def _run_batches(docs, out_path, batch_size, desc, make_records, show_progress=True):
-    """Fixed batches over `docs` in dataset order; batches whose docs are all in out_path are skipped.
-
-    make_records(batch_docs) -> list of record dicts (with doc_id), appended and flushed per batch.
-    Batches are cut from the full doc list (not from the remaining ones) so a resumed run sees the same
-    batch composition as an uninterrupted one. Returns all records of `docs` in doc order."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with records.WriterLock(out_path + ".lock", "evaluate.py"):   # one writer per output file
-        out = records.ResumableJsonl(out_path, key="doc_id")
-        done = {str(k) for k in out.done_keys}
-        bar = tqdm(total=len(docs), initial=sum(str(d.doc_id) in done for d in docs), desc=desc, unit="q",
-                   disable=not show_progress, dynamic_ncols=True)
-        for start in range(0, len(docs), batch_size):
-            batch = [d for d in docs[start:start + batch_size] if str(d.doc_id) not in done]
-            if batch:
-                out.append(make_records(batch))
-                bar.update(len(batch))
-        bar.close()
-        by_id = {str(r["doc_id"]): r for r in records.read_jsonl(out_path, unique="doc_id")}
-    return [by_id[str(d.doc_id)] for d in docs]
-
-
 def _split_images(batch):
     """-> (docs with an image, their RGB images, failed records' (doc, reason))."""
     ok, images, failed = [], [], []
@@ -212,14 +180,14 @@ def run_stage1(docs, vlm, tokenizer, out_path, *, hints="none", batch_size=8, ma
             recs += [stage1_record(d, "", None, "", error="hint: " + remote.error_text(h))
                      for d, h in zip(ok, batch_hints) if isinstance(h, Exception)]
             rows = [(d, im, h) for d, im, h in zip(ok, images, batch_hints) if not isinstance(h, Exception)]
-            texts = ["<image>\n" + prompts.perception_prompt(h) for _, _, h in rows]
+            texts = [prompts.perception_user_text(h) for _, _, h in rows]
             outs = _perceive(vlm, tokenizer, [im for _, im, _ in rows], texts, max_new_tokens, ok[0]) if rows else []
             recs += [stage1_record(d, t, h, "", error=remote.error_text(o)) if isinstance(o, Exception) else
                      stage1_record(d, t, h, o["text"], generated_tokens=o["generated_tokens"])
                      for (d, _, h), t, o in zip(rows, texts, outs)]
         return recs
 
-    return _run_batches(docs, out_path, batch_size, "stage 1 (perception)", make_records, show_progress)
+    return outputs.run_batches(docs, out_path, batch_size, "stage 1 (perception)", make_records, show_progress)
 
 
 def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, batch_size=8, show_progress=True,
@@ -249,7 +217,7 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
             recs += [stage2_record(d, o, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
-    return _run_batches(docs, out_path, batch_size, f"stage 2 ({settings.label()})", make_records, show_progress)
+    return outputs.run_batches(docs, out_path, batch_size, f"stage 2 ({settings.label()})", make_records, show_progress)
 
 
 def run_e2e(docs, vlm, tokenizer, out_path, *, batch_size=8, max_new_tokens=1024, show_progress=True,
@@ -266,56 +234,10 @@ def run_e2e(docs, vlm, tokenizer, out_path, *, batch_size=8, max_new_tokens=1024
             recs += [stage2_record(d, o, parse_answer_line=False, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
-    return _run_batches(docs, out_path, batch_size, "e2e (VLM answers)", make_records, show_progress)
-
-
-# ----------------------------------------------------------------------------- run folders
-
-def check_run_config(path, config):
-    """Refuse to resume an output file that was started with other settings (the records would mix).
-    Writes `path` (the run's settings, JSON) the first time."""
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        old.setdefault("answer_match", "letter")   # runs from before --answer-match were scored by letter
-        changed = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-        if changed:
-            lines = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"{path}: this output folder holds a run with other settings ({lines}); "
-                             f"use another --out or delete it")
-    else:
-        records.atomic_write_json(path, config)
-
-
-def write_results(out_dir, name, recs, mode, config):
-    """Summarize records -> <out_dir>/<name>_results.json (atomic). Returns the results dict."""
-    results = {**summarize(recs, mode), "config": config}
-    records.atomic_write_json(os.path.join(out_dir, f"{name}_results.json"), results)
-    return results
-
-
-def score_table(rows):
-    """rows: list of (label, results) -> markdown table in percent, MMStar's Table 2 columns when present."""
-    categories = []
-    for _, res in rows:
-        categories += [c for c in res["category"] if c not in categories]
-    heads = [MMSTAR_SHORT.get(c, c) for c in categories]
-    lines = ["| run | " + " | ".join(heads) + " | Average | n | failed | unparsable | tokens |",
-             "|---" * (len(heads) + 6) + "|"]
-    for label, res in rows:
-        cells = [f"{100 * res['category'][c]:.1f}" if c in res["category"] else "-" for c in categories]
-        tokens = f"{res['mean_generated_tokens']:.0f}" if "mean_generated_tokens" in res else "-"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * res['average']:.1f} | {res['n']} | "
-                     f"{res['n_failed']} | {res['n_unparsable']} | {tokens} |")
-    return "\n".join(lines)
+    return outputs.run_batches(docs, out_path, batch_size, "e2e (VLM answers)", make_records, show_progress)
 
 
 # ----------------------------------------------------------------------------- grid
-
-def _slug(model_id):
-    """A model path or hub id -> a short file-name-safe tag (its last two path parts)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "/".join(model_id.rstrip("/").split("/")[-2:]))
-
 
 def grid_settings(args):
     """thinking on/off x budget -> list[ReasonSettings] (budgets only vary the thinking runs)."""
@@ -328,7 +250,7 @@ def grid_settings(args):
 
 def grid_plan(args):
     """The grid's stage-2 runs in their order -> [(perception, reasoner, ReasonSettings, file name)]."""
-    return [(p, r, s, f"{_slug(p)}__{_slug(r)}__{s.label()}") for r in args.reasoner for p in args.perception
+    return [(p, r, s, f"{reports.slug(p)}__{reports.slug(r)}__{s.label()}") for r in args.reasoner for p in args.perception
             for s in grid_settings(args)]
 
 
@@ -341,7 +263,7 @@ def run_grid(args, docs, loader):
     """perception x reasoner x settings. Stage 1 runs once per perception model (cached, resumable);
     each stage-2 combination has its own resumable file. Returns list of grid rows (dicts)."""
     for kind in ("perception", "reasoner"):
-        slugs = [_slug(m) for m in getattr(args, kind)]
+        slugs = [reports.slug(m) for m in getattr(args, kind)]
         if len(set(slugs)) < len(slugs):
             raise ValueError(f"--{kind} {getattr(args, kind)}: two models map to the same output name {slugs}; "
                              "list each model once (use distinct folder names)")
@@ -350,138 +272,21 @@ def run_grid(args, docs, loader):
     os.makedirs(s2_dir, exist_ok=True)
     stage1_files = {}
     for p in args.perception:
-        stage1_files[p] = os.path.join(s1_dir, _slug(p) + ".jsonl")
+        stage1_files[p] = os.path.join(s1_dir, reports.slug(p) + ".jsonl")
         _stage1_job(args, docs, loader, p, stage1_files[p])
     loader.drop_vlms()
     plan, rows = grid_plan(args), []
     for k, (p, r, settings, name) in enumerate(plan):
         recs = _stage2_job(args, docs, loader, r, settings, stage1_files[p], os.path.join(s2_dir, name + ".jsonl"))
-        res = write_results(s2_dir, name, recs, "two-stage", _stage2_config(args, r, settings, stage1_files[p]))
+        res = outputs.write_results(s2_dir, name, recs, "two-stage", _stage2_config(args, r, settings, stage1_files[p]))
         rows.append({**grid_row(p, r, settings), "results": res})
         if k + 1 == len(plan) or plan[k + 1][1] != r:
             loader.drop(r)   # the reasoner's last run: free it before the next one loads
-    write_grid_reports(args.out, rows)
+    reports.write_grid_reports(args.out, rows)
     return rows
 
 
-def grid_label(row):
-    think = f"think {row['budget']}" if row["thinking"] else "no think"
-    return f"{_slug(row['perception'])} + {_slug(row['reasoner'])}, {think}"
-
-
-def write_grid_reports(out_dir, rows):
-    """grid.md (table), grid.csv (one line per run) and the plots (if matplotlib is installed)."""
-    table = score_table([(grid_label(r), r["results"]) for r in rows])
-    records.atomic_write_text(os.path.join(out_dir, "grid.md"), table + "\n")
-    categories = list(rows[0]["results"]["category"]) if rows else []
-    header = ["perception", "reasoner", "thinking", "budget", "average", *categories, "n", "n_failed",
-              "n_unparsable", "mean_generated_tokens", "mean_thinking_tokens", "budget_hit_rate"]
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    for r in rows:
-        res = r["results"]
-        writer.writerow([r["perception"], r["reasoner"], r["thinking"], r["budget"] or "", f"{res['average']:.4f}",
-                         *(f"{res['category'].get(c, 0.0):.4f}" for c in categories), res["n"], res["n_failed"],
-                         res["n_unparsable"], *(f"{res[k]:.1f}" if k in res else "" for k in
-                                                ("mean_generated_tokens", "mean_thinking_tokens", "budget_hit_rate"))])
-    records.atomic_write_text(os.path.join(out_dir, "grid.csv"), buf.getvalue())
-    try:
-        write_grid_plots(out_dir, rows)
-    except ImportError:
-        print("matplotlib not installed: grid plots skipped (pip install matplotlib)", file=sys.stderr)
-    return table
-
-
-def write_grid_plots(out_dir, rows):
-    """grid_category.png (accuracy per category, one bar per run), grid_budget.png (accuracy vs thinking
-    budget; non-thinking as a dashed line), grid_tokens.png (accuracy vs mean generated tokens)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    _plot_categories(plt, rows, os.path.join(out_dir, "grid_category.png"))
-    pairs = {}
-    for r in rows:
-        pairs.setdefault((r["perception"], r["reasoner"]), []).append(r)
-    _plot_budget(plt, pairs, os.path.join(out_dir, "grid_budget.png"))
-    _plot_tokens(plt, pairs, os.path.join(out_dir, "grid_tokens.png"))
-
-
-def _plot_categories(plt, rows, path):
-    categories = list(rows[0]["results"]["category"]) + ["average"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(categories)), 4))
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        res = r["results"]
-        values = [100 * res["category"].get(c, 0.0) for c in categories[:-1]] + [100 * res["average"]]
-        ax.bar([x + i * width for x in range(len(categories))], values, width, label=grid_label(r))
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(categories))])
-    ax.set_xticklabels([MMSTAR_SHORT.get(c, c) for c in categories[:-1]] + ["Average"])
-    _finish_plot(plt, fig, ax, "accuracy (%)", path)
-
-
-def _finish_plot(plt, fig, ax, ylabel, path):
-    """Shared tail of the grid plots: accuracy axis 0-100, legend, write PNG, free the figure."""
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_budget(plt, pairs, path):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (p, r), runs in pairs.items():
-        think = sorted((x for x in runs if x["thinking"]), key=lambda x: x["budget"])
-        line, = ax.plot([x["budget"] for x in think], [100 * x["results"]["average"] for x in think], "o-",
-                        label=f"{_slug(p)} + {_slug(r)}")
-        for x in runs:
-            if not x["thinking"]:
-                ax.axhline(100 * x["results"]["average"], ls="--", color=line.get_color())
-    budgets = [x["budget"] for runs in pairs.values() for x in runs if x["thinking"]]
-    if budgets and max(budgets) >= 4 * min(budgets):
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel("thinking budget (tokens); dashed = thinking off")
-    _finish_plot(plt, fig, ax, "average accuracy (%)", path)
-
-
-def _plot_tokens(plt, pairs, path):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (p, r), runs in pairs.items():
-        runs = sorted(runs, key=lambda x: x["results"].get("mean_generated_tokens", 0.0))
-        ax.plot([x["results"].get("mean_generated_tokens", 0.0) for x in runs],
-                [100 * x["results"]["average"] for x in runs], "o-", label=f"{_slug(p)} + {_slug(r)}")
-    ax.set_xlabel("mean generated tokens per question (stage 2)")
-    _finish_plot(plt, fig, ax, "average accuracy (%)", path)
-
-
 # ----------------------------------------------------------------------------- command line
-
-class ModelLoader:
-    """Loads each checkpoint once (model + tokenizer) and frees it on request. A role ("perception" or
-    "reasoner") with a server in `clients` gets remote.Served(client, name) instead, and a served reasoner the
-    tokenizer of that name (for its prompts' NoWait ids and closing text; a served VLM needs none)."""
-
-    def __init__(self, device, dtype, quantize=None, clients=None):
-        self.device, self.dtype, self.quantize, self.clients, self.cache = device, dtype, quantize, clients or {}, {}
-
-    def get(self, path, role):
-        if path not in self.cache and role in self.clients:
-            self.cache[path] = (remote.Served(self.clients[role], path),
-                                checkpoints.load_tokenizer(path) if role == "reasoner" else None)
-        elif path not in self.cache:
-            self.cache[path] = (checkpoints.load_model(path, dtype=self.dtype, device=self.device,
-                                                       quantize=self.quantize), checkpoints.load_tokenizer(path))
-        return self.cache[path]
-
-    def drop(self, path):
-        self.cache.pop(path, None)
-
-    def drop_vlms(self):
-        for path in [p for p, (m, _) in self.cache.items() if M.is_vlm(m)]:
-            self.drop(path)
-
 
 def _settings(args, thinking, budget):
     return ReasonSettings(thinking=thinking, budget=budget, answer_tokens=args.answer_tokens,
@@ -504,7 +309,7 @@ def _run_keys(args, *roles):
 
 
 def _stage1_job(args, docs, loader, perception, out_path):
-    check_run_config(out_path[:-len(".jsonl")] + ".config.json",
+    outputs.check_run_config(out_path[:-len(".jsonl")] + ".config.json",
                      {"data": args.data, "perception": perception, "hints": args.hints,
                       "hint_model": (args.hint_model or args.reasoner[0]) if args.hints == "auto" else None,
                       "max_new_tokens": args.stage1_tokens,
@@ -522,7 +327,7 @@ def _stage2_config(args, reasoner, settings, stage1_file):
 
 
 def _stage2_job(args, docs, loader, reasoner, settings, stage1_file, out_path):
-    check_run_config(out_path[:-len(".jsonl")] + ".config.json", _stage2_config(args, reasoner, settings, stage1_file))
+    outputs.check_run_config(out_path[:-len(".jsonl")] + ".config.json", _stage2_config(args, reasoner, settings, stage1_file))
     llm, tok = loader.get(reasoner, "reasoner")
     return run_stage2(docs, stage1_file, llm, tok, out_path, settings, batch_size=args.batch_size,
                       show_progress=not args.quiet, answer_match=args.answer_match)
@@ -532,11 +337,11 @@ def _e2e_job(args, docs, loader):
     out_path = os.path.join(args.out, "e2e.jsonl")
     config = {"data": args.data, "perception": args.perception[0], "max_new_tokens": args.stage1_tokens,
               "post_prompt": E2E_POST_PROMPT, "answer_match": args.answer_match, **_run_keys(args, "perception")}
-    check_run_config(os.path.join(args.out, "e2e.config.json"), config)
+    outputs.check_run_config(os.path.join(args.out, "e2e.config.json"), config)
     vlm, tok = loader.get(args.perception[0], "perception")
     recs = run_e2e(docs, vlm, tok, out_path, batch_size=args.batch_size, max_new_tokens=args.stage1_tokens,
                    show_progress=not args.quiet, answer_match=args.answer_match)
-    return write_results(args.out, "e2e", recs, "e2e", config)
+    return outputs.write_results(args.out, "e2e", recs, "e2e", config)
 
 
 def run_single(args, docs, loader):
@@ -552,7 +357,7 @@ def run_single(args, docs, loader):
     settings = _settings(args, args.thinking[0] == "on", args.budget[0])
     recs = _stage2_job(args, docs, loader, args.reasoner[0], settings, stage1_file,
                        os.path.join(args.out, "stage2.jsonl"))
-    return write_results(args.out, "stage2", recs, args.mode,
+    return outputs.write_results(args.out, "stage2", recs, args.mode,
                          _stage2_config(args, args.reasoner[0], settings, stage1_file))
 
 
@@ -651,14 +456,14 @@ def merge(argv):
         rows = []
         for row in manifest["grid"]:
             recs, config = files[f"stage2/{row['name']}.jsonl"]
-            results = write_results(os.path.join(a.out, "stage2"), row["name"], recs, "two-stage", config)
+            results = outputs.write_results(os.path.join(a.out, "stage2"), row["name"], recs, "two-stage", config)
             rows.append({**{k: v for k, v in row.items() if k != "name"}, "results": results})
-        write_grid_reports(a.out, rows)
-        print(score_table([(grid_label(r), r["results"]) for r in rows]))
+        reports.write_grid_reports(a.out, rows)
+        print(reports.score_table([(reports.grid_label(r), r["results"]) for r in rows]))
     elif manifest["mode"] != "stage1":
         name = "e2e" if manifest["mode"] == "e2e" else "stage2"
         recs, config = files[name + ".jsonl"]
-        print(score_table([(manifest["mode"], write_results(a.out, name, recs, manifest["mode"], config))]))
+        print(reports.score_table([(manifest["mode"], outputs.write_results(a.out, name, recs, manifest["mode"], config))]))
     print(f"merged {len(a.parts)} parts ({manifest['n_docs']} docs, {len(files)} files) into {a.out}", file=sys.stderr)
 
 
@@ -673,25 +478,25 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.shard:   # this part's docs; shard.json lets `merge` check the parts cover every doc once
         part = shards.shard_docs(docs, args.shard, args.batch_size)
-        check_run_config(os.path.join(args.out, shards.MANIFEST), {
+        outputs.check_run_config(os.path.join(args.out, shards.MANIFEST), {
             "shard": args.shard, "mode": "grid" if args.grid else args.mode, "n_docs": len(docs),
             "batch_size": args.batch_size, "doc_ids": [d.doc_id for d in part],
             "grid": [{**grid_row(*plan[:3]), "name": plan[3]} for plan in grid_plan(args)] if args.grid else None})
         docs = part
-    loader = ModelLoader(device, dtype, args.quantize, remote.clients(args))
+    loader = outputs.ModelLoader(device, dtype, args.quantize, remote.clients(args))
     start = time.time()
     if args.grid:
         rows = run_grid(args, docs, loader)
-        print(json.dumps(rows, indent=1) if args.json else score_table([(grid_label(r), r["results"]) for r in rows]))
+        print(json.dumps(rows, indent=1) if args.json else reports.score_table([(reports.grid_label(r), r["results"]) for r in rows]))
     else:
         results = run_single(args, docs, loader)
         if results is not None:
-            print(json.dumps(results, indent=1) if args.json else score_table([(args.mode, results)]))
+            print(json.dumps(results, indent=1) if args.json else reports.score_table([(args.mode, results)]))
     print(f"done in {time.time() - start:.0f} s; outputs in {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, ImportError, openai_client.FatalError) as e:
+    except (ValueError, FileNotFoundError, ImportError, client.FatalError) as e:
         sys.exit(f"evaluate.py: error: {e}")

@@ -15,7 +15,7 @@ Files:
       release format {"index", "caption"} ("SKIP" without an image or on failure) plus our keys: status
       (done|skipped|failed), id, image, statements, hint, error.
   <out>                 the training file (LLaVA JSONL for train.py), written atomically once the range is
-      complete: human "<image>\\n" + prompts.perception_prompt(hint), gpt the description (Figure A7).
+      complete: human prompts.perception_user_text(hint), gpt the description (Figure A7).
 
 Differences from the released pipeline (its visual_extraction_tuning_pipeline.py):
   - resume by index, with the torn last line dropped (it counted valid lines and appended after a torn
@@ -37,14 +37,16 @@ from dataclasses import dataclass
 from PIL import Image
 from tqdm import tqdm
 
-import checkpoints as C
-import model as M
+import model
 import pipeline
 import prompts
-import shards
 import vision
-from openai_client import Client, FatalError, add_client_args, data_url
-from records import ResumableJsonl, WriterLock, atomic_write_text, read_jsonl, read_records
+from serving.client import Client, FatalError, add_client_args, data_url
+from storage import shards
+from storage.records import (ResumableJsonl, WriterLock, atomic_write_text, read_jsonl, read_records,
+                             resolve_image_path)
+from vlm import VLM
+from weights import checkpoints
 
 STATEMENT_TASK = ("Your task is to convert each question–answer pair about an image into a concise, fully "
                   "self-contained declarative statement. The resulting statements should be understandable on "
@@ -125,13 +127,14 @@ def load_image_512(path, exif_transpose=False):
 
 
 def check_image_paths(data, start, end, args):
-    """The path rule (vision.resolve_image_path) over the whole range, before any pixel is sent to a server."""
+    """The path rule (storage.records.resolve_image_path) over the whole range, before any pixel is sent to a
+    server."""
     for i in range(start, end):
         image = data[i].get("image") if isinstance(data[i], dict) else None
         for p in [image] if isinstance(image, str) else image if isinstance(image, list) else []:
             if isinstance(p, str):
-                vision.resolve_image_path(args.image_folder, p, f"record {data[i].get('id', i)} (index {i})",
-                                          args.allow_outside_images)
+                resolve_image_path(args.image_folder, p, f"record {data[i].get('id', i)} (index {i})",
+                                   args.allow_outside_images)
 
 
 def image_path(record, rid):
@@ -154,7 +157,7 @@ def prepare(record, index, args):
     if args.strip_answer_format:
         pairs = [(clean_question(q, suffixes), a) for q, a in pairs]
     hint_question = "\n".join(clean_question(q, suffixes) for q, _ in pairs)
-    path = vision.resolve_image_path(args.image_folder, image, f"record {rid}", args.allow_outside_images)
+    path = resolve_image_path(args.image_folder, image, f"record {rid}", args.allow_outside_images)
     pixels = load_image_512(path, args.exif_transpose)
     return Sample(index, rid, image, pixels, statement_prompt(pairs), hint_question)
 
@@ -169,7 +172,7 @@ def base_record(index, record, status, **extra):
 def training_record(rec):
     """A finished captions record -> LLaVA training record (Figure A7)."""
     return {"id": rec["id"], "image": rec["image"], "index": rec["index"], "conversations": [
-        {"from": "human", "value": "<image>\n" + prompts.perception_prompt(rec["hint"] or None)},
+        {"from": "human", "value": prompts.perception_user_text(rec["hint"] or None)},
         {"from": "gpt", "value": rec["caption"]}]}
 
 
@@ -180,32 +183,36 @@ class LocalBackend:
 
     def __init__(self, args):
         self.args = args
-        device, dtype = C.device_and_dtype(args.device, args.dtype)
-        self.llm, self.llm_tok = C.load_model(args.llm, dtype, device), C.load_tokenizer(args.llm)
-        self.vlm, self.vlm_tok = C.load_model(args.vlm, dtype, device), C.load_tokenizer(args.vlm)
+        device, dtype = checkpoints.device_and_dtype(args.device, args.dtype)
+        self.llm, self.llm_tok = checkpoints.load_model(args.llm, dtype, device), checkpoints.load_tokenizer(args.llm)
+        self.vlm, self.vlm_tok = checkpoints.load_model(args.vlm, dtype, device), checkpoints.load_tokenizer(args.vlm)
+        if isinstance(self.llm, VLM) or not isinstance(self.vlm, VLM):
+            raise ValueError(f"--llm {args.llm} must be a text LLM and --vlm {args.vlm} a VLM (LLaVA checkpoint)")
 
-    def _generate(self, model, tokenizer, ids, images, max_new_tokens):
-        """Token id prompts -> decoded replies (special tokens skipped, as the release decodes)."""
-        out = M.generate(model, ids, images, max_new_tokens=max_new_tokens, stop_ids=pipeline.stop_ids(tokenizer))
+    @staticmethod
+    def _decode(tokenizer, out):
+        """Generated ids -> replies, special tokens skipped (as the release decodes)."""
         return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
     def _vlm_ids(self, prompt):
         """llava_chat("<image>\\n" + prompt) -> ids; only the first <image> is the image (the statements are text)."""
         head, tail = prompts.llava_chat("<image>\n" + prompt).split("<image>", 1)
         enc = lambda s: self.vlm_tok.encode(s, add_special_tokens=False).ids
-        return enc(head) + [M.IMAGE_TOKEN_ID] + enc(tail)
+        return enc(head) + [model.IMAGE_TOKEN_ID] + enc(tail)
 
     def _batch(self, samples):
         a = self.args
         chats = [prompts.qwen3_chat([{"role": "user", "content": s.statement_prompt}], thinking=False)
                  for s in samples]
-        statements = self._generate(self.llm, self.llm_tok, [self.llm_tok.encode(c, add_special_tokens=False).ids
-                                                             for c in chats], None, a.max_statement_tokens)
+        prompt_ids = [self.llm_tok.encode(c, add_special_tokens=False).ids for c in chats]
+        statements = self._decode(self.llm_tok, model.generate(
+            self.llm, prompt_ids, max_new_tokens=a.max_statement_tokens, stop_ids=pipeline.stop_ids(self.llm_tok)))
         hints = pipeline.run_hint(self.llm, self.llm_tok, [s.hint_question for s in samples],
                                   max_new_tokens=a.max_hint_tokens)
         ids = [self._vlm_ids(description_prompt(st)) for st in statements]
-        descriptions = self._generate(self.vlm, self.vlm_tok, ids, [[s.pixels] for s in samples],
-                                      a.max_description_tokens)
+        descriptions = self._decode(self.vlm_tok, self.vlm.generate(
+            ids, [[s.pixels] for s in samples], max_new_tokens=a.max_description_tokens,
+            stop_ids=pipeline.stop_ids(self.vlm_tok)))
         return [dict(statements=st, hint=h, description=d) for st, h, d in zip(statements, hints, descriptions)]
 
     def run_batch(self, samples):
@@ -220,7 +227,7 @@ class LocalBackend:
 
 class OpenAIBackend:
     """Any OpenAI-compatible chat-completions server (vLLM, SGLang, ...), one sample per worker thread, through the
-    project's one client (openai_client.py: plain stdlib HTTP, retries with backoff, FatalError / TransportError)."""
+    project's one client (serving/client.py: plain stdlib HTTP, retries with backoff, FatalError / TransportError)."""
 
     def __init__(self, args):
         self.args = args
@@ -421,7 +428,7 @@ def run_parser():
     g.add_argument("--base-url", help="server URL, e.g. http://localhost:8000/v1")
     g.add_argument("--model", help="served VLM name (step 2, and steps 1/3 unless --text-model)")
     g.add_argument("--text-model", help="served model for steps 1 and 3 (default: --model)")
-    add_client_args(g)   # --api-key --concurrency --timeout --max-retries --retry-delay (openai_client.py)
+    add_client_args(g)   # --api-key --concurrency --timeout --max-retries --retry-delay (serving/client.py)
     g = p.add_argument_group("run")
     g.add_argument("--retry-failed", action="store_true", help="run the failed records of the captions file again")
     g.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")

@@ -1,8 +1,8 @@
-"""The models of Extract+Think, in pipeline order.
+"""The language model of Extract+Think: the Qwen3 decoder (and Qwen2, for the LLaVA-OneVision baseline), its
+static KV cache, and batched generation with a prefill / decode split.
 
-Qwen3 decoder (and Qwen2, for the LLaVA-OneVision baseline) -> static KV cache -> batched generation.
-The VLM around it (vision tower + projector + AnyRes packing + image splicing) is vlm.py; reading and
-writing checkpoints of every layout is checkpoints.py.
+It is both the VLM's LLM (vlm.py splices image features into its input embeddings and calls generate with them)
+and the text-only reasoner of stage 2 (pipeline.py). Reading and writing checkpoints is weights/checkpoints.py.
 
 Shapes: B batch, T new tokens, S tokens in the cache, H hidden, nh / nkv query / key-value
 heads, D head_dim, V vocab.
@@ -16,10 +16,6 @@ from torch.utils.checkpoint import checkpoint
 
 IMAGE_TOKEN_ID = -200  # LLaVA's sentinel where image features are spliced; never a real token id
 IGNORE_INDEX = -100    # label of tokens that are not trained (image features, padding, prompts)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: not found, not a checkpoint, or keys that do not match."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -101,12 +97,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.d, c.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, kv_cache, layer_idx, query_idx=None):
-        """x [B, T, H] -> [B, T, H]. query_idx [B, Tq]: queries (and outputs) only at those positions -> [B, Tq, H];
-        keys and values still come from every position, and mask must then be the queries' rows [B, 1, Tq, S]."""
+        """x [B, T, H] -> [B, T, H]. query_idx [B, Tq] (the training seam, see Qwen3.forward): queries and outputs
+        only at those positions -> [B, Tq, H]; keys and values still come from every position."""
         B, T, _ = x.shape
         xq, cq, sq = x, cos, sin                                            # queries at every position
         if query_idx is not None:
             xq, cq, sq = (at_positions(t, query_idx) for t in (x, cos, sin))   # (B, Tq, H), (B, 1, Tq, D) x 2
+            causal = (torch.arange(T, device=x.device) <= query_idx[..., None])[:, None]   # (B, 1, Tq, T)
+            mask = causal if mask is None else at_positions(mask, query_idx)              # the queries' rows
         Tq = xq.shape[1]
         q = self.q_proj(xq).view(B, Tq, self.nh, self.d)
         k = self.k_proj(x).view(B, T, self.nkv, self.d)
@@ -206,17 +204,17 @@ class Qwen3(nn.Module):
         self.grad_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, kv_cache=None, last_only=False,
-                return_hidden=False, keep=None):
+                return_hidden=False, last_layer_at=None):
         """input_ids [B, T] (or inputs_embeds [B, T, H]) -> logits [B, T, V] ([B, 1, V] if last_only).
 
         attention_mask [B, start + T] covers the cached tokens too; None means no padding.
         return_hidden: return the last decoder layer's output [B, T, H] instead (before the final norm);
         self.logits(hidden) turns any subset of its positions into logits.
-        keep [B, T] bool (training, no kv_cache): only those positions' outputs, [N, H] (return_hidden) or
-        [N, V], in the order of hidden[keep]. Every layer but the last still needs every position (later
-        tokens attend to them), but the last one's outputs are read only at kept positions: it computes keys
-        and values everywhere, queries, attention and MLP only there (train.py keeps the labelled positions,
-        often a fifth of them)."""
+        last_layer_at [B, Tq] (training only, no kv_cache): the one seam for training/loss.py. The last layer
+        computes queries, attention and MLP only at these positions (keys and values everywhere) -> [B, Tq, ...]:
+        a loss reads only the labelled positions, and every earlier layer still needs them all."""
+        if last_layer_at is not None and kv_cache is not None:
+            raise ValueError("last_layer_at is for training; it cannot be combined with a kv_cache")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, H)
         B, T, _ = x.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -229,27 +227,15 @@ class Qwen3(nn.Module):
             mask = attention_mask_4d(attention_mask, start, T)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         last = len(self.layers) - 1
-        if keep is not None:
-            if kv_cache is not None:
-                raise ValueError("keep= is for training; it cannot be combined with a kv_cache")
-            # per row, the kept positions in order, then (rows with fewer of them) other positions, dropped at the end
-            counts = keep.sum(1)                                                      # (B,)
-            Tq = max(int(counts.max()), 1)      # one query at least: nothing kept still runs (an empty [0, H])
-            query_idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :Tq]   # (B, Tq)
-            causal = torch.arange(T, device=x.device) <= query_idx[..., None]        # (B, Tq, T)
-            last_mask = causal[:, None] if mask is None else at_positions(mask, query_idx)   # (B, 1, Tq, T)
         for i, layer in enumerate(self.layers):
-            args = (x, cos, sin, mask, kv_cache, i) if keep is None or i < last else \
-                (x, cos, sin, last_mask, None, i, query_idx)                        # the last layer: (B, Tq, H)
+            at = last_layer_at if i == last else None
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, *args, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, kv_cache, i, at, use_reentrant=False)
             else:
-                x = layer(*args)
+                x = layer(x, cos, sin, mask, kv_cache, i, at)
         if kv_cache is not None:
             kv_cache.pos += T
-        if keep is not None:
-            x = x[torch.arange(Tq, device=x.device) < counts[:, None]]              # (N, H)
-        elif last_only:
+        if last_only:
             x = x[:, -1:]
         return x if return_hidden else self.logits(x)
 
@@ -268,7 +254,7 @@ class Qwen3(nn.Module):
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
     """logits [B, V] (fp32) -> next token ids [B]. temperature 0 = greedy. Same distribution as transformers:
     temperature, then top-k, then top-p (keep the smallest head of the sorted distribution with mass >= top_p)."""
-    if temperature <= 0:   # the first maximum, as argmax; max(-1) is ~3x faster than argmax on CPU (151936 logits)
+    if temperature <= 0:   # the first maximum, as argmax; max(-1) is faster on CPU over 151936 logits
         return logits.max(-1).indices
     if top_k > 0:
         # only the k best can survive: sort and softmax k values, not the whole vocabulary (151936)
@@ -305,49 +291,48 @@ def pad_rows(rows, side, pad_id=0, labels=None):
     return ids, mask, lab
 
 
-def is_vlm(model):
-    """The one test for "a vlm.VLM, not a bare Qwen3" (this file cannot import vlm.py, which builds on it)."""
-    return hasattr(model, "llm") and hasattr(model, "prepare_inputs")
-
-
-def _prefill(model, prompts, images, kv_len_extra):
-    """Run the prompt through the model once. Returns (llm, last logits [B, V], full mask [B, S_max], cache)."""
-    llm = model.llm if is_vlm(model) else model
-    device, dtype = llm.embed_tokens.weight.device, llm.embed_tokens.weight.dtype
-    if images is not None or IMAGE_TOKEN_ID in {t for p in prompts for t in p}:
-        if not is_vlm(model):
-            raise ValueError("prompt contains <image> but the model is a text-only LLM")
-        batch = model.prepare_inputs(prompts, images or [[] for _ in prompts], padding_side="left")
-        embeds, mask, ids = batch["inputs_embeds"], batch["attention_mask"], None
-    else:
-        ids, mask, _ = pad_rows(prompts, "left")
-        ids, mask = ids.to(device), mask.to(device)
-        embeds = None
-    B, T = mask.shape
-    cache = KVCache(B, T + kv_len_extra, llm.config, device, dtype)
-    full_mask = torch.ones(B, T + kv_len_extra, dtype=torch.long, device=device)
-    full_mask[:, :T] = mask
-    padded = not bool(mask.all())
-    logits = llm(ids, attention_mask=full_mask[:, :T] if padded else None, inputs_embeds=embeds,
+def prefill(llm, ids, inputs_embeds, attention_mask, extra):
+    """Run the whole prompt through the LLM once, into a KV cache with room for `extra` more tokens.
+    ids [B, T] or inputs_embeds [B, T, H]; attention_mask [B, T] (left pads 0).
+    -> (last position's logits [B, V], the mask over the whole cache [B, T + extra] or None when nothing is
+    padded, the cache)."""
+    weight = llm.embed_tokens.weight
+    B, T = attention_mask.shape
+    cache = KVCache(B, T + extra, llm.config, weight.device, weight.dtype)
+    full_mask = torch.ones(B, T + extra, dtype=torch.long, device=weight.device)
+    full_mask[:, :T] = attention_mask
+    padded = not bool(attention_mask.all())
+    logits = llm(ids, attention_mask=full_mask[:, :T] if padded else None, inputs_embeds=inputs_embeds,
                  kv_cache=cache, last_only=True)[:, -1]
-    return llm, logits, (full_mask if padded else None), cache
+    return logits, (full_mask if padded else None), cache
 
 
 @torch.inference_mode()
-def generate(model, prompts, images=None, *, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
-             stop_ids=(), logits_processors=(), on_token=None, generator=None):
+def generate(llm, prompts=None, *, inputs_embeds=None, attention_mask=None, max_new_tokens, temperature=0.0,
+             top_p=1.0, top_k=0, stop_ids=(), logits_processors=(), on_token=None, generator=None):
     """Batched generation over a static KV cache: one prefill, then one token per step.
 
-    prompts: list of B token lists (IMAGE_TOKEN_ID where an image goes, VLM only); images: per-row image lists.
+    The prompt: B token lists (prompts; left-padded here), or prompts already embedded and left-padded,
+    inputs_embeds [B, T, H] with attention_mask [B, T] (a VLM's spliced prompt: vlm.VLM.generate).
     max_new_tokens: int or a per-row list. Returns each row's new tokens, without the stop token."""
-    B = len(prompts)
+    if (prompts is None) == (inputs_embeds is None):
+        raise ValueError("generate: give the prompts as token lists or as inputs_embeds + attention_mask, not both")
+    B = len(prompts) if prompts is not None else inputs_embeds.shape[0]
     budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     steps = max(budgets, default=0)
     generated = [[] for _ in range(B)]
     if steps == 0:
         return generated
+    if prompts is not None:
+        if any(IMAGE_TOKEN_ID in p for p in prompts):
+            raise ValueError("a prompt holds <image> (the image sentinel), which a text-only LLM cannot read; "
+                             "a VLM generates with vlm.VLM.generate")
+        ids, attention_mask, _ = pad_rows(prompts, "left")
+        ids, attention_mask = ids.to(llm.embed_tokens.weight.device), attention_mask.to(llm.embed_tokens.weight.device)
+    else:
+        ids = None
+    logits, full_mask, cache = prefill(llm, ids, inputs_embeds, attention_mask, steps)
     stop_ids = set(stop_ids)
-    llm, logits, full_mask, cache = _prefill(model, prompts, images, steps)
     done = [b <= 0 for b in budgets]
     for step in range(steps):
         logits = logits.float()

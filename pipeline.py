@@ -1,6 +1,6 @@
-"""The two-stage pipeline as a library: hint -> description (VLM) -> thinking + answer (LLM), batched.
-reason.py (one image, on the command line) and evaluate.py (a benchmark) call it; remote.py runs the same steps
-on a server with the same semantics and result types.
+"""The two-stage pipeline as a library: hint -> description (VLM) -> thinking + answer (LLM) -> the answer, batched.
+reason.py (one image, on the command line) and evaluate.py (a benchmark) call it; serving/remote.py runs the same
+steps on a server with the same semantics and result types.
 
 Every function is batched over its lists:
 
@@ -18,6 +18,7 @@ Every function is batched over its lists:
     run_reasoning(llm, tokenizer, questions, descriptions, settings=None, *, generator=None, on_token=None)
         -> list[Reasoning]   Reasoning(text, thinking, answer, thinking_tokens, budget_hit, answer_tokens,
                                        generated_tokens)
+    extract_answer(reply) -> (prediction, parsed)               the release's answer parse (what evaluate.py scores)
 
 Perception and Reasoning are dataclasses that also allow r["text"]-style access (records code uses dicts).
 Decoding defaults follow the release (qwen3.py): perception and hints greedy; reasoning with thinking
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import model as M
+import model
 import prompts
 
 # ----------------------------------------------------------------------------- NoWait
@@ -281,7 +282,7 @@ def stop_ids(tokenizer):
 
 def _encode_all(tokenizer, texts, image_marks=False):
     """Prompts -> token ids. Only VLM prompts (image_marks) turn "<image>" into the image sentinel."""
-    return [M.encode(tokenizer, t, image_marks) for t in texts]
+    return [model.encode(tokenizer, t, image_marks) for t in texts]
 
 
 def hint_chat(question):
@@ -299,7 +300,7 @@ def run_hint(llm, tokenizer, questions, max_new_tokens=256, on_token=None):
     """Questions -> "Contents to observe" hints: the paper's Figure A5 prompt to the text LLM (non-thinking,
     greedy), parsed with prompts.parse_hint. -> list[str]."""
     chats = [hint_chat(q) for q in questions]
-    out = M.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=max_new_tokens,
+    out = model.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=max_new_tokens,
                      stop_ids=stop_ids(tokenizer), on_token=on_token)
     return [prompts.parse_hint(tokenizer.decode(o, skip_special_tokens=True)) for o in out]
 
@@ -309,15 +310,15 @@ def run_perception(vlm, tokenizer, images, hints=None, max_new_tokens=1024, user
 
     images: list of PIL images; hints: per-row hint or None (None / a None entry: no "Especially..." part).
     user_texts: per-row full user message instead; it must hold the "<image>" mark itself (the e2e baseline
-    asks its question this way). The chat is prompts.llava_chat."""
+    asks its question this way: prompts.e2e_user_text). The chat is prompts.llava_chat."""
     if user_texts is None:
         hints = hints if hints is not None else [None] * len(images)
-        user_texts = ["<image>\n" + prompts.perception_prompt(h) for h in hints]
+        user_texts = [prompts.perception_user_text(h) for h in hints]
     if len(user_texts) != len(images):
         raise ValueError(f"{len(images)} images but {len(user_texts)} prompts")
     ids = _encode_all(tokenizer, [prompts.llava_chat(t) for t in user_texts], image_marks=True)
-    out = M.generate(vlm, ids, [[im] for im in images], max_new_tokens=max_new_tokens,
-                     stop_ids=stop_ids(tokenizer), on_token=on_token)
+    out = vlm.generate(ids, [[im] for im in images], max_new_tokens=max_new_tokens, stop_ids=stop_ids(tokenizer),
+                       on_token=on_token)
     return [Perception(tokenizer.decode(o, skip_special_tokens=True), len(o)) for o in out]
 
 
@@ -406,7 +407,7 @@ def run_reasoning(llm, tokenizer, questions, descriptions, settings=None, *, gen
     processors, budgeter = _reasoning_processors(tokenizer, s.thinking, s.budget, s.answer_tokens, s.nowait,
                                                  s.nowait_scope, s.closing)
     caps = _token_caps(s.budget, s.thinking, s.answer_tokens, len(chats))
-    out = M.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=caps, **s.sampling(),
+    out = model.generate(llm, _encode_all(tokenizer, chats), max_new_tokens=caps, **s.sampling(),
                      stop_ids=stop_ids(tokenizer), logits_processors=processors, on_token=on_token,
                      generator=generator)
     if budgeter is not None:
@@ -419,3 +420,18 @@ def run_reasoning(llm, tokenizer, questions, descriptions, settings=None, *, gen
         results.append(Reasoning(tokenizer.decode(toks, skip_special_tokens=True), think_text, answer, n_think,
                                  hit, len(toks) - n_think, len(toks)))
     return results
+
+
+# ----------------------------------------------------------------------------- the answer
+
+# stage_2_utils.py: the answer is searched for on the reply's last line only.
+ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+
+
+def extract_answer(reply):
+    """Reply text -> (prediction, parsed). As stage_2_utils.mmstar_process_results: take the last line
+    (split on "\\n"); if it matches the Answer regex the prediction is group 1, else the whole last line
+    (which is still scored: a bare "B" on the last line counts). `parsed` says whether the regex matched."""
+    last_line = reply.split("\n")[-1]
+    match = ANSWER_PATTERN.search(last_line)
+    return (match.group(1), True) if match else (last_line, False)

@@ -4,6 +4,8 @@
     llava_chat(user_text)               LLaVA-NeXT "qwen_1_5" conversation (the VLM)           conversation.py
     LLAVA_CHAT_TEMPLATE                 llava_chat as a Jinja template, for engines that render it (convert.py)
     perception_prompt(hint)             stage 1: "Describe the fine-grained content ..."      stage_1_utils.py
+    perception_user_text(hint)          "<image>\n" + perception_prompt(hint): the VLM's user turn in stage 1
+    e2e_user_text(question)             the end-to-end baseline's user turn (lmms-eval's MMStar prompt)
     stage2_prompt(question, desc, thinking)  stage 2: role + Description + Question + post  qwen3.py
     hint_prompt(question) / parse_hint  "Contents to observe" instruction (paper Figure A5)
 
@@ -99,6 +101,11 @@ LLAVA_CHAT_TEMPLATE = "".join([
 E2E_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly"
 
 
+def e2e_user_text(question):
+    """The end-to-end baseline's user turn: the image, the question (options inline), lmms-eval's post-prompt."""
+    return "<image>\n" + question + E2E_POST_PROMPT
+
+
 # ----------------------------------------------------------------------------- stage 1: perception
 
 PERCEPTION_INSTRUCTION = ("Describe the fine-grained content of the image, including scenes, objects, "
@@ -116,6 +123,11 @@ def perception_prompt(hint):
         return PERCEPTION_INSTRUCTION
     prompt = PERCEPTION_INSTRUCTION + HINT_LEAD + hint
     return prompt if prompt.endswith(".") else prompt + "."
+
+
+def perception_user_text(hint):
+    """The VLM's user turn in stage 1: the image first, then perception_prompt(hint) (the release's layout)."""
+    return "<image>\n" + perception_prompt(hint)
 
 
 # ----------------------------------------------------------------------------- stage 2: reasoning

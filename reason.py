@@ -1,5 +1,5 @@
 """Extract+Think on one image, on the command line: hint -> description (the VLM) -> thinking + answer (the LLM),
-both stages streamed to the terminal; each step local (pipeline.py) or on a server (remote.py).
+both stages streamed to the terminal; each step local (pipeline.py) or on a server (serving/remote.py).
 
     python reason.py --image photo.jpg --question "What is left of the cat?\\nOptions: A: ..., B: ..."
     python reason.py ... --json        # one JSON object on stdout (the stream goes to stderr)
@@ -13,22 +13,19 @@ import time
 
 import torch
 
-import checkpoints as C
-import mmstar
-import model as M
-import openai_client
 import prompts
-import quantize
-import remote
 import vision
-from pipeline import IncrementalDecoder, ReasonSettings, run_hint, run_perception, run_reasoning
+from pipeline import IncrementalDecoder, ReasonSettings, extract_answer, run_hint, run_perception, run_reasoning
+from serving import client, remote
+from vlm import VLM
+from weights import checkpoints, quantize
 
 
 def final_answer(reply):
     """What evaluate.py scores for this stage-2 reply (its one parser, the release's: the last line, then
     'Answer: X' -> X, else the line itself), stripped for display. A reply ending in a newline has an empty last
     line: the release scores it 0, and so this shows nothing."""
-    return mmstar.extract_answer(reply)[0].strip()
+    return extract_answer(reply)[0].strip()
 
 
 class Stream:
@@ -133,16 +130,16 @@ def _one(results):
     return results[0]
 
 
-def _load(path, want_vlm, device, dtype, role, quantize=None, client=None):
+def _load(path, want_vlm, device, dtype, role, quantize=None, server=None):
     """-> (model, tokenizer); a text LLM where a VLM is needed (or the reverse) is an error. With the role's server
     client: remote.Served, and a served reasoner's tokenizer by its name (a served VLM needs none)."""
-    if client is not None:
-        return remote.Served(client, path), None if want_vlm else C.load_tokenizer(path)
-    net = C.load_model(path, dtype=dtype, device=device, quantize=quantize)
-    if M.is_vlm(net) != want_vlm:
+    if server is not None:
+        return remote.Served(server, path), None if want_vlm else checkpoints.load_tokenizer(path)
+    net = checkpoints.load_model(path, dtype=dtype, device=device, quantize=quantize)
+    if isinstance(net, VLM) != want_vlm:
         kind = "a VLM (LLaVA checkpoint)" if want_vlm else "a text-only LLM checkpoint"
         raise ValueError(f"{path}: the {role} must be {kind}")
-    return net, C.load_tokenizer(path)
+    return net, checkpoints.load_tokenizer(path)
 
 
 def _describe(args, vlm, vlm_tok, image, user_text, log, title):
@@ -163,7 +160,7 @@ def _two_stage(args, image, vlm, vlm_tok, device, dtype, log, clients):
     """hint -> description -> reasoning; -> result fields."""
     llm, tok = _load(args.reasoner, False, device, dtype, "reasoner", args.quantize, clients.get("reasoner"))
     hint = resolve_hint(args, llm, tok, log)
-    desc = _describe(args, vlm, vlm_tok, image, "<image>\n" + prompts.perception_prompt(hint), log,
+    desc = _describe(args, vlm, vlm_tok, image, prompts.perception_user_text(hint), log,
                      f"description (perception: {args.perception_model})")
     stream = Stream(tok, log, (tok.token_to_id("<think>"), tok.token_to_id("</think>")))
     stream.header(f"reasoning ({args.reasoner}, thinking {'on' if args.thinking else 'off'})")
@@ -187,7 +184,7 @@ def _two_stage(args, image, vlm, vlm_tok, device, dtype, log, clients):
 
 def _end_to_end(args, image, vlm, vlm_tok, log):
     """The VLM answers the question directly (lmms-eval's MMStar prompt for LLaVA); -> result fields."""
-    out = _describe(args, vlm, vlm_tok, image, "<image>\n" + args.question + prompts.E2E_POST_PROMPT, log,
+    out = _describe(args, vlm, vlm_tok, image, prompts.e2e_user_text(args.question), log,
                     f"answer (VLM {args.perception_model}, end to end)")
     # the e2e baseline is scored on its whole reply (lmms-eval MMStar), not on an "Answer:" line
     return dict(answer=out.text, reply=out.text, final=out.text.strip(), answer_tokens=out.generated_tokens)
@@ -197,7 +194,7 @@ def run(args):
     """The whole command -> the result dict (the --json object)."""
     # a bad image fails before any model is loaded
     image = vision.load_image(args.image, exif_transpose=args.exif_transpose)
-    device, dtype = C.device_and_dtype(args.device, args.dtype)
+    device, dtype = checkpoints.device_and_dtype(args.device, args.dtype)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     log = sys.stderr if args.json else sys.stdout
@@ -222,7 +219,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         result = run(args)
-    except (ValueError, OSError, openai_client.FatalError) as e:   # bad image / model id / hints file, server down
+    except (ValueError, OSError, client.FatalError) as e:   # bad image / model id / hints file, server down
         print(f"reason.py: error: {e}", file=sys.stderr)
         return 1
     if args.json:

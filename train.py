@@ -1,4 +1,4 @@
-"""Train every stage of Extract+Think: config -> data (chat_data.py) -> model -> optimiser -> loop.
+"""Train every stage of Extract+Think: config -> data (training/chat_data.py) -> model -> optimiser -> loop.
 
 Stages (the paper and LLaVA-OneVision's recipe), each a preset whose values any flag overrides:
   pretrain  VLM, projector only, lr 1e-3, global batch 512, square 384 images, `plain` template
@@ -11,14 +11,12 @@ Stages (the paper and LLaVA-OneVision's recipe), each a preset whose values any 
 
 The same command runs on one CPU process or under torchrun (DDP; --fsdp for 4B/8B). Each run
 folder holds checkpoint.pt (full state, for --resume), metrics.jsonl, and at the end the model
-(checkpoints.save_model layout) with tokenizer.json, loadable by checkpoints.load_model / reason.py.
+(weights/checkpoints.py's layout) with tokenizer.json, loadable by checkpoints.load_model / reason.py.
 
-On small models a good part of a step used to be work that repeats every step or whose result nobody
-reads. Now each sample is tokenised once and each image decoded and tiled once (chat_data.BatchLoader caches,
---cache-mb), a frozen vision tower runs without autograd and once per image (VLM.feature_cache,
---feature-cache-mb), and the LM head, final norm and last decoder layer run only at labelled positions
-(LossSum). None of it changes the loss beyond float rounding; bench/bench_train_shapes.py measures it
-against the code before.
+Work that repeats every step, or whose result nobody reads, is done once or not at all, without changing the loss
+beyond float rounding: each sample is tokenised and each image tiled once (training/caches.py BatchLoader,
+--cache-mb), a frozen vision tower runs without autograd and once per image (FeatureCache, --feature-cache-mb),
+and the LM head, final norm and last decoder layer run only at labelled positions (training/loss.py).
 
 Loss normalisation: every micro-batch backpropagates the *sum* of its token losses; once the
 whole global batch is done (all micro-batches on all ranks) the gradients are divided by the
@@ -28,12 +26,10 @@ by the world size).
 """
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -41,13 +37,16 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-import checkpoints as C
-import model as M
-import vlm as V
-import records as R
-from chat_data import BatchLoader, build_samples, epoch_order, micro_batches
+import model
+import vision
+import vlm
+from storage import records
+from training import runs
+from training.caches import BatchLoader, process_feature_cache
+from training.chat_data import build_samples, epoch_order, micro_batches
+from training.loss import LossSum
+from weights import checkpoints
 
 STAGES = {  # paper + LLaVA-OneVision; "train" names the VLM parts that get gradients (a plain LLM is all "llm")
     "pretrain": dict(template="plain", train="projector", lr=1e-3, vision_lr=0.0, global_batch=512,
@@ -125,51 +124,6 @@ class TrainConfig:
         return self
 
 
-# ----------------------------------------------------------------------------- batch -> loss
-
-class LossSum(nn.Module):
-    """Wraps a Qwen3 or VLM so one module (what DDP/FSDP wrap) maps a batch to the summed token loss.
-
-    forward(ids, labels, images) -> (sum of cross-entropy over labelled tokens, labelled count, tokens
-    in the batch, rows truncated). Right padding; sequences (after image splicing) cut at max_length.
-
-    Two shortcuts, both exact for the loss (only float rounding can differ):
-      * no padding mask: with right padding and causal attention a real token attends only to earlier
-        tokens, all real; pads sit after them and are never read. (Pads attend to anything: nobody reads them.)
-      * outputs only where a label is (Qwen3.forward(keep=...)): the final norm and LM head act on each
-        position alone, so they run on the N labelled positions ([N, V]) instead of all B * T ([B, T, V], the
-        largest tensor of a small model's step), and so do the last layer's queries, attention and MLP. In
-        chat data most positions are system prompt, question, image or padding, without a label."""
-
-    def __init__(self, model, pad_id, max_length):
-        super().__init__()
-        self.model, self.pad_id, self.max_length = model, pad_id, max_length
-
-    def forward(self, ids, labels, images):
-        if not ids:  # every sample of this micro-batch was skipped: a zero loss keeps DDP ranks in step
-            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-            return zero, torch.tensor(0), torch.tensor(0), 0
-        if M.is_vlm(self.model):
-            batch = self.model.prepare_inputs(ids, images, labels, padding_side="right")
-            embeds, mask, labels = batch["inputs_embeds"], batch["attention_mask"], batch["labels"]
-            llm, inputs = self.model.llm, dict(inputs_embeds=embeds)
-        else:
-            device = self.model.embed_tokens.weight.device
-            ids_t, mask, labels = (t.to(device) for t in M.pad_rows(ids, "right", self.pad_id, labels))
-            llm, inputs = self.model, dict(input_ids=ids_t)
-        truncated = int((mask.sum(1) > self.max_length).sum())
-        T = min(mask.shape[1], self.max_length)
-        inputs = {k: v[:, :T] for k, v in inputs.items()}
-        mask, labels = mask[:, :T], labels[:, :T]
-        # position t predicts token t+1: shift the labels, as transformers (the ignored last slot pads it)
-        targets = F.pad(labels[:, 1:], (0, 1), value=M.IGNORE_INDEX)                # (B, T)
-        labelled = targets != M.IGNORE_INDEX                                          # (B, T)
-        hidden = llm(**inputs, attention_mask=None, keep=labelled, return_hidden=True)   # (N, H); see the docstring
-        logits = llm.logits(hidden)                                                # (N, V)
-        loss = F.cross_entropy(logits.float(), targets[labelled], reduction="sum")
-        return loss, labelled.sum(), mask.sum(), truncated
-
-
 # ----------------------------------------------------------------------------- model
 
 def tokenizer_file(cfg):
@@ -180,14 +134,14 @@ def tokenizer_file(cfg):
     source = cfg.tokenizer or cfg.init or cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}"
     if source.endswith(".json"):
         return source
-    path = os.path.join(C._resolve_checkpoint(source, need_config=False), "tokenizer.json")
+    path = os.path.join(checkpoints.resolve_checkpoint(source, need_config=False), "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{source}: no tokenizer.json (pass --tokenizer)")
     return path
 
 
 def load_tokenizer(cfg):
-    return C.read_tokenizer_file(tokenizer_file(cfg))
+    return checkpoints.read_tokenizer_file(tokenizer_file(cfg))
 
 
 def init_weights(module):
@@ -202,7 +156,7 @@ def init_weights(module):
 
 def parse_overrides(text):
     """ "hidden_size=96,num_hidden_layers=3" -> {field: typed value} of Qwen3Config; unknown fields are errors."""
-    types = {f.name: f.type for f in fields(M.Qwen3Config)}
+    types = {f.name: f.type for f in fields(model.Qwen3Config)}
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -216,78 +170,67 @@ def build_llm(cfg, vocab_size):
     """Qwen3 from --llm-path / the hub, or (tiny) randomly initialised from the preset + overrides."""
     overrides = parse_overrides(cfg.llm_overrides)
     if cfg.llm != "tiny":
-        return C.load_model(cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}", dtype=torch.float32)
-    return init_weights(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=vocab_size, **overrides)))
+        return checkpoints.load_model(cfg.llm_path or f"Qwen/Qwen3-{cfg.llm}", dtype=torch.float32)
+    return init_weights(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab_size, **overrides)))
 
 
 def build_model(cfg, tokenizer):
     """--init folder, or a fresh Qwen3 (text stage), or a fresh VLM from SigLIP + Qwen3 (pretrain)."""
     if cfg.init:
-        model = C.load_model(cfg.init, dtype=torch.float32)
+        net = checkpoints.load_model(cfg.init, dtype=torch.float32)
     elif cfg.stage == "text":
-        model = build_llm(cfg, tokenizer.get_vocab_size())
+        net = build_llm(cfg, tokenizer.get_vocab_size())
     else:
-        from vision import SiglipConfig, SiglipVisionTower
         llm = build_llm(cfg, tokenizer.get_vocab_size())
-        tower = (init_weights(SiglipVisionTower(SiglipConfig.preset(cfg.vision))) if cfg.vision != "so400m"
-                 else C.load_vision_tower(cfg.vision_path, dtype=torch.float32))
-        model = V.build_vlm(llm, tower)   # fresh projector + image_newline
-    if cfg.image_aspect_ratio and M.is_vlm(model):
-        model.config.image_aspect_ratio = cfg.image_aspect_ratio   # e.g. square (pretrain) -> anyres_max_9
-    return model.float().train()
+        tower = (init_weights(vision.SiglipVisionTower(vision.SiglipConfig.preset(cfg.vision))) if cfg.vision != "so400m"
+                 else checkpoints.load_vision_tower(cfg.vision_path, dtype=torch.float32))
+        net = vlm.build_vlm(llm, tower)   # fresh projector + image_newline
+    if cfg.image_aspect_ratio and isinstance(net, vlm.VLM):
+        net.config.image_aspect_ratio = cfg.image_aspect_ratio   # e.g. square (pretrain) -> anyres_max_9
+    return net.float().train()
 
 
-def image_preparer(model, exif_transpose=False):
+def image_preparer(net, exif_transpose=False):
     """(path, images in its row) -> what the model takes for that image: a VLM gets the image already tiled
-    (V.TiledImage, cached per path by chat_data.BatchLoader), a text-only LLM a PIL image (it ignores it)."""
-    if not hasattr(model, "tile_image"):
+    (vlm.TiledImage, cached per path by BatchLoader), a text-only LLM a PIL image (it ignores it)."""
+    if not isinstance(net, vlm.VLM):
         return None
-    from vision import load_image
 
     def prepare(path, n_in_row):
         stat = os.stat(path)   # in the key: a file rewritten between two runs of one process is a new image
-        key = (path, stat.st_mtime_ns, stat.st_size, model.tiling_mode(n_in_row), exif_transpose)
-        return model.tile_image(load_image(path, exif_transpose=exif_transpose), n_in_row, key=key, name=path)
+        key = (path, stat.st_mtime_ns, stat.st_size, net.tiling_mode(n_in_row), exif_transpose)
+        return net.tile_image(vision.load_image(path, exif_transpose=exif_transpose), n_in_row, key=key, name=path)
     return prepare
-
-
-@functools.lru_cache(maxsize=1)
-def process_feature_cache(max_bytes):
-    """The tower-feature cache of this process, shared by every run in it (shapes.py's worker processes run
-    several stages each, all on the same frozen tower). VLM._tower_features files each entry under the tower's
-    content, so a run with another tower never reads this one's. A new budget starts a new cache."""
-    from vision import TensorLRU
-    return TensorLRU(max_bytes)
 
 
 def images_repeat(samples, steps, cfg):
     """Whether some image comes up twice in this run: more than one epoch, or a file shared by records. If not,
     a tower feature cache would never hit, and it costs: it runs the tower one image at a time (see
-    V.VLM._tower_features), so train.py then leaves it off."""
+    training.caches.FeatureCache), so train.py then leaves it off."""
     paths = [p for s in samples for p in s["images"]]
     return steps * cfg.global_batch > len(samples) or len(set(paths)) < len(paths)
 
 
-def set_trainable(model, parts):
+def set_trainable(net, parts):
     """Freeze everything except the named parts (llm, projector, image_newline, vision); returns {name: part}."""
     parts = set(parts.split(","))
     if parts - VLM_PARTS:
         raise ValueError(f"--train: unknown part(s) {sorted(parts - VLM_PARTS)}; choose from {sorted(VLM_PARTS)}")
     owner = {}
-    for name, p in model.named_parameters():
-        part = name.split(".")[0] if M.is_vlm(model) else "llm"
+    for name, p in net.named_parameters():
+        part = name.split(".")[0] if isinstance(net, vlm.VLM) else "llm"
         p.requires_grad_(part in parts)
         owner[name] = part
-    if not any(p.requires_grad for p in model.parameters()):
+    if not any(p.requires_grad for p in net.parameters()):
         raise ValueError(f"--train {','.join(sorted(parts))}: matches no parameters of this model")
     return owner
 
 
-def param_groups(model, owner, cfg):
+def param_groups(net, owner, cfg):
     """AdamW groups: vision tower at vision_lr, the rest at lr; no weight decay on norms, biases,
     image_newline (every 1-D parameter)."""
     groups = {}
-    for name, p in model.named_parameters():
+    for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
         part = owner[name]
@@ -308,141 +251,6 @@ def lr_lambda(total, warmup):
     return f
 
 
-# ----------------------------------------------------------------------------- distributed + checkpoints
-
-def world_size():
-    """The number of ranks torchrun started (its WORLD_SIZE); 1 in a plain process."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def setup_distributed():
-    """(rank, world, device, started): init the process group under torchrun (gloo on CPU, nccl on CUDA)."""
-    world = world_size()
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    started = world > 1 and not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device, started
-
-
-def wrap(loss_module, cfg, device, world):
-    """DDP (or FSDP2 with --fsdp) around the loss module under torchrun; unchanged in one process."""
-    if world == 1:
-        return loss_module
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for stack in [m for m in loss_module.modules() if isinstance(m, nn.ModuleList)]:
-            for layer in stack:   # one shard group per decoder / vision layer, the rest in the root group
-                fully_shard(layer)
-        return fully_shard(loss_module)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    # a VLM batch may hold no image at all: the vision path then gets no gradient that step
-    return DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=M.is_vlm(loss_module.model))
-
-
-def rng_state():
-    state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, wrapped, optimizer, scheduler, step, stats, cfg, rank, world):
-    """Full state (model, optimiser, scheduler, step = data position, every rank's RNG); rank 0 writes
-    it to a temp file and renames, so a kill mid-write never leaves a torn checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_sd, optim_sd = get_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                      cpu_offload=True))
-    rngs = [None] * world
-    if world > 1:
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    if rank == 0:
-        state = dict(model=model_sd, optimizer=optim_sd, scheduler=scheduler.state_dict(), step=step,
-                     samples_seen=step * cfg.global_batch, rng=rngs, stats=stats, config=asdict(cfg))
-        R.atomic_write(path, lambda tmp: torch.save(state, tmp))
-    if world > 1:
-        dist.barrier()
-
-
-RESUME_MUST_MATCH = ("stage", "data", "template", "global_batch", "seed", "epochs", "max_steps", "group_by_length")
-
-
-def load_checkpoint(path, wrapped, optimizer, scheduler, cfg, rank):
-    """Restore what save_checkpoint wrote -> (step, stats); refuses a checkpoint of a different recipe."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    try:  # weights_only: tensors, numbers, strings, tuples, dicts only; never an arbitrary object
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated (RuntimeError), hostile or foreign pickle (UnpicklingError), ...
-        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path}: not a readable train.py checkpoint ({type(e).__name__}: {why[:300]})") from None
-    need = ("model", "optimizer", "scheduler", "step", "rng", "stats", "config")
-    if not isinstance(state, dict) or not all(k in state for k in need) or not isinstance(state["config"], dict):
-        raise ValueError(f"{path}: not a train.py checkpoint (needs the keys {', '.join(need)})")
-    diff = [f"{k}: {state['config'][k]!r} != {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH
-            if state["config"].get(k) != getattr(cfg, k)]
-    if diff:
-        raise ValueError(f"{path}: cannot resume a different run ({'; '.join(diff)})")
-    set_model_state_dict(wrapped, state["model"], options=StateDictOptions(full_state_dict=True, strict=True))
-    # not strict: a parameter that never got a gradient (SigLIP's unused post_layernorm) has no AdamW state
-    set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][rank % len(state["rng"])])
-    return state["step"], state["stats"]
-
-
-def save_final(model, wrapped, cfg, rank):
-    """The trained model in checkpoints.save_model's layout plus tokenizer.json, for load_model / reason.py."""
-    if cfg.fsdp and dist.is_initialized():  # gather the shards into a plain copy on rank 0
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        sd = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            with torch.device("meta"):
-                plain = type(model)(model.config)
-            plain.load_state_dict({k.removeprefix("model."): v for k, v in sd.items()}, assign=True)
-            model = plain
-    if rank == 0:
-        C.save_model(model, cfg.out)
-        src, dst = tokenizer_file(cfg), os.path.join(cfg.out, "tokenizer.json")
-        if os.path.abspath(src) != os.path.abspath(dst):
-            R.atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
-class MetricsLog:
-    """JSONL metrics (rank 0). On resume, a torn last line is dropped (records.repair_torn_tail), a step logged twice
-    is an error naming the line, and lines after the resumed step are dropped (they will be redone). `done`: the
-    log already holds the run's "done" event (a finished run resumed again logs nothing more)."""
-
-    def __init__(self, path, rank, keep_until=None):
-        self.path, self.rank, self.done = path, rank, False
-        if rank == 0 and keep_until is not None and os.path.exists(path):
-            R.repair_torn_tail(path)
-            kept = [r for r in R.read_jsonl(path, unique="step") if r.get("step", 0) <= keep_until]
-            self.done = any(r.get("event") == "done" for r in kept)
-            R.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-        elif rank == 0 and keep_until is None and os.path.exists(path):
-            os.remove(path)
-
-    def __call__(self, record):
-        if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 # ----------------------------------------------------------------------------- the training run
 
 def train(args=None):
@@ -456,16 +264,16 @@ def train(args=None):
 def _train(args, held):
     cfg = (args if isinstance(args, TrainConfig) else TrainConfig(**args) if isinstance(args, dict)
            else parse_args(args)).resolve()
-    rank, world, device, started = setup_distributed()
+    rank, world, device, started = runs.setup_distributed()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     # data: checked before anything is printed or written, so bad input is one error and no empty run folder
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.token_to_id("<|endoftext|>")
-    records = R.read_records(cfg.data)  # errors name the file and line
-    samples, bad = build_samples(cfg, records)
-    n_records = len(records)
+    data = records.read_records(cfg.data)  # errors name the file and line
+    samples, bad = build_samples(cfg, data)
+    n_records = len(data)
     if cfg.global_batch % world:
         raise ValueError(f"--global-batch {cfg.global_batch} is not divisible by the world size {world}")
     steps_per_epoch = len(samples) // cfg.global_batch
@@ -476,7 +284,7 @@ def _train(args, held):
 
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
-        held.enter_context(R.WriterLock(os.path.join(cfg.out, "train.lock"), "train.py"))
+        held.enter_context(records.WriterLock(os.path.join(cfg.out, "train.lock"), "train.py"))
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     resuming = cfg.resume and os.path.exists(ckpt_path)
     if cfg.resume and not resuming and rank == 0:
@@ -485,30 +293,31 @@ def _train(args, held):
         print(json.dumps(asdict(cfg), indent=1))
 
     # model
-    model = build_model(cfg, tokenizer).to(device)
-    owner = set_trainable(model, cfg.train)
-    for m in model.modules():
+    net = build_model(cfg, tokenizer).to(device)
+    owner = set_trainable(net, cfg.train)
+    for m in net.modules():
         if hasattr(m, "grad_checkpointing"):
             m.grad_checkpointing = cfg.grad_checkpointing
-    wrapped = wrap(LossSum(model, pad_id, cfg.max_length), cfg, device, world)
-    loader = BatchLoader(samples, tokenizer, cfg, image_preparer(model, cfg.exif_transpose), cfg.cache_mb * 2**20)
+    wrapped = runs.wrap(LossSum(net, pad_id, cfg.max_length), cfg, device, world)
+    loader = BatchLoader(samples, tokenizer, cfg, image_preparer(net, cfg.exif_transpose), cfg.cache_mb * 2**20)
     features = None
-    if M.is_vlm(model) and cfg.feature_cache_mb > 0 and not cfg.fsdp and images_repeat(samples, total, cfg):
-        features = model.feature_cache = process_feature_cache(cfg.feature_cache_mb * 2**20)   # used only while frozen
+    if isinstance(net, vlm.VLM) and cfg.feature_cache_mb > 0 and not cfg.fsdp and images_repeat(samples, total, cfg):
+        net.feature_cache = process_feature_cache(cfg.feature_cache_mb * 2**20)   # answers only while frozen
+        features = net.feature_cache.lru
         features_before = (features.hits, features.misses)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     # optimiser
-    optimizer = torch.optim.AdamW(param_groups(model, owner, cfg), betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(net, owner, cfg), betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, math.ceil(cfg.warmup_ratio * total)))
     stats = dict(truncated=0, skipped=0)  # running totals, kept in the checkpoint
-    start, stats = load_checkpoint(ckpt_path, wrapped, optimizer, scheduler, cfg, rank) if resuming else (0, stats)
-    log = MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), rank, keep_until=start if resuming else None)
+    start, stats = runs.load_checkpoint(ckpt_path, wrapped, optimizer, scheduler, cfg, rank) if resuming else (0, stats)
+    log = runs.MetricsLog(os.path.join(cfg.out, "metrics.jsonl"), rank, keep_until=start if resuming else None)
     if not resuming:
         log(dict(event="data", records=n_records, kept=len(samples), skipped=len(bad), skipped_list=bad))
 
     # loop
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in net.parameters() if p.requires_grad]
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -555,11 +364,11 @@ def _train(args, held):
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{max(lrs.values()):.2e}", tok_s=f"{sums[2].item() / dt:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == stop:
-            save_checkpoint(ckpt_path, wrapped, optimizer, scheduler, step + 1, stats, cfg, rank, world)
+            runs.save_checkpoint(ckpt_path, wrapped, optimizer, scheduler, step + 1, stats, cfg, rank, world)
     if bar is not None:
         bar.close()
     if stop == total and not log.done:
-        save_final(model, wrapped, cfg, rank)
+        runs.save_final(net, wrapped, cfg, rank, tokenizer_file(cfg))
         hits = {k: [c.hits, c.misses] for k, c in (("tokens", loader.tokens), ("images", loader.images))}
         if features is not None:   # shared with earlier runs in this process: this run's lookups only
             hits["features"] = [features.hits - features_before[0], features.misses - features_before[1]]
@@ -572,6 +381,19 @@ def _train(args, held):
 
 # ----------------------------------------------------------------------------- CLI
 
+NEEDS = """train.py needs to know what to train on:
+  --stage pretrain | finetune | text   the recipe (pretrain: the connector on captions; finetune: the whole VLM on
+                                       instructions or extraction data; text: a plain Qwen3, e.g. the reasoner)
+  --data FILE                          LLaVA JSON / JSONL records: {id, image, conversations}
+  --image-folder DIR                   where the records' images are (VLM stages)
+With --llm 0.6B (or 1.7B, 4B, 8B) a pretrain run starts from Qwen/Qwen3-<size> and google/siglip-so400m-patch14-384
+(hub ids or --llm-path / --vision-path folders); a finetune run starts from the pretrain run's folder (--init).
+For example:
+  python train.py --stage pretrain --llm 0.6B --data blip_laion_cc_sbu_558k.json --image-folder images --out runs/pre
+  python train.py --stage finetune --init runs/pre --data extract.json --image-folder images --out runs/ft
+Without weights or data at hand, `python shapes.py` runs every stage on toy models it ships. All flags: --help"""
+
+
 def parse_args(argv=None):
     """CLI -> TrainConfig: one flag per TrainConfig field, help from the field."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -583,11 +405,16 @@ def parse_args(argv=None):
                            help=("turn off " if f.default else "") + meta["help"])
         else:
             kind = meta["type"] or (type(f.default) if f.default is not None else str)  # None defaults: str fields
-            required = f.name in ("stage", "data")
-            p.add_argument(flag, type=kind, default=f.default, choices=meta["choices"], required=required,
-                           help=meta["help"] + (f" (default: {f.default})" if f.default not in (None, "") and
-                                                not required else ""))
-    return TrainConfig(**vars(p.parse_args(argv)))
+            needed = f.name in ("stage", "data")
+            p.add_argument(flag, type=kind, default=None if needed else f.default, choices=meta["choices"],
+                           help=meta["help"] + (" (required)" if needed else f" (default: {f.default})"
+                                                if f.default not in (None, "") else ""))
+    args = p.parse_args(argv)
+    missing = [f"--{k}" for k in ("stage", "data") if getattr(args, k) is None]
+    if missing:
+        p.exit(2, f"train.py: error: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing\n\n"
+                  f"{NEEDS}\n")
+    return TrainConfig(**vars(args))
 
 
 if __name__ == "__main__":
@@ -595,12 +422,10 @@ if __name__ == "__main__":
         train(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:  # bad record, file or checkpoint (CheckpointError): one line
         sys.exit(f"train.py: error: {e}")
-    if world_size() > 1:
+    if runs.world_size() > 1:
         # Everything is written and the process group destroyed, but gloo's worker threads may still be freeing a
-        # finished collective's work; its tensors belong to Python objects, so that needs the GIL, and once the
-        # interpreter is finalizing it aborts the rank ("terminate called without an active exception", about 1
-        # torchrun run in 40 here; a core dump showed ~AsyncBarrierWork in ProcessGroupGloo::runLoop against
-        # Py_FinalizeEx; cf. pytorch/pytorch PR 179291). So a torchrun rank leaves without finalizing.
+        # finished collective's work, which needs the GIL; during interpreter finalization that aborts the rank
+        # (docs/LOG.md, 2026-12-03). So a torchrun rank leaves without finalizing.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

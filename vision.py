@@ -1,4 +1,5 @@
-"""SigLIP so400m-patch14-384 vision tower, by hand, plus image loading and preprocessing.
+"""From an image to vision features: loading the image, preprocessing its AnyRes tiles, and the SigLIP
+so400m-patch14-384 vision tower, by hand.
 
 The tower returns what LLaVA feeds its projector: the output of the second-to-last encoder layer
 (the released model deletes the last layer and never applies post_layernorm), i.e. transformers'
@@ -7,11 +8,10 @@ SiglipVisionModel(...).hidden_states[-2]. Only the layers up to that one are bui
 Shapes: N tiles, S tile side in pixels, P = S / patch patches per side, C hidden, nh heads, D head dim.
 """
 import io
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -172,21 +172,6 @@ def check_image_size(size, name="image", max_pixels=None):
                          "(raise max_pixels / vision.MAX_PIXELS to allow it)")
 
 
-def resolve_image_path(folder, path, where, allow_outside=False):
-    """The one rule for an image path written in a data record: relative to `folder` ("" = the current folder)
-    and, once ".." is resolved, inside it. An absolute path or one that climbs out of the folder is refused with
-    a ValueError naming `where` (the record), unless allow_outside (the tools' --allow-outside-images). The check
-    is on the path's text: a symlink inside the folder is followed wherever it points (the folder owner's choice)."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{where}: image path must be a non-empty string, got {path!r}")
-    full = os.path.join(folder, path)
-    root = os.path.abspath(folder or ".")
-    if not allow_outside and os.path.commonpath([root, os.path.abspath(full)]) != root:
-        raise ValueError(f"{where}: image path {path!r} is outside the image folder {root}; "
-                         "pass --allow-outside-images to allow it")
-    return full
-
-
 def load_image(source, max_pixels=None, name=None, exif_transpose=False):
     """An image file (path) or its encoded bytes (e.g. a parquet cell) -> RGB PIL image, by one rule for both:
     the pixel limit is checked on the header before decoding, transparency goes onto white (to_rgb).
@@ -210,54 +195,36 @@ def load_image(source, max_pixels=None, name=None, exif_transpose=False):
         raise ValueError(f"{name}: cannot read image ({type(e).__name__}: {e})") from e
 
 
-PIXEL_MEAN, PIXEL_STD = 0.5, 0.5   # SigLIP's normalisation, every channel (convert.py writes it for engines)
+# ----------------------------------------------------------------------------- a tile's preprocessing
+#
+# image --anyres.image_tiles--> PIL tiles --resize_to_tile--> uint8 [3, S, S] --normalize--> float pixels.
+# The uint8 step is 4x smaller than the float pixels, so train.py caches tiles in it (and they travel to a GPU in
+# it); normalize is elementwise, so one call on a stack of tiles gives the same bits as one call per tile.
+
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.5   # SigLIP's normalisation, every channel (weights/convert.py writes it for engines)
 
 
-def preprocess(image, size=384):
-    """PIL image (any mode) -> pixels [3, size, size] float32: RGB, bicubic resize (anyres.resize_to_tile), /255,
-    (x - 0.5) / 0.5. Matches transformers' SigLIP image processor (PIL backend) value for value."""
-    return normalize(anyres.resize_to_tile(to_rgb(image), size))
+def resize_to_tile(image, size=anyres.TILE_SIZE):
+    """RGB PIL image -> [3, size, size] uint8, bicubic (the SigLIP processor's resize)."""
+    if image.mode != "RGB":
+        raise ValueError(f"resize_to_tile needs an RGB image (vision.to_rgb), got mode {image.mode!r}")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)   # (3, S, S) uint8
+
+
+def tile_pixels(image, mode="anyres", candidates=None, tile_size=anyres.TILE_SIZE):
+    """RGB PIL image -> the tower's tiles [n_tiles, 3, S, S] uint8: anyres.image_tiles, each resized to the tile."""
+    return torch.stack([resize_to_tile(t, tile_size) for t in anyres.image_tiles(image, mode, candidates, tile_size)])
 
 
 def normalize(tiles):
-    """uint8 [..., 3, S, S] -> float32 pixels: /255, (x - 0.5) / 0.5. The second half of preprocess;
-    elementwise, so one call on a stack of tiles gives the same bits as one call per tile."""
+    """uint8 [..., 3, S, S] -> float32 pixels: /255, (x - 0.5) / 0.5."""
     x = (tiles.double() * (1 / 255)).float()                            # rescale in fp64, as transformers
     return (x - PIXEL_MEAN) / PIXEL_STD
 
 
-class TensorLRU:
-    """A cache that keeps what it was given until a byte budget is full, then drops the least recently used
-    entries. Values are anything; the caller says how many bytes each holds. A value over the whole budget is
-    not kept. hits / misses count lookups (train.py logs them)."""
-
-    def __init__(self, max_bytes):
-        self.max_bytes, self.bytes, self.hits, self.misses = int(max_bytes), 0, 0, 0
-        self._items = OrderedDict()   # key -> (value, nbytes), least recently used first
-
-    def __len__(self):
-        return len(self._items)
-
-    def get(self, key):
-        """The value stored under key (now the most recently used), or None."""
-        item = self._items.get(key)
-        if item is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return item[0]
-
-    def put(self, key, value, nbytes):
-        if key in self._items:
-            self.bytes -= self._items.pop(key)[1]
-        if nbytes > self.max_bytes:
-            return
-        while self.bytes + nbytes > self.max_bytes:
-            self.bytes -= self._items.popitem(last=False)[1][1]
-        self._items[key] = (value, nbytes)
-        self.bytes += nbytes
-
-    def clear(self):
-        self._items.clear()
-        self.bytes = 0
+def preprocess(image, size=anyres.TILE_SIZE):
+    """One PIL image (any mode) as one tile -> pixels [3, size, size] float32. Matches transformers' SigLIP image
+    processor (PIL backend) value for value."""
+    return normalize(resize_to_tile(to_rgb(image), size))

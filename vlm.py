@@ -1,11 +1,10 @@
-"""The VLM: SigLIP tower (vision.py) -> mlp2x_gelu projector -> AnyRes packing (anyres.py) -> image features
-spliced into the Qwen3's input embeddings (model.py) wherever IMAGE_TOKEN_ID stands, one masked_scatter for the
-whole batch. Reading and writing its checkpoints (released LLaVA-NeXT, transformers' LlavaOnevision) is
-checkpoints.py.
+"""The VLM: images -> AnyRes tiles (anyres.py, vision.py) -> SigLIP tower (vision.py) -> mlp2x_gelu projector ->
+AnyRes packing (anyres.py) -> image features spliced into the Qwen3's input embeddings (model.py) wherever
+IMAGE_TOKEN_ID stands, one masked_scatter for the whole batch -> generate (model.py). Reading and writing its
+checkpoints (released LLaVA-NeXT, transformers' LlavaOnevision) is weights/checkpoints.py.
 
 Shapes: B batch, T tokens, H LLM hidden, C tower hidden, S tile side (px), P patches per tile side.
 """
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -13,8 +12,11 @@ import torch
 import torch.nn as nn
 
 import anyres
+import model
+import vision
 from model import IGNORE_INDEX, IMAGE_TOKEN_ID, Qwen3, Qwen3Config, pad_rows
-from vision import SiglipConfig, SiglipVisionTower, check_image_size, normalize, to_rgb
+from vision import SiglipConfig, SiglipVisionTower, check_image_size, to_rgb
+
 
 @dataclass
 class VLMConfig:
@@ -50,10 +52,10 @@ class TiledImage:
     """One image cut into tiles for the tower, before normalisation: what VLM.tile_image makes of a PIL image.
     train.py caches these per image file (decoding + tiling + resizing is the slow, host-side part), and
     prepare_inputs accepts them wherever it accepts a PIL image."""
-    tiles: torch.Tensor   # [n_tiles, 3, S, S] uint8 (anyres.tile_pixels)
+    tiles: torch.Tensor   # [n_tiles, 3, S, S] uint8 (vision.tile_pixels)
     size: tuple           # (width, height) of the original image (AnyRes packing needs it)
     mode: str             # the tiling it was cut with: anyres / pad / square (see VLM.tiling_mode)
-    key: object = None    # names the image (train.py: its path) for VLM.feature_cache; None = never cached
+    key: object = None    # names the image (train.py: its path and stat) for a feature cache; None = never cached
 
 
 class VLM(nn.Module):
@@ -68,10 +70,9 @@ class VLM(nn.Module):
         unpad = "unpad" in config.mm_patch_merge_type
         self.image_newline = nn.Parameter(torch.empty(config.llm.hidden_size)) if unpad else None
         self.max_pixels = None  # per-image pixel limit; None = vision.MAX_PIXELS
-        # Tower outputs per TiledImage.key, reused while the tower is frozen (train.py sets its process-wide
-        # vision.TensorLRU; None = off, as for inference). _tower_features says why they are never stale.
+        # The training seam: train.py may set a training.caches.FeatureCache, which answers tower_features from
+        # earlier tower outputs while the tower is frozen. None (inference): the tower runs on every call.
         self.feature_cache = None
-        self._feature_cache_state = self._feature_namespace = None
 
     def init_connector(self):
         """Fresh projector (PyTorch default Linear init) and newline ~ N(0, 1/H), as LLaVA's pretraining does."""
@@ -91,7 +92,7 @@ class VLM(nn.Module):
         """PIL image -> TiledImage: size check, RGB, AnyRes (or pad / square) tiles, each resized to the tile."""
         check_image_size(image.size, name, self.max_pixels)
         image, tile, mode = to_rgb(image), self.config.vision.image_size, self.tiling_mode(n_images_in_row)
-        return TiledImage(anyres.tile_pixels(image, mode, self.config.image_grid_pinpoints, tile), image.size, mode, key)
+        return TiledImage(vision.tile_pixels(image, mode, self.config.image_grid_pinpoints, tile), image.size, mode, key)
 
     def tiled_images(self, images):
         """Per-row lists of PIL images or TiledImages -> one TiledImage per image, in reading order."""
@@ -115,9 +116,10 @@ class VLM(nn.Module):
         tiled = self.tiled_images(images)
         if not tiled:
             return None, [], []
-        return normalize(torch.cat([t.tiles for t in tiled])), [len(t.tiles) for t in tiled], [t.size for t in tiled]
+        pixels = vision.normalize(torch.cat([t.tiles for t in tiled]))
+        return pixels, [len(t.tiles) for t in tiled], [t.size for t in tiled]
 
-    def _pack(self, features, size):
+    def pack(self, features, size):
         """features [tiles, P*P, H] of one image -> its tokens [T, H] (see anyres.py)."""
         newline = self.image_newline
         if features.shape[0] == 1:
@@ -128,41 +130,18 @@ class VLM(nn.Module):
         return anyres.pack_anyres(features, *size, newline, max_tiles, self.config.image_grid_pinpoints,
                                   self.config.vision.image_size)
 
-    def _tower(self, tiles, device, dtype):
-        """uint8 tiles [N, 3, S, S] -> tower features [N, P*P, C]. The tiles travel as uint8 (4x fewer bytes to a
-        GPU) and are normalised there: the same IEEE operations, so the same pixels as on the CPU."""
-        return self.vision(normalize(tiles.to(device)).to(dtype))
+    def run_tower(self, tiles):
+        """uint8 tiles [N, 3, S, S] -> tower features [N, P*P, C] on the model's device and dtype. The tiles travel
+        as uint8 (4x fewer bytes to a GPU) and are normalised there: the same IEEE operations, so the same pixels."""
+        weight = self.projector[0].weight
+        return self.vision(vision.normalize(tiles.to(weight.device)).to(weight.dtype))
 
-    def _tower_features(self, tiled, device, dtype):
-        """TiledImages -> tower features [N_tiles, P*P, C], in order. One tower call, or, with feature_cache and a
-        frozen tower, the cached features of every image seen before and one tower call per new image.
-
-        Never stale: the cache is used only while no tower parameter requires grad, and every entry is filed under
-        the tower's content (a hash of its weights' bytes), the autocast setting, device, dtype and thread count.
-        The hash is taken again whenever a tower parameter is replaced or changed in place (its storage or autograd
-        version counter moves: an optimiser step, load_state_dict, .to()), so a changed tower never finds the old
-        entries, and the very same tower in another model (the next train.py run in the same process: shapes.py's
-        workers) finds them all. One call per new image, not one for all of them, so an image's features never
-        depend on which other images missed the cache: a resumed run, which starts with an empty cache, computes
-        the very same bits."""
-        params = list(self.vision.parameters())
-        cache = self.feature_cache
-        if cache is None or any(p.requires_grad for p in params) or any(t.key is None for t in tiled):
-            return self._tower(torch.cat([t.tiles for t in tiled]), device, dtype)
-        state = (tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
-                 torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type), device, dtype,
-                 torch.get_num_threads())
-        if state != self._feature_cache_state:
-            self._feature_cache_state, self._feature_namespace = state, (content_hash(self.vision), *state[1:])
-        features = []
-        for t in tiled:
-            key = (self._feature_namespace, t.key)
-            f = cache.get(key)
-            if f is None:
-                f = self._tower(t.tiles, device, dtype)                             # (n_tiles, P*P, C)
-                cache.put(key, f, f.numel() * f.element_size())
-            features.append(f)
-        return torch.cat(features)
+    def tower_features(self, tiled):
+        """TiledImages -> tower features [N_tiles, P*P, C], in order: one tower call, or the feature cache's
+        answer when train.py set one."""
+        if self.feature_cache is not None:
+            return self.feature_cache.features(self, tiled)
+        return self.run_tower(torch.cat([t.tiles for t in tiled]))
 
     def encode_images(self, images):
         """Per-row lists of PIL images (or TiledImages) -> one [T_i, H] tensor per image, in reading order.
@@ -172,12 +151,11 @@ class VLM(nn.Module):
         tiled = self.tiled_images(images)
         if not tiled:
             return []
-        weight = self.projector[0].weight
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            features = self._tower_features(tiled, weight.device, weight.dtype)      # (N_tiles, P*P, C)
+            features = self.tower_features(tiled)                                     # (N_tiles, P*P, C)
         tokens = self.projector(features)                                            # (N_tiles, P*P, H)
-        return [self._pack(f, t.size) for f, t in zip(tokens.split([len(t.tiles) for t in tiled]), tiled)]
+        return [self.pack(f, t.size) for f, t in zip(tokens.split([len(t.tiles) for t in tiled]), tiled)]
 
     # -- splicing ---------------------------------------------------------------------------------------------
     def _check_batch(self, ids, images, labels, padding_side):
@@ -248,16 +226,14 @@ class VLM(nn.Module):
         batch = self.prepare_inputs(ids, images, padding_side=padding_side)
         return self.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"])
 
-
-def content_hash(module):
-    """Hex digest of a module's parameters and buffers: names, dtypes, shapes and bytes (equal weights, equal
-    digest, in any model object). Reads every weight once: VLM._tower_features takes it once per tower state."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    @torch.inference_mode()
+    def generate(self, prompts, images=None, **options):
+        """B token lists (IMAGE_TOKEN_ID where images go) + per-row image lists -> each row's new tokens:
+        the prompts spliced and left-padded (prepare_inputs), then model.generate on the LLM. options: as
+        model.generate (max_new_tokens, stop_ids, sampling, logits_processors, on_token, generator)."""
+        batch = self.prepare_inputs(prompts, images, padding_side="left")
+        return model.generate(self.llm, inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                              **options)
 
 
 def build_vlm(llm, vision_tower, **options):

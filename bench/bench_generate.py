@@ -1,8 +1,8 @@
 """Decoding speed on CPU: model.generate (fp32, int8 and int4 weight-only) vs transformers generate, and stage 2
 batched vs one at a time.
 
-    python bench/bench_generate.py                      # markdown tables on stdout, 1 and 2 threads (~5 min)
-    python bench/bench_generate.py --threads 1 --layers 28 --new 32   # full depth, one thread
+    python -m bench.bench_generate                      # markdown tables on stdout, 1 and 2 threads (~5 min)
+    python -m bench.bench_generate --threads 1 --layers 28 --new 32   # full depth, one thread
 
 Model: Qwen3 0.6B shapes (hidden 1024, 16 q / 8 kv heads of 128, intermediate 3072, vocab 151936, tied head),
 random weights, fp32, by default 4 of the 28 layers so it runs in minutes on a shared 2-core box. Our model
@@ -34,11 +34,10 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import model as M  # noqa: E402
-from _common import best_time, qwen3_pair  # noqa: E402
-import quantize  # noqa: E402
-import pipeline  # noqa: E402
+import model
+from bench._common import best_time, qwen3_pair
+from weights import quantize
+import pipeline
 
 
 
@@ -55,7 +54,7 @@ def copy_bandwidth(mib=256, repeats=5):
 def quantized_copy(ours, mode):
     """Our model quantized (quantize.quantize_model), sharing the norms and embedding with `ours`."""
     with torch.device("meta"):
-        q = M.Qwen3(ours.config)
+        q = model.Qwen3(ours.config)
     q.load_state_dict(ours.state_dict(), assign=True)
     return quantize.quantize_model(q.eval(), mode)
 
@@ -75,10 +74,10 @@ def decode_times(ours, int8, int8c, int4, hf, batch, prompt_len, new, repeats):
     ids = torch.randint(0, ours.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
     rows, mask = ids.tolist(), torch.ones_like(ids)
     runs = {
-        "ours": lambda n: M.generate(ours, rows, max_new_tokens=n),
-        "int8": lambda n: M.generate(int8, rows, max_new_tokens=n),
-        "int8c": lambda n: M.generate(int8c, rows, max_new_tokens=n),
-        "int4": lambda n: M.generate(int4, rows, max_new_tokens=n),
+        "ours": lambda n: model.generate(ours, rows, max_new_tokens=n),
+        "int8": lambda n: model.generate(int8, rows, max_new_tokens=n),
+        "int8c": lambda n: model.generate(int8c, rows, max_new_tokens=n),
+        "int4": lambda n: model.generate(int4, rows, max_new_tokens=n),
         "hf": lambda n: hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False, eos_token_id=None, pad_token_id=0),
     }

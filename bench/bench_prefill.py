@@ -1,6 +1,6 @@
 """Prefill of 512 tokens at Qwen3-0.6B shapes (random weights, fp32): ours vs transformers, same weights, same run.
 
-    python bench/bench_prefill.py [--tokens 512] [--layers 28] [--repeats 3]
+    python -m bench.bench_prefill [--tokens 512] [--layers 28] [--repeats 3]
 
 Both sides compute logits for the last position only, as a generation prefill does
 (ours: last_only=True, transformers: logits_to_keep=1). Prints a markdown table."""
@@ -11,8 +11,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _common import best_time, qwen3_pair  # noqa: E402
+from bench._common import best_time, qwen3_pair
 
 
 def main():

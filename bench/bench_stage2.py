@@ -6,8 +6,8 @@ weights and, by default, 4 of the 28 layers so it finishes in about a minute on 
 depth). Random weights never emit a stop token, so every row writes exactly budget + answer tokens: thinking is
 cut by the budget (forced "\\n</think>"), then the answer part runs to its cap. Tokens/s counts generated tokens.
 
-    python bench/bench_stage2.py                # markdown table on stdout
-    python bench/bench_stage2.py --layers 28 --questions 8 --budget 64
+    python -m bench.bench_stage2                # markdown table on stdout
+    python -m bench.bench_stage2 --layers 28 --questions 8 --budget 64
 """
 import argparse
 import importlib.util
@@ -19,14 +19,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import evaluate  # noqa: E402
+import evaluate
 
-import mmstar  # noqa: E402
-import pipeline  # noqa: E402
-import model  # noqa: E402
-import records  # noqa: E402
+from evaluation import mmstar
+import pipeline
+import model
+from storage import records
 
 
 def qwen3_tokenizer():

@@ -2,7 +2,7 @@
 ours (train.LossSum over model.Qwen3) vs transformers' Qwen3ForCausalLM(labels=...), same weights,
 same run; plus ours with gradient checkpointing. Prints a markdown table.
 
-    python bench/bench_train.py [--tokens 1024] [--layers 4] [--repeats 3]
+    python -m bench.bench_train [--tokens 1024] [--layers 4] [--repeats 3]
 
 Speed: both models live in one process and their steps are interleaved (the machine is shared,
 so load hits every variant alike); tokens/s from the best of --repeats. Memory: each variant in
@@ -19,10 +19,10 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoints as C  # noqa: E402
-import model as M  # noqa: E402
-import train as T  # noqa: E402
+from weights import checkpoints
+import model
+import train
+from training.loss import LossSum
 
 
 def proc_status_mib(field):
@@ -38,17 +38,17 @@ def reset_peak_rss():
 
 def build(which, layers):
     """The same random weights for every variant (seeded), as ours or as transformers'."""
-    cfg = M.Qwen3Config.preset("0.6B", num_hidden_layers=layers)
+    cfg = model.Qwen3Config.preset("0.6B", num_hidden_layers=layers)
     torch.manual_seed(0)
-    ours = T.init_weights(M.Qwen3(cfg))
+    ours = train.init_weights(model.Qwen3(cfg))
     if which.startswith("ours"):
         ours.grad_checkpointing = which == "ours_ckpt"
         return ours.train()
     import transformers
-    hf_cfg = transformers.Qwen3Config(**C.qwen3_to_hf(cfg))
+    hf_cfg = transformers.Qwen3Config(**checkpoints.qwen3_to_hf(cfg))
     hf_cfg._attn_implementation = "sdpa"
     hf = transformers.Qwen3ForCausalLM(hf_cfg)
-    hf.load_state_dict({C._llm_key_to_hf(k): v for k, v in ours.state_dict().items()}, strict=False)
+    hf.load_state_dict({checkpoints.llm_key_to_hf(k): v for k, v in ours.state_dict().items()}, strict=False)
     hf.tie_weights()
     return hf.train()
 
@@ -61,7 +61,7 @@ def step_fn(which, model, ids):
             loss.backward()
             return loss.item()
     else:
-        loss_sum = T.LossSum(model, pad_id=0, max_length=ids.shape[1])
+        loss_sum = LossSum(model, pad_id=0, max_length=ids.shape[1])
 
         def step():
             model.grad_checkpointing = which == "ours_ckpt"

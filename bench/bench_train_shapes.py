@@ -1,8 +1,8 @@
 """train.py throughput on *tiny* VLMs (the shapes-world sizes): the code of a base commit (default d38ad7b, before
 the training fast paths) vs the working tree, same data, same flags, same run. Prints a markdown table.
 
-    python bench/bench_train_shapes.py                 # ~2 min on 2 shared CPU cores
-    python bench/bench_train_shapes.py --steps 6 --rows S-finetune     # quick look
+    python -m bench.bench_train_shapes                 # ~2 min on 2 shared CPU cores
+    python -m bench.bench_train_shapes --steps 6 --rows S-finetune     # quick look
 
 What runs: `python train.py` in a subprocess for each (config, stage, code) row, on a synthetic LLaVA data set
 written here (112x112 PNG pictures of coloured squares, captions and QA of ~30-60 tokens, a byte-level BPE of
@@ -66,8 +66,7 @@ import tarfile
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from shapes_backbones import SIZES  # noqa: E402
+from shapes_world.train_backbones import SIZES
 
 BASE = "d38ad7b"   # the commit before the training fast paths (loss at labelled positions, per-image caches)
 CONFIGS = SIZES   # the Shapes world's two LLM sizes, as shapes_backbones.py trains them
@@ -92,7 +91,7 @@ def where(x, y):
 def module_from(folder, name):
     """Import folder/name.py under a private name (the old code's modules, without touching sys.path)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(f"_base_{name}", os.path.join(folder, f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(f"_base_{name.replace('/', '_')}", os.path.join(folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module   # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -206,7 +205,8 @@ def main():
     os.makedirs(work, exist_ok=True)
     try:
         old = old_code(args.base, os.path.join(work, "old_code"))
-        world = "shapes_world" if os.path.exists(os.path.join(old, "shapes_world.py")) else "shapes"  # where it lives
+        world = next(name for name in ("shapes_world/world", "shapes_world", "shapes")   # where it lives at that commit
+                     if os.path.exists(os.path.join(old, f"{name}.py")))
         data = make_data(os.path.join(work, "data"), args.images, args.qa_per_image, module_from(old, world))
         commit = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()

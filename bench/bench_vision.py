@@ -15,13 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import anyres  # noqa: E402
-import checkpoints as C  # noqa: E402
-import model as M  # noqa: E402
-import vlm as V  # noqa: E402
-from _common import best_time  # noqa: E402
-from vision import SiglipConfig, SiglipVisionTower  # noqa: E402
+import anyres
+from weights import checkpoints
+import model
+from vlm import VLM, build_vlm
+from bench._common import best_time
+from vision import SiglipConfig, SiglipVisionTower
 
 
 
@@ -30,7 +29,7 @@ def transformers_tower(ours):
     """transformers SiglipVisionModel cut as LLaVA cuts it (26 layers, no head), holding our weights."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
     c = ours.config
-    cfg = SiglipVisionConfig(**{k: v for k, v in C.siglip_to_hf(c).items() if k != "model_type"}, vision_use_head=False)
+    cfg = SiglipVisionConfig(**{k: v for k, v in checkpoints.siglip_to_hf(c).items() if k != "model_type"}, vision_use_head=False)
     cfg.num_hidden_layers = c.num_layers_used
     hf = SiglipVisionModel(cfg).eval()
     prefix = "vision_model." if next(iter(hf.state_dict())).startswith("vision_model.") else ""  # 4.x vs 5.x names
@@ -57,8 +56,8 @@ def bench_stage1(vlm, width, height, repeats):
         pixels, counts, sizes = vlm.image_pixels([[image]])
         tower_s = best_time(lambda: vlm.vision(pixels), repeats, warmup=0)
         feats = vlm.vision(pixels)
-        pack_s = best_time(lambda: vlm._pack(vlm.projector(feats), sizes[0]), repeats, warmup=0)
-        tokens = vlm._pack(vlm.projector(feats), sizes[0]).shape[0]
+        pack_s = best_time(lambda: vlm.pack(vlm.projector(feats), sizes[0]), repeats, warmup=0)
+        tokens = vlm.pack(vlm.projector(feats), sizes[0]).shape[0]
     return dict(tiles=counts[0], tokens=tokens, preprocess_s=prep_s, tower_s=tower_s, projector_pack_s=pack_s,
                 total_s=prep_s + tower_s + pack_s)
 
@@ -79,8 +78,8 @@ def main():
     hf = transformers_tower(tower)
     ours_s, hf_s, diff = bench_tile(tower, hf, args.repeats)
     del hf
-    llm = M.Qwen3(M.Qwen3Config.preset("tiny", hidden_size=1024))   # only its hidden size matters here
-    vlm = V.build_vlm(llm, tower).eval()
+    llm = model.Qwen3(model.Qwen3Config.preset("tiny", hidden_size=1024))   # only its hidden size matters here
+    vlm = build_vlm(llm, tower).eval()
     width, height = map(int, args.image.lower().split("x"))
     stage1 = bench_stage1(vlm, width, height, args.repeats)
     result = dict(tile_ours_s=ours_s, tile_transformers_s=hf_s, speed_ratio=hf_s / ours_s, max_abs_diff=diff,

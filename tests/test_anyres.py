@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import anyres  # noqa: E402
+import anyres
 
 
 # ----------------------------------------------------------------------------- the oracle (released algorithm)

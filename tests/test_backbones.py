@@ -1,4 +1,4 @@
-"""The toy backbones shipped in backbones/ (shapes_backbones.py): they load strictly, are the files the manifest
+"""The toy backbones shipped in shapes_world/backbones/ (shapes_world/train_backbones.py): they load strictly, are the files the manifest
 names, and reproduce the held-out numbers the manifest recorded when they were trained (greedy, one thread)."""
 import hashlib
 import json
@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-import checkpoints as C
-import model as M
-import vlm as V
-import shapes_backbones as B
+from weights import checkpoints
+import model
+from vlm import VLM, build_vlm
+from shapes_world import train_backbones
 
-FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "backbones")
+FOLDER = train_backbones.BACKBONES
 MANIFEST = json.load(open(os.path.join(FOLDER, "manifest.json")))
 
 
@@ -22,49 +22,49 @@ def test_shipped_files_are_the_manifests_and_small():
         data = open(os.path.join(FOLDER, rel), "rb").read()
         assert hashlib.sha256(data).hexdigest() == digest, rel
         total += len(data)
-    assert set(MANIFEST["files"]) == {f"{m}/{f}" for m in ("lm-S", "lm-L", "captioner") for f in B.SHIPPED}
+    assert set(MANIFEST["files"]) == {f"{m}/{f}" for m in ("lm-S", "lm-L", "captioner") for f in train_backbones.SHIPPED}
     assert total <= 20 * 2 ** 20, total
 
 
 def test_backbones_load_strictly_with_the_recorded_shapes():
-    for size, overrides in B.SIZES.items():
-        lm = C.load_model(os.path.join(FOLDER, f"lm-{size}"))   # load_model refuses a missing or extra key
-        assert isinstance(lm, M.Qwen3) and lm.lm_head is not None   # untied head (see shapes_backbones.SIZES)
+    for size, overrides in train_backbones.SIZES.items():
+        lm = checkpoints.load_model(os.path.join(FOLDER, f"lm-{size}"))   # load_model refuses a missing or extra key
+        assert isinstance(lm, model.Qwen3) and lm.lm_head is not None   # untied head (see train_backbones.SIZES)
         for item in overrides.split(","):
             key, value = item.split("=")
             assert str(getattr(lm.config, key)).lower() == value.lower(), (size, key)
-    captioner = C.load_model(os.path.join(FOLDER, "captioner"))
-    assert isinstance(captioner, V.VLM) and captioner.config.vision.image_size == 56
-    assert C.load_model(os.path.join(FOLDER, "lm-S")).config == captioner.llm.config
+    captioner = checkpoints.load_model(os.path.join(FOLDER, "captioner"))
+    assert isinstance(captioner, VLM) and captioner.config.vision.image_size == 56
+    assert checkpoints.load_model(os.path.join(FOLDER, "lm-S")).config == captioner.llm.config
 
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     torch.set_num_threads(1)   # as when the numbers were recorded
     work = tmp_path_factory.mktemp("backbones")
-    return work, B.heldout_data(str(work / "heldout"))
+    return work, train_backbones.heldout_data(str(work / "heldout"))
 
 
-@pytest.mark.parametrize("size", sorted(B.SIZES))
+@pytest.mark.parametrize("size", sorted(train_backbones.SIZES))
 @pytest.mark.parametrize("kind", ["extract", "caption"])
 def test_language_models_reproduce_their_held_out_accuracy(heldout, size, kind):
     work, data = heldout
-    got = B.reasoner_accuracy(os.path.join(FOLDER, f"lm-{size}"), data, kind, str(work / f"{size}-{kind}"))
+    got = train_backbones.reasoner_accuracy(os.path.join(FOLDER, f"lm-{size}"), data, kind, str(work / f"{size}-{kind}"))
     assert got == MANIFEST["heldout"][f"lm-{size} on true {kind} descriptions"]
 
 
 def test_captioner_reproduces_its_held_out_facts(heldout):
     work, data = heldout
-    got = B.captioner_facts(os.path.join(FOLDER, "captioner"), data, str(work / "captioner"))
+    got = train_backbones.captioner_facts(os.path.join(FOLDER, "captioner"), data, str(work / "captioner"))
     assert got == MANIFEST["heldout"]["captioner: confirmed facts in held-out captions"]
 
 
 def test_world_tokenizer_reproduces_the_shipped_one():
-    import shapes_world
-    ours = json.loads(shapes_world.world_tokenizer().to_str())
+    from shapes_world import world
+    ours = json.loads(world.world_tokenizer().to_str())
     for name in ("lm-S", "lm-L", "captioner"):
         assert json.load(open(os.path.join(FOLDER, name, "tokenizer.json"))) == ours, name
 
 
 def test_the_language_models_corpus_is_regenerated_exactly():
-    assert hashlib.sha256(B.corpus_text().encode()).hexdigest() == MANIFEST["corpus_sha256"]
+    assert hashlib.sha256(train_backbones.corpus_text().encode()).hexdigest() == MANIFEST["corpus_sha256"]

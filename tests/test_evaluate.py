@@ -15,15 +15,14 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import evaluate  # noqa: E402
+import evaluate
 
-import mmstar  # noqa: E402
-import pipeline  # noqa: E402
-import records  # noqa: E402
+from evaluation import mmstar, outputs
+import pipeline
+from storage import records
 
-from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
+from _reference import SEED_REPO   # the released code, when it sits next to the repo
 RELEASE = os.path.join(SEED_REPO, "lmms_eval_custom_files")
 
 
@@ -155,7 +154,7 @@ def test_answer_by_text_scoring(reply, options, gt, letter):
     assert got["predicted_letter"] == letter
     assert got["correct"] == (letter == gt)
     assert got["parsed"] == (letter is not None)
-    assert got["prediction"] == mmstar.extract_answer(reply)[0]       # the same prediction as letter mode
+    assert got["prediction"] == pipeline.extract_answer(reply)[0]       # the same prediction as letter mode
 
 
 def test_answer_by_text_normalisation_and_letter_mode_untouched():
@@ -181,9 +180,9 @@ def test_answer_by_text_normalisation_and_letter_mode_untouched():
 def test_run_config_from_before_answer_match_resumes_as_letter(tmp_path):
     path = str(tmp_path / "stage2.config.json")
     (tmp_path / "stage2.config.json").write_text(json.dumps({"data": "set.jsonl", "budget": 5}))   # older run
-    evaluate.check_run_config(path, {"data": "set.jsonl", "budget": 5, "answer_match": "letter"})
+    outputs.check_run_config(path, {"data": "set.jsonl", "budget": 5, "answer_match": "letter"})
     with pytest.raises(ValueError, match="answer_match: was 'letter', now 'text'"):
-        evaluate.check_run_config(path, {"data": "set.jsonl", "budget": 5, "answer_match": "text"})
+        outputs.check_run_config(path, {"data": "set.jsonl", "budget": 5, "answer_match": "text"})
 
 
 # ----------------------------------------------------------------------------- files
@@ -321,14 +320,14 @@ FAST = ["--stage1-tokens", "6", "--budget", "5", "--answer-tokens", "4", "--batc
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random text LLM + VLM (saved with checkpoints.save_model, tokenizer from shapes_world.train_tokenizer) and a
+    """A tiny random text LLM + VLM (saved with checkpoints.save_model, tokenizer from world.train_tokenizer) and a
     6-question multiple-choice set (JSONL + PNGs made here; doc 3's image is missing)."""
-    import checkpoints
+    from weights import checkpoints
     import model
     import prompts
-    import shapes_world
+    from shapes_world import world
     import vision
-    import vlm as V
+    from vlm import build_vlm
     root = tmp_path_factory.mktemp("tiny")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny models: one thread is faster than two on a shared 2-core box
@@ -336,10 +335,10 @@ def tiny(tmp_path_factory):
     question = "What colour is the star?\nOptions: A: red, B: blue, C: green, D: yellow"
     texts = [prompts.stage2_prompt(question, "A yellow star.", True), prompts.llava_chat("<image>\n" + question),
              prompts.perception_prompt("the colour of the star"), "Answer: B"]
-    tokenizer = shapes_world.train_tokenizer(texts * 4, vocab_size=400)
+    tokenizer = world.train_tokenizer(texts * 4, vocab_size=400)
     vocab = tokenizer.get_vocab_size()
     llm = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab))
-    vlm = V.build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab)),
+    vlm = build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab)),
                       vision.SiglipConfig.preset("tiny"))
     for name, m in (("llm", llm), ("vlm", vlm)):
         checkpoints.save_model(m, str(root / name))
@@ -402,7 +401,7 @@ def test_stage1_then_stage2_equals_two_stage(tiny, tmp_path):
 
 
 def test_e2e_mode(tiny, tmp_path, monkeypatch):
-    import checkpoints
+    from weights import checkpoints
     spy = PromptSpy(monkeypatch)
     run_cli(tiny, tmp_path, "--mode", "e2e")
     question = "What colour is shape 0?\nOptions: A: red, B: blue, C: green, D: yellow"
@@ -589,16 +588,23 @@ def test_oracle_strings_are_the_release_literals():
 
 
 class PromptSpy:
-    """Wraps model.generate and keeps every prompt (token ids) it is given."""
+    """Wraps model.generate (text prompts) and VLM.generate (image prompts) and keeps every prompt (token ids)."""
 
     def __init__(self, monkeypatch):
         import model
-        self.prompts, real = [], model.generate
+        from vlm import VLM
+        self.prompts, real, real_vlm = [], model.generate, VLM.generate
 
-        def spy(m, prompts, *a, **k):
+        def spy(llm, prompts=None, **k):
+            if prompts is not None:
+                self.prompts += [list(p) for p in prompts]
+            return real(llm, prompts, **k)
+
+        def vlm_spy(vlm, prompts, images=None, **k):
             self.prompts += [list(p) for p in prompts]
-            return real(m, prompts, *a, **k)
+            return real_vlm(vlm, prompts, images, **k)
         monkeypatch.setattr(model, "generate", spy)
+        monkeypatch.setattr(VLM, "generate", vlm_spy)
 
     def texts(self, tokenizer):
         """Prompt ids -> text, IMAGE_TOKEN_ID shown as "<image>" (decode keeps special tokens)."""
@@ -619,7 +625,7 @@ class PromptSpy:
 @pytest.mark.parametrize("thinking", [True, False])
 def test_mmstar_prompts_are_byte_identical_to_the_release(tiny, tmp_path, monkeypatch, thinking):
     pytest.importorskip("pyarrow")
-    import checkpoints
+    from weights import checkpoints
     tokenizer = checkpoints.load_tokenizer(str(tiny / "vlm"))
     make_mmstar_parquet(str(tmp_path / "mmstar.parquet"), [Image.new("RGB", (30 + 20 * i, 40)) for i in range(3)])
     (tmp_path / "hints.json").write_text(json.dumps(MMSTAR_HINTS))
@@ -683,7 +689,7 @@ def test_a_doc_id_written_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"stage1\.jsonl: line 4 repeats doc_id 1 of line 2"):
         evaluate.read_stage1(str(path), docs)
     with pytest.raises(ValueError, match=r"stage1\.jsonl: line 4 repeats doc_id 1 of line 2"):
-        evaluate._run_batches(docs, str(path), 2, "x", lambda batch: [], show_progress=False)
+        outputs.run_batches(docs, str(path), 2, "x", lambda batch: [], show_progress=False)
 
 
 def test_jsonl_image_paths_stay_inside_the_image_folder(tmp_path):

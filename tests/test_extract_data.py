@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-import extract_data as X
-import checkpoints as C
-import model as M
-import vlm as V
+import extract_data
+from weights import checkpoints
+import model
+from vlm import VLM, build_vlm
 import prompts
-from records import read_jsonl
+from storage.records import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
+from _reference import SEED_REPO   # the released code, when it sits next to the repo
 RELEASE = os.path.join(SEED_REPO, "visual_extraction_tuning_pipeline.py")
 MAX_TOKENS = ["--max-statement-tokens", "6", "--max-description-tokens", "8", "--max-hint-tokens", "6"]
 
@@ -74,7 +74,7 @@ def fake_args(**kw):
 
 @pytest.mark.parametrize("conversations", [ONE_PAIR, THREE_PAIRS], ids=["1 pair", "3 pairs"])
 def test_statement_prompt_is_byte_identical_to_release(conversations):
-    ours = X.statement_prompt(X.qa_pairs({"conversations": conversations}, "r"))
+    ours = extract_data.statement_prompt(extract_data.qa_pairs({"conversations": conversations}, "r"))
     assert ours.encode() == release_statement_prompt(conversations).encode()
     assert ("As there are" in ours) == (len(conversations) > 2)
     assert ours.startswith("Your task is to convert each question\u2013answer pair")  # en dash, as released
@@ -82,7 +82,7 @@ def test_statement_prompt_is_byte_identical_to_release(conversations):
 
 def test_description_prompt_is_byte_identical_to_release():
     statements = "The snow is white.\nThe plate is black."
-    assert X.description_prompt(statements).encode() == release_description_prompt(statements).encode()
+    assert extract_data.description_prompt(statements).encode() == release_description_prompt(statements).encode()
 
 
 def test_prompt_literals_appear_in_the_release_source():
@@ -90,14 +90,14 @@ def test_prompt_literals_appear_in_the_release_source():
         pytest.skip(f"the released pipeline is not at {RELEASE} (set EXTRACT_THINK_RELEASE)")
     with open(RELEASE, encoding="utf-8") as f:
         literals = {n.value for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.Constant)}
-    assert X.STATEMENT_TASK in literals and X.DESCRIPTION_TASK in literals
+    assert extract_data.STATEMENT_TASK in literals and extract_data.DESCRIPTION_TASK in literals
     assert "\nDeclarative Statement(s):" in literals and "\nDescription:" in literals
 
 
 def test_release_behaviour_keeps_image_marks_and_answer_format(tmp_path):
     Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
     record = {"id": "x", "image": "a.png", "conversations": ONE_PAIR}
-    sample = X.prepare(record, 0, fake_args(image_folder=str(tmp_path)))
+    sample = extract_data.prepare(record, 0, fake_args(image_folder=str(tmp_path)))
     assert sample.statement_prompt == release_statement_prompt(ONE_PAIR)
     assert "Question #1: <image>\nWhat color is the snow?\nAnswer the question with" in sample.statement_prompt
     assert sample.pixels.size == (512, 512) and sample.pixels.mode == "RGB"
@@ -107,29 +107,29 @@ def test_release_behaviour_keeps_image_marks_and_answer_format(tmp_path):
 def test_strip_answer_format_removes_image_marks_and_suffixes(tmp_path):
     Image.new("RGB", (20, 10)).save(tmp_path / "a.png")
     record = {"id": "x", "image": "a.png", "conversations": THREE_PAIRS}
-    sample = X.prepare(record, 0, fake_args(image_folder=str(tmp_path), strip_answer_format=True))
+    sample = extract_data.prepare(record, 0, fake_args(image_folder=str(tmp_path), strip_answer_format=True))
     assert "<image>" not in sample.statement_prompt and "single word" not in sample.statement_prompt
     assert "\nQuestion #2: What is the color of this plate\nAnswer: Black\n" in sample.statement_prompt
     vizwiz = "<image>\nWhat is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'." \
              "\nAnswer the question using a single word or phrase."
-    assert X.clean_question(vizwiz) == "What is this?"
-    assert X.clean_question("Pick one.\nA. x\nB. y\nMy own rule.", X.ANSWER_FORMAT_SUFFIXES + ("My own rule.",)) \
+    assert extract_data.clean_question(vizwiz) == "What is this?"
+    assert extract_data.clean_question("Pick one.\nA. x\nB. y\nMy own rule.", extract_data.ANSWER_FORMAT_SUFFIXES + ("My own rule.",)) \
         == "Pick one.\nA. x\nB. y"
 
 
 def test_bad_conversations_name_the_record():
     with pytest.raises(ValueError, match="record r7: turn 1 must be"):
-        X.qa_pairs({"conversations": [ONE_PAIR[0], ONE_PAIR[0]]}, "r7")
+        extract_data.qa_pairs({"conversations": [ONE_PAIR[0], ONE_PAIR[0]]}, "r7")
     with pytest.raises(ValueError, match="record r8: 'conversations'"):
-        X.qa_pairs({"conversations": ONE_PAIR[:1]}, "r8")
+        extract_data.qa_pairs({"conversations": ONE_PAIR[:1]}, "r8")
 
 
 def test_shard_ranges_cover_every_index_once():
-    spans = [X.resolve_range(type("A", (), {"shard": f"{i}/3", "start": 0, "end": None})(), 10) for i in range(3)]
+    spans = [extract_data.resolve_range(type("A", (), {"shard": f"{i}/3", "start": 0, "end": None})(), 10) for i in range(3)]
     assert [i for a, b in spans for i in range(a, b)] == list(range(10))
-    assert X.resolve_range(type("A", (), {"shard": None, "start": 4, "end": 99})(), 10) == (4, 10)
+    assert extract_data.resolve_range(type("A", (), {"shard": None, "start": 4, "end": 99})(), 10) == (4, 10)
     with pytest.raises(ValueError, match="--shard"):
-        X.resolve_range(type("A", (), {"shard": "3/3", "start": 0, "end": None})(), 10)
+        extract_data.resolve_range(type("A", (), {"shard": "3/3", "start": 0, "end": None})(), 10)
 
 
 # ----------------------------------------------------------------------------- tiny models and data
@@ -144,17 +144,17 @@ def one_torch_thread():
 
 
 def tiny_tokenizer():
-    import shapes_world
+    from shapes_world import world
     texts = ["What color is the box? The box is red. Describe the image. Contents to observe: colors."] * 30
-    return shapes_world.train_tokenizer(texts, vocab_size=300)
+    return world.train_tokenizer(texts, vocab_size=300)
 
 
 def tiny_vlm(llm):
-    """A random tiny VLM around llm: tiny SigLIP tower + projector (the vision helper's V.build_vlm)."""
+    """A random tiny VLM around llm: tiny SigLIP tower + projector (the vision helper's build_vlm)."""
     import vision
     torch.manual_seed(1)
     tower = vision.SiglipVisionTower(vision.SiglipConfig.preset("tiny"))
-    return V.build_vlm(llm, tower)
+    return build_vlm(llm, tower)
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +163,11 @@ def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size())).eval()
-    vlm = tiny_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size()))).eval()
+    llm = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size())).eval()
+    vlm = tiny_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size()))).eval()
     paths = {}
-    for name, model in (("llm", llm), ("vlm", vlm)):
-        C.save_model(model, str(root / name))
+    for name, net in (("llm", llm), ("vlm", vlm)):
+        checkpoints.save_model(net, str(root / name))
         tok.save(str(root / name / "tokenizer.json"))
         paths[name] = str(root / name)
     return paths
@@ -214,12 +214,10 @@ def check_outputs(folder, data, captions_path, out_path):
         assert t["conversations"] == [
             {"from": "human", "value": "<image>\n" + prompts.perception_prompt(r["hint"] or None)},
             {"from": "gpt", "value": r["caption"]}]
-    try:
-        import train as T
-    except ImportError:
-        return caps
-    cfg = T.TrainConfig(stage="finetune", data=str(out_path), image_folder=str(folder / "imgs")).resolve()
-    samples, bad = T.build_samples(cfg, train_recs)
+    import train
+    from training.chat_data import build_samples
+    cfg = train.TrainConfig(stage="finetune", data=str(out_path), image_folder=str(folder / "imgs")).resolve()
+    samples, bad = build_samples(cfg, train_recs)
     assert len(samples) == len(train_recs) and not bad
     return caps
 
@@ -228,42 +226,48 @@ def check_outputs(folder, data, captions_path, out_path):
 
 def test_local_backend_end_to_end(tmp_path, tiny_models, monkeypatch):
     data = make_dataset(tmp_path)
-    calls, real_generate = [], M.generate
+    calls, real_generate, real_vlm_generate = [], model.generate, VLM.generate
 
-    def spy(model, ids, images=None, **kw):
+    def spy(llm, ids=None, **kw):   # VLM.generate calls it with the spliced embeddings, ids None
+        if ids is not None:
+            calls.append((ids, None))
+        return real_generate(llm, ids, **kw)
+
+    def vlm_spy(vlm, ids, images, **kw):
         calls.append((ids, images))
-        return real_generate(model, ids, images, **kw)
+        return real_vlm_generate(vlm, ids, images, **kw)
 
-    monkeypatch.setattr(M, "generate", spy)
+    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(VLM, "generate", vlm_spy)
     out = tmp_path / "extract.jsonl"
     argv = ["--data", str(tmp_path / "train.json"), "--image-folder", str(tmp_path / "imgs"), "--out", str(out),
             "--backend", "local", "--llm", tiny_models["llm"], "--vlm", tiny_models["vlm"], "--batch-size", "4",
             "--no-progress", *MAX_TOKENS]
-    assert X.main(argv) == 0
+    assert extract_data.main(argv) == 0
     caps = check_outputs(tmp_path, data, tmp_path / "extract.captions.jsonl", out)
     assert {r["index"]: r["status"] for r in caps} == {0: "done", 1: "skipped", 2: "failed", 3: "done", 4: "failed"}
     # what the models were given: the exact chat texts, one 512x512 image per step-2 row
-    tok = C.load_tokenizer(tiny_models["llm"])
+    tok = checkpoints.load_tokenizer(tiny_models["llm"])
     texts = lambda ids: "<image>".join(tok.decode(part, skip_special_tokens=False) for part in split_at_image(ids))
     sent = {texts(row) for ids, _ in calls for row in ids}
     args = fake_args(image_folder=str(tmp_path / "imgs"))
     for r in (r for r in caps if r["status"] == "done"):
-        sample = X.prepare(data[r["index"]], r["index"], args)
+        sample = extract_data.prepare(data[r["index"]], r["index"], args)
         chat = prompts.qwen3_chat([{"role": "user", "content": sample.statement_prompt}], thinking=False)
         assert chat in sent
         assert prompts.qwen3_chat([{"role": "user", "content": prompts.hint_prompt(sample.hint_question)}],
                                   thinking=False) in sent
-        assert prompts.llava_chat("<image>\n" + X.description_prompt(r["statements"])) in sent
+        assert prompts.llava_chat("<image>\n" + extract_data.description_prompt(r["statements"])) in sent
     step2 = [(ids, images) for ids, images in calls if images is not None]
     assert len(step2) == 1 and len(step2[0][0]) == 2  # one batch of the two samples with a readable image
     for row, images in zip(*step2[0]):
-        assert row.count(M.IMAGE_TOKEN_ID) == 1 and [im.size for im in images] == [(512, 512)]
+        assert row.count(model.IMAGE_TOKEN_ID) == 1 and [im.size for im in images] == [(512, 512)]
 
 
 def split_at_image(ids):
     parts = [[]]
     for t in ids:
-        if t == M.IMAGE_TOKEN_ID:
+        if t == model.IMAGE_TOKEN_ID:
             parts.append([])
         else:
             parts[-1].append(t)
@@ -279,8 +283,8 @@ class ChatServer:
     fail_if(text) -> HTTP code for requests whose text matches; delay: seconds added to each request."""
 
     def __init__(self, models, delay=0.0, timeout_sleep=2.0):
-        self.llm, self.vlm = C.load_model(models["llm"]), C.load_model(models["vlm"])
-        self.tok = C.load_tokenizer(models["llm"])
+        self.llm, self.vlm = checkpoints.load_model(models["llm"]), checkpoints.load_model(models["vlm"])
+        self.tok = checkpoints.load_tokenizer(models["llm"])
         self.plan, self.fail_if, self.delay, self.timeout_sleep = deque(), None, delay, timeout_sleep
         self.requests, self.lock = [], threading.Lock()
         server = self
@@ -332,13 +336,15 @@ class ChatServer:
         if images:
             head, tail = prompts.llava_chat("<image>\n" + text).split("<image>", 1)
             enc = lambda s: self.tok.encode(s, add_special_tokens=False).ids
-            model, ids = self.vlm, enc(head) + [M.IMAGE_TOKEN_ID] + enc(tail)
+            ids = enc(head) + [model.IMAGE_TOKEN_ID] + enc(tail)
         else:
-            model = self.llm
             ids = self.tok.encode(prompts.qwen3_chat([{"role": "user", "content": text}], thinking=False),
                                   add_special_tokens=False).ids
         stop = {self.tok.token_to_id("<|im_end|>"), self.tok.token_to_id("<|endoftext|>")}
-        out = M.generate(model, [ids], [images] if images else None, max_new_tokens=max_tokens, stop_ids=stop)
+        if images:
+            out = self.vlm.generate([ids], [images], max_new_tokens=max_tokens, stop_ids=stop)
+        else:
+            out = model.generate(self.llm, [ids], max_new_tokens=max_tokens, stop_ids=stop)
         return self.tok.decode(out[0], skip_special_tokens=True)
 
     def close(self):
@@ -379,17 +385,17 @@ def test_openai_backend_end_to_end_with_retries(tmp_path, server, capsys):
     server.plan.extend(["500", "503", "timeout", "429"])  # the first four requests fail once each
     argv = openai_argv(tmp_path, server, "extract.jsonl", "--concurrency", "2", "--json", "--timeout", "1",
                        "--max-retries", "4")
-    assert X.main(argv) == 0
+    assert extract_data.main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["done"], summary["skipped"], summary["failed"]) == (2, 1, 2)
     caps = check_outputs(tmp_path, data, tmp_path / "extract.captions.jsonl", tmp_path / "extract.jsonl")
     assert not server.plan  # all four injected failures were met, and retried: both samples are done
     for r in (r for r in caps if r["status"] == "done"):
-        sample = X.prepare(data[r["index"]], r["index"], fake_args(image_folder=str(tmp_path / "imgs")))
+        sample = extract_data.prepare(data[r["index"]], r["index"], fake_args(image_folder=str(tmp_path / "imgs")))
         step1 = next(q for q in server.requests if q["text"] == sample.statement_prompt)
         assert step1["model"] == "tiny-llm" and step1["reply"] == r["statements"]
         # the image arrives as the release's 512x512 RGB pixels, exactly (PNG data URL)
-        step2 = next(q for q in server.requests if q["images"] and q["text"] == X.description_prompt(r["statements"])
+        step2 = next(q for q in server.requests if q["images"] and q["text"] == extract_data.description_prompt(r["statements"])
                      and q["images"][0].tobytes() == sample.pixels.tobytes())
         assert step2["model"] == "tiny-vlm" and step2["reply"] == r["caption"]
         assert step2["images"][0].size == (512, 512)
@@ -401,7 +407,7 @@ def test_server_errors_after_retries_and_4xx_become_failed_records(tmp_path, ser
     make_dataset(tmp_path)
     server.fail_if = lambda text: 500 if "three" in text or "How many boxes?" in text else \
         400 if "What color is the box?\nAnswer the question" in text else None
-    assert X.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
+    assert extract_data.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["done"], summary["failed"]) == (0, 4)
     caps = {r["index"]: r for r in read_jsonl(tmp_path / "extract.captions.jsonl")}
@@ -410,7 +416,7 @@ def test_server_errors_after_retries_and_4xx_become_failed_records(tmp_path, ser
     assert read_jsonl(tmp_path / "extract.jsonl") == []
     # --retry-failed runs them again (the server is healthy now)
     server.fail_if = None
-    assert X.main(openai_argv(tmp_path, server, "extract.jsonl", "--json", "--retry-failed")) == 0
+    assert extract_data.main(openai_argv(tmp_path, server, "extract.jsonl", "--json", "--retry-failed")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["done"], summary["failed"], summary["this_run"]["done"]) == (2, 2, 2)
 
@@ -418,7 +424,7 @@ def test_server_errors_after_retries_and_4xx_become_failed_records(tmp_path, ser
 def test_auth_error_stops_the_run_with_a_clear_message(tmp_path, server, capsys):
     make_dataset(tmp_path)
     server.fail_if = lambda text: 401
-    assert X.main(openai_argv(tmp_path, server)) == 2
+    assert extract_data.main(openai_argv(tmp_path, server)) == 2
     err = capsys.readouterr().err
     assert "HTTP 401" in err and "--api-key" in err
     assert not (tmp_path / "extract.captions.jsonl").exists()  # nothing recorded for the aborted batch
@@ -443,7 +449,7 @@ def test_sigkill_then_restart_gives_each_index_once_and_identical_outputs(tmp_pa
     s = ChatServer(tiny_models, delay=0.03)
     try:
         data = make_dataset(tmp_path, n_extra=7)
-        assert X.main(openai_argv(tmp_path, s, "ref.jsonl", "--batch-size", "2", "--concurrency", "2")) == 0
+        assert extract_data.main(openai_argv(tmp_path, s, "ref.jsonl", "--batch-size", "2", "--concurrency", "2")) == 0
         caps = tmp_path / "run.captions.jsonl"
         proc = run_cli(openai_argv(tmp_path, s, "run.jsonl", "--batch-size", "2", "--concurrency", "2"))
         deadline = time.time() + 30
@@ -467,13 +473,13 @@ def test_sigkill_then_restart_gives_each_index_once_and_identical_outputs(tmp_pa
 
 def test_torn_last_line_is_repaired_on_restart(tmp_path, server, capsys):
     data = make_dataset(tmp_path)
-    assert X.main(openai_argv(tmp_path, server)) == 0
+    assert extract_data.main(openai_argv(tmp_path, server)) == 0
     caps = tmp_path / "extract.captions.jsonl"
     full = caps.read_bytes()
     lines = full.splitlines(keepends=True)
     caps.write_bytes(b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # crash in the middle of line 4
     before = len(server.requests)
-    assert X.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
+    assert extract_data.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert "dropping torn last line" in captured.err
@@ -485,9 +491,9 @@ def test_torn_last_line_is_repaired_on_restart(tmp_path, server, capsys):
 
 def test_finished_run_is_not_redone(tmp_path, server, capsys):
     make_dataset(tmp_path)
-    assert X.main(openai_argv(tmp_path, server)) == 0
+    assert extract_data.main(openai_argv(tmp_path, server)) == 0
     n = len(server.requests)
-    assert X.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
+    assert extract_data.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
     assert json.loads(capsys.readouterr().out)["this_run"] == {"done": 0, "skipped": 0, "failed": 0}
     assert len(server.requests) == n
 
@@ -496,19 +502,19 @@ def test_finished_run_is_not_redone(tmp_path, server, capsys):
 
 def test_shards_merge_into_the_unsharded_result(tmp_path, server, capsys):
     data = make_dataset(tmp_path, n_extra=1)
-    assert X.main(openai_argv(tmp_path, server, "all.jsonl")) == 0
+    assert extract_data.main(openai_argv(tmp_path, server, "all.jsonl")) == 0
     for i in range(3):
-        assert X.main(openai_argv(tmp_path, server, f"part{i}.jsonl", "--shard", f"{i}/3")) == 0
+        assert extract_data.main(openai_argv(tmp_path, server, f"part{i}.jsonl", "--shard", f"{i}/3")) == 0
     parts = [str(tmp_path / f"part{i}.captions.jsonl") for i in range(3)]
     merged = tmp_path / "merged.jsonl"
-    assert X.main(["merge", "--data", str(tmp_path / "train.json"), "--out", str(merged), *parts]) == 0
+    assert extract_data.main(["merge", "--data", str(tmp_path / "train.json"), "--out", str(merged), *parts]) == 0
     assert merged.read_bytes() == (tmp_path / "all.jsonl").read_bytes()
     assert (tmp_path / "merged.captions.jsonl").read_bytes() == (tmp_path / "all.captions.jsonl").read_bytes()
     check_outputs(tmp_path, data, tmp_path / "merged.captions.jsonl", merged)
     capsys.readouterr()
-    assert X.main(["merge", "--total", str(len(data)), "--out", str(merged), *parts[:2]]) == 2
+    assert extract_data.main(["merge", "--total", str(len(data)), "--out", str(merged), *parts[:2]]) == 2
     assert "indices missing: 4-5" in capsys.readouterr().err
-    assert X.main(["merge", "--total", str(len(data)), "--out", str(merged), *parts, parts[0]]) == 2
+    assert extract_data.main(["merge", "--total", str(len(data)), "--out", str(merged), *parts, parts[0]]) == 2
     assert "index 0 appears twice" in capsys.readouterr().err
 
 
@@ -517,7 +523,7 @@ def test_an_empty_input_is_named_as_such(tmp_path, capsys):
     empty.write_text("[]")
     argv = ["--data", str(empty), "--out", str(tmp_path / "extract.jsonl"), "--backend", "openai",
             "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
-    assert X.main(argv) == 2
+    assert extract_data.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"extract_data.py: error: {empty}: no records to convert"
     assert not (tmp_path / "extract.jsonl").exists()
@@ -537,7 +543,7 @@ def test_a_server_that_is_down_stops_the_run_non_zero(tmp_path, capsys):
     argv = ["--data", str(tmp_path / "train.json"), "--image-folder", str(tmp_path / "imgs"),
             "--out", str(tmp_path / "extract.jsonl"), "--base-url", closed_port_url(), "--model", "m",
             "--max-retries", "1", "--retry-delay", "0.01", "--no-progress"]
-    assert X.main(argv) == 2
+    assert extract_data.main(argv) == 2
     err = capsys.readouterr().err
     assert "every sample of the batch at index 0 failed to reach the server" in err
     assert "ConnectionRefusedError" in err and "after 1 retries" in err
@@ -549,12 +555,12 @@ def test_hf_hub_offline_does_not_block_a_loopback_server(tmp_path, server, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # what the variable sets at import
     make_dataset(tmp_path)
-    assert X.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
+    assert extract_data.main(openai_argv(tmp_path, server, "extract.jsonl", "--json")) == 0
     assert json.loads(capsys.readouterr().out)["done"] == 2 and server.requests
 
 
 def test_endpoint_urls():
-    from openai_client import chat_completions_url, endpoint_url
+    from serving.client import chat_completions_url, endpoint_url
     assert chat_completions_url("http://h:8000/v1") == "http://h:8000/v1/chat/completions"
     assert chat_completions_url("http://h:8000/") == "http://h:8000/v1/chat/completions"
     assert chat_completions_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
@@ -565,15 +571,15 @@ def test_endpoint_urls():
 
 
 def test_a_second_writer_of_one_output_is_refused(tmp_path, server, capsys):
-    from records import WriterLock
+    from storage.records import WriterLock
     make_dataset(tmp_path)
     with WriterLock(tmp_path / "extract.captions.jsonl.lock"):   # another run holds it
-        assert X.main(openai_argv(tmp_path, server)) == 2
+        assert extract_data.main(openai_argv(tmp_path, server)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"extract_data.py: error: {tmp_path / 'extract.captions.jsonl.lock'}: locked by pid "
                           f"{os.getpid()} on host ") and "\n" not in err
     assert not server.requests and not (tmp_path / "extract.captions.jsonl").exists()
-    assert X.main(openai_argv(tmp_path, server)) == 0   # released: the next run goes ahead
+    assert extract_data.main(openai_argv(tmp_path, server)) == 0   # released: the next run goes ahead
 
 
 def test_image_paths_outside_the_image_folder_are_refused(tmp_path, server, capsys):
@@ -582,11 +588,11 @@ def test_image_paths_outside_the_image_folder_are_refused(tmp_path, server, caps
     data = json.loads((tmp_path / "train.json").read_text())
     data.append({"id": "evil", "image": "../secret.png", "conversations": data[0]["conversations"]})
     (tmp_path / "train.json").write_text(json.dumps(data))
-    assert X.main(openai_argv(tmp_path, server)) == 2
+    assert extract_data.main(openai_argv(tmp_path, server)) == 2
     err = capsys.readouterr().err
     assert "record evil (index 5): image path '../secret.png' is outside the image folder" in err
     assert not server.requests   # refused before any pixel was sent
-    assert X.main(openai_argv(tmp_path, server, "extract.jsonl", "--allow-outside-images", "--json")) == 0
+    assert extract_data.main(openai_argv(tmp_path, server, "extract.jsonl", "--allow-outside-images", "--json")) == 0
     assert json.loads(capsys.readouterr().out)["done"] == 3
 
 
@@ -597,13 +603,13 @@ def test_extraction_images_load_by_the_one_rule(tmp_path, monkeypatch):
     Image.new("RGB", (200, 100), "red").save(path)
     monkeypatch.setattr(vision, "MAX_PIXELS", 10_000)
     with pytest.raises(ValueError, match="wide.png: 200x100 = 20000 pixels is over the limit of 10000"):
-        X.load_image_512(str(path))
+        extract_data.load_image_512(str(path))
     monkeypatch.undo()
     image = Image.new("RGB", (4, 2), (0, 0, 255))
     image.paste((255, 0, 0), (0, 0, 2, 2))
     exif = Image.Exif()
     exif[0x0112] = 6   # rotate 90 degrees clockwise to view
     image.save(tmp_path / "rot.png", exif=exif.tobytes())
-    assert X.load_image_512(str(tmp_path / "rot.png")).tobytes() == image.resize((512, 512)).tobytes()
+    assert extract_data.load_image_512(str(tmp_path / "rot.png")).tobytes() == image.resize((512, 512)).tobytes()
     turned = image.transpose(Image.Transpose.ROTATE_270).resize((512, 512))
-    assert X.load_image_512(str(tmp_path / "rot.png"), exif_transpose=True).tobytes() == turned.tobytes()
+    assert extract_data.load_image_512(str(tmp_path / "rot.png"), exif_transpose=True).tobytes() == turned.tobytes()

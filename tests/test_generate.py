@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints as C  # noqa: E402
-import model as M  # noqa: E402
-from model import IMAGE_TOKEN_ID  # noqa: E402
-from _tiny_llava import TILE, llava_onevision_config, text_config  # noqa: E402
+from weights import checkpoints
+import model
+from model import IMAGE_TOKEN_ID
+from _tiny_llava import TILE, llava_onevision_config, text_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,10 +59,10 @@ def text_pair(tmp_path_factory):
     """(ours, transformers) Qwen3 with the same tiny random weights: saved by checkpoints.save_model, read by
     transformers' AutoModelForCausalLM."""
     torch.manual_seed(0)
-    ours = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB))
+    ours = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=VOCAB))
     randomise(ours, 0)
     folder = str(tmp_path_factory.mktemp("tiny_qwen3"))
-    C.save_model(ours.eval(), folder)
+    checkpoints.save_model(ours.eval(), folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return ours, hf
 
@@ -71,24 +70,24 @@ def text_pair(tmp_path_factory):
 def test_greedy_batch_of_one_equals_transformers(text_pair):
     ours, hf = text_pair
     rows = [tokens(7, 1)]
-    assert M.generate(ours, rows, max_new_tokens=NEW) == hf_greedy(hf, rows, NEW)
+    assert model.generate(ours, rows, max_new_tokens=NEW) == hf_greedy(hf, rows, NEW)
 
 
 def test_greedy_left_padded_batch_of_four_equals_transformers(text_pair):
     ours, hf = text_pair
     rows = [tokens(n, 10 + n) for n in (3, 11, 6, 1)]
-    got = M.generate(ours, rows, max_new_tokens=NEW)
+    got = model.generate(ours, rows, max_new_tokens=NEW)
     assert got == hf_greedy(hf, rows, NEW)
-    assert got == [M.generate(ours, [r], max_new_tokens=NEW)[0] for r in rows]   # padding changes nothing
+    assert got == [model.generate(ours, [r], max_new_tokens=NEW)[0] for r in rows]   # padding changes nothing
 
 
 def test_stop_ids_and_per_row_budgets(text_pair):
     ours, _ = text_pair
     rows = [tokens(n, 20 + n) for n in (4, 8, 5)]
-    free = M.generate(ours, rows, max_new_tokens=NEW)
+    free = model.generate(ours, rows, max_new_tokens=NEW)
     stop = free[0][3]                                                  # row 0's 4th token becomes a stop id
     emitted = []
-    got = M.generate(ours, rows, max_new_tokens=[NEW, 2, NEW], stop_ids={stop},
+    got = model.generate(ours, rows, max_new_tokens=[NEW, 2, NEW], stop_ids={stop},
                      on_token=lambda row, tok: emitted.append((row, tok)))
     for row, out in enumerate(got):
         want = free[row][:2] if row == 1 else free[row]
@@ -100,7 +99,7 @@ def test_stop_ids_and_per_row_budgets(text_pair):
 def test_seeded_sampling_is_reproducible(text_pair):
     ours, _ = text_pair
     rows = [tokens(5, 30), tokens(9, 31)]
-    run = lambda seed: M.generate(ours, rows, max_new_tokens=NEW, temperature=1.0, top_k=20, top_p=0.95,
+    run = lambda seed: model.generate(ours, rows, max_new_tokens=NEW, temperature=1.0, top_k=20, top_p=0.95,
                                   generator=torch.Generator().manual_seed(seed))
     assert run(3) == run(3)
     assert run(3) != run(4)
@@ -116,7 +115,7 @@ def test_logits_processors_see_every_row_and_act_before_sampling(text_pair):
         logits[:, 5] = 0.0
         return logits
 
-    out = M.generate(ours, [tokens(3, 40), tokens(6, 41)], max_new_tokens=4, temperature=1.0, top_k=20,
+    out = model.generate(ours, [tokens(3, 40), tokens(6, 41)], max_new_tokens=4, temperature=1.0, top_k=20,
                      logits_processors=[only_token_5], generator=torch.Generator().manual_seed(0))
     assert out == [[5] * 4, [5] * 4]
     assert seen == [[0, 0], [1, 1], [2, 2], [3, 3]]
@@ -153,10 +152,8 @@ HAND_MADE = torch.log(torch.tensor([0.05, 0.30, 0.02, 0.25, 0.15, 0.10, 0.08, 0.
     (0.7, 2, 0.8),
 ])
 def test_sampling_filters_keep_what_transformers_keeps(temperature, top_k, top_p):
-    if not hasattr(M, "sample_next"):
-        pytest.skip("model.py has no sample_next helper")
     want = hf_filtered(HAND_MADE, temperature, top_k, top_p)
-    counts = support(lambda x, g: M.sample_next(x, temperature, top_k, top_p, g), HAND_MADE)
+    counts = support(lambda x, g: model.sample_next(x, temperature, top_k, top_p, g), HAND_MADE)
     assert set(torch.nonzero(counts).flatten().tolist()) == set(torch.nonzero(want > 0).flatten().tolist())
     freq = counts.float() / counts.sum()
     assert (freq - want).abs().max() < 0.04                            # 3000 draws: ~0.01 standard error
@@ -164,7 +161,7 @@ def test_sampling_filters_keep_what_transformers_keeps(temperature, top_k, top_p
 
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
-    assert M.sample_next(logits, 0.0).tolist() == [1, 0]
+    assert model.sample_next(logits, 0.0).tolist() == [1, 0]
 
 
 # ----------------------------------------------------------------------------- VLM
@@ -182,7 +179,7 @@ def vlm_pair(tmp_path_factory):
     randomise(hf, 1, std=0.5)   # larger: the tiny VLM's greedy output varies from token to token
     folder = str(tmp_path_factory.mktemp("tiny_llava_ov"))
     hf.save_pretrained(folder)
-    return C.load_model(folder), hf
+    return checkpoints.load_model(folder), hf
 
 
 def picture(width, height, seed):
@@ -204,7 +201,7 @@ def hf_vlm_greedy(hf, vlm, rows, images):
 def test_vlm_greedy_batch_of_one_equals_transformers(vlm_pair):
     ours, hf = vlm_pair
     rows, images = [tokens(3, 50) + [IMAGE_TOKEN_ID] + tokens(5, 51)], [[picture(150, 100, 0)]]
-    assert M.generate(ours, rows, images, max_new_tokens=NEW) == hf_vlm_greedy(hf, ours, rows, images)
+    assert ours.generate(rows, images, max_new_tokens=NEW) == hf_vlm_greedy(hf, ours, rows, images)
 
 
 def test_vlm_greedy_left_padded_batch_of_four_equals_transformers(vlm_pair):
@@ -212,4 +209,4 @@ def test_vlm_greedy_left_padded_batch_of_four_equals_transformers(vlm_pair):
     rows = [[IMAGE_TOKEN_ID] + tokens(2, 60), tokens(6, 61) + [IMAGE_TOKEN_ID] + tokens(4, 62),
             tokens(1, 63) + [IMAGE_TOKEN_ID], tokens(3, 64) + [IMAGE_TOKEN_ID] + tokens(9, 65)]
     images = [[picture(120, 80, 1)], [picture(56, 56, 2)], [picture(70, 160, 3)], [picture(100, 100, 4)]]
-    assert M.generate(ours, rows, images, max_new_tokens=NEW) == hf_vlm_greedy(hf, ours, rows, images)
+    assert ours.generate(rows, images, max_new_tokens=NEW) == hf_vlm_greedy(hf, ours, rows, images)

@@ -7,8 +7,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-import checkpoints as C
-import model as M
+from weights import checkpoints
+import model
 
 VOCAB = 320
 
@@ -43,7 +43,7 @@ def saved(m, path, **kw):
 @pytest.mark.parametrize("kind,tied", [("qwen3", True), ("qwen3", False), ("qwen2", True)])
 def test_logits_match_transformers_fp32(tmp_path, kind, tied):
     ref = hf_model(kind, tied)
-    ours = C.load_model(saved(ref, tmp_path))
+    ours = checkpoints.load_model(saved(ref, tmp_path))
     ids = torch.randint(0, VOCAB, (2, 13))
     with torch.no_grad():
         diff = (ours(ids) - ref(ids).logits).abs().max().item()
@@ -52,7 +52,7 @@ def test_logits_match_transformers_fp32(tmp_path, kind, tied):
 
 def test_logits_match_transformers_bf16(tmp_path):
     ref = hf_model().to(torch.bfloat16)
-    ours = C.load_model(saved(ref, tmp_path), dtype="bf16")
+    ours = checkpoints.load_model(saved(ref, tmp_path), dtype="bf16")
     assert ours.embed_tokens.weight.dtype == torch.bfloat16
     ids = torch.randint(0, VOCAB, (2, 13))
     with torch.no_grad():
@@ -61,25 +61,25 @@ def test_logits_match_transformers_bf16(tmp_path):
 
 
 def test_qwen2_flags_come_from_config(tmp_path):
-    ours = C.load_model(saved(hf_model("qwen2"), tmp_path))
+    ours = checkpoints.load_model(saved(hf_model("qwen2"), tmp_path))
     assert ours.config.attention_bias and not ours.config.qk_norm
     assert ours.layers[0].self_attn.q_proj.bias is not None and ours.layers[0].self_attn.o_proj.bias is None
 
 
 def test_pad_rows_by_hand():
-    ids, mask, lab = M.pad_rows([[5, 6], [7]], "left")
+    ids, mask, lab = model.pad_rows([[5, 6], [7]], "left")
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]] and lab is None
-    ids, mask, lab = M.pad_rows([[5, 6], [7]], "right", pad_id=9, labels=[[-100, 6], [7]])
+    ids, mask, lab = model.pad_rows([[5, 6], [7]], "right", pad_id=9, labels=[[-100, 6], [7]])
     assert ids.tolist() == [[5, 6], [7, 9]] and mask.tolist() == [[1, 1], [1, 0]]
-    assert lab.tolist() == [[-100, 6], [7, M.IGNORE_INDEX]]
+    assert lab.tolist() == [[-100, 6], [7, model.IGNORE_INDEX]]
     with pytest.raises(ValueError, match="padding side"):
-        M.pad_rows([[1]], "middle")
+        model.pad_rows([[1]], "middle")
 
 
 def test_left_padded_batch_equals_each_row_alone(tmp_path):
-    ours = C.load_model(saved(hf_model(), tmp_path))
+    ours = checkpoints.load_model(saved(hf_model(), tmp_path))
     rows = [torch.randint(0, VOCAB, (n,)) for n in (9, 4, 7)]
-    ids, mask, _ = M.pad_rows([r.tolist() for r in rows], "left")
+    ids, mask, _ = model.pad_rows([r.tolist() for r in rows], "left")
     with torch.no_grad():
         batch = ours(ids, attention_mask=mask)
         for i, r in enumerate(rows):
@@ -88,13 +88,13 @@ def test_left_padded_batch_equals_each_row_alone(tmp_path):
 
 
 def test_kv_cache_decode_equals_full_forward(tmp_path):
-    ours = C.load_model(saved(hf_model(), tmp_path))
+    ours = checkpoints.load_model(saved(hf_model(), tmp_path))
     rows = [torch.randint(0, VOCAB, (n,)).tolist() for n in (10, 6)]
-    ids, mask, _ = M.pad_rows(rows, "left")
+    ids, mask, _ = model.pad_rows(rows, "left")
     T = ids.shape[1]
     with torch.no_grad():
         full = ours(ids, attention_mask=mask)                      # (B, T, V)
-        cache = M.KVCache(2, T, ours.config)
+        cache = model.KVCache(2, T, ours.config)
         prefix = 5
         step = ours(ids[:, :prefix], attention_mask=mask[:, :prefix], kv_cache=cache)
         assert (step - full[:, :prefix]).abs().max() < 1e-5
@@ -105,10 +105,10 @@ def test_kv_cache_decode_equals_full_forward(tmp_path):
 
 
 def test_kv_cache_overflow_is_an_error():
-    cfg = M.Qwen3Config.preset("tiny", vocab_size=VOCAB)
-    cache = M.KVCache(1, 4, cfg)
+    cfg = model.Qwen3Config.preset("tiny", vocab_size=VOCAB)
+    cache = model.KVCache(1, 4, cfg)
     with pytest.raises(ValueError, match="KV cache full"):
-        M.Qwen3(cfg)(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+        model.Qwen3(cfg)(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -116,7 +116,7 @@ def test_sharded_checkpoints_load(tmp_path, tied):
     ref = hf_model(tied=tied)
     path = saved(ref, tmp_path, max_shard_size="40KB")
     assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
-    ours = C.load_model(path)
+    ours = checkpoints.load_model(path)
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
@@ -137,22 +137,22 @@ def _edit_checkpoint(path, edit):
 def test_bad_keys_raise_one_error_naming_the_key(tmp_path, edit, needle):
     path = saved(hf_model(), tmp_path)
     _edit_checkpoint(path, edit)
-    with pytest.raises(M.CheckpointError, match=needle):
-        C.load_model(path)
+    with pytest.raises(checkpoints.CheckpointError, match=needle):
+        checkpoints.load_model(path)
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(M.CheckpointError, match="no config.json"):
-        C.load_model(str(tmp_path))
-    with pytest.raises(M.CheckpointError, match="not a checkpoint folder"):
-        C.load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(checkpoints.CheckpointError, match="no config.json"):
+        checkpoints.load_model(str(tmp_path))
+    with pytest.raises(checkpoints.CheckpointError, match="not a checkpoint folder"):
+        checkpoints.load_model(str(tmp_path / "nowhere"))
 
 
 def test_save_reload_round_trip_is_exact_and_transformers_reads_it(tmp_path):
-    ours = C.load_model(saved(hf_model(tied=False), tmp_path / "a"))
-    C.save_model(ours, tmp_path / "b", max_shard_bytes=50_000)
+    ours = checkpoints.load_model(saved(hf_model(tied=False), tmp_path / "a"))
+    checkpoints.save_model(ours, tmp_path / "b", max_shard_bytes=50_000)
     assert os.path.exists(tmp_path / "b" / "model.safetensors.index.json")
-    again = C.load_model(str(tmp_path / "b"))
+    again = checkpoints.load_model(str(tmp_path / "b"))
     for (k, v), (k2, v2) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "b").eval()
@@ -162,17 +162,17 @@ def test_save_reload_round_trip_is_exact_and_transformers_reads_it(tmp_path):
 
 
 def test_config_round_trip_through_json():
-    cfg = M.Qwen3Config.preset("8B")
-    again = C.qwen3_from_hf(json.loads(json.dumps(C.qwen3_to_hf(cfg))))
+    cfg = model.Qwen3Config.preset("8B")
+    again = checkpoints.qwen3_from_hf(json.loads(json.dumps(checkpoints.qwen3_to_hf(cfg))))
     assert again == cfg
 
 
 @pytest.mark.parametrize("size", ["0.6B", "1.7B", "4B", "8B"])
 def test_real_shape_parameter_count_equals_transformers(size):
-    cfg = M.Qwen3Config.preset(size)
+    cfg = model.Qwen3Config.preset(size)
     with torch.device("meta"):
-        ours = M.Qwen3(cfg)
-        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**C.qwen3_to_hf(cfg)))
+        ours = model.Qwen3(cfg)
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**checkpoints.qwen3_to_hf(cfg)))
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(ours) == count(hf)
     if size == "0.6B":
@@ -183,7 +183,7 @@ def test_encode_puts_the_image_sentinel_where_image_marks_stand():
     from tokenizers import Tokenizer, models, pre_tokenizers
     tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    assert M.encode(tok, "a <image> b<image>") == [0, M.IMAGE_TOKEN_ID, 1, M.IMAGE_TOKEN_ID]
+    assert model.encode(tok, "a <image> b<image>") == [0, model.IMAGE_TOKEN_ID, 1, model.IMAGE_TOKEN_ID]
 
 
 def test_a_hub_failure_is_one_line_naming_the_id(monkeypatch):
@@ -194,19 +194,19 @@ def test_a_hub_failure_is_one_line_naming_the_id(monkeypatch):
         raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find the requested files\nin the local cache.\n"
                                                              "Please check your connection.")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(M.CheckpointError) as err:
-        C.load_model("owner/name")
+    with pytest.raises(checkpoints.CheckpointError) as err:
+        checkpoints.load_model("owner/name")
     assert "\n" not in str(err.value) and str(err.value).startswith("owner/name: could not fetch from the hub")
 
 
 def test_one_device_rule(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert C.device_and_dtype("auto") == ("cpu", "float32") and C.device_and_dtype(None, "bfloat16") == ("cpu",
+    assert checkpoints.device_and_dtype("auto") == ("cpu", "float32") and checkpoints.device_and_dtype(None, "bfloat16") == ("cpu",
                                                                                                          "bfloat16")
     with pytest.raises(ValueError, match="CUDA is not available"):
-        C.device_and_dtype("cuda:1")
+        checkpoints.device_and_dtype("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert C.device_and_dtype("auto") == ("cuda", "bfloat16") and C.device_and_dtype("cpu") == ("cpu", "float32")
+    assert checkpoints.device_and_dtype("auto") == ("cuda", "bfloat16") and checkpoints.device_and_dtype("cpu") == ("cpu", "float32")
 
 
 def _corrupt(folder, name, edit):
@@ -233,10 +233,10 @@ def _retyped(key, value):
     ("model.safetensors", lambda d: __import__("pickle").dumps({"w": [1.0]}), r"model\.safetensors: not a readable"),
 ])
 def test_a_corrupt_checkpoint_file_is_one_error_naming_it(tmp_path, name, edit, needle):
-    C.save_model(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), tmp_path)
+    checkpoints.save_model(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=VOCAB)), tmp_path)
     _corrupt(tmp_path, name, edit)
-    with pytest.raises(M.CheckpointError, match=needle) as e:
-        C.load_model(str(tmp_path))
+    with pytest.raises(checkpoints.CheckpointError, match=needle) as e:
+        checkpoints.load_model(str(tmp_path))
     assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
 
 
@@ -245,7 +245,7 @@ def test_a_corrupt_checkpoint_file_is_one_error_naming_it(tmp_path, name, edit, 
     (lambda d: b'{"weight_map": {"embed_tokens.weight": "../elsewhere.safetensors"}}', r"index\.json: weight_map must"),
 ])
 def test_a_corrupt_shard_index_is_one_error_naming_it(tmp_path, edit, needle):
-    C.save_model(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), tmp_path, max_shard_bytes=20_000)
+    checkpoints.save_model(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=VOCAB)), tmp_path, max_shard_bytes=20_000)
     _corrupt(tmp_path, "model.safetensors.index.json", edit)
-    with pytest.raises(M.CheckpointError, match=needle):
-        C.load_model(str(tmp_path))
+    with pytest.raises(checkpoints.CheckpointError, match=needle):
+        checkpoints.load_model(str(tmp_path))

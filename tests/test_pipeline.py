@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import records
+from storage import records
 import shapes
 
 
@@ -33,7 +33,7 @@ def test_summary_has_every_method_and_the_promised_shape(run):
     by = summary["sizes"]["S"]
     for method in (*shapes.METHODS, "blind"):
         s = by[method]
-        assert 0 <= s["accuracy"] <= 1 and s["n"] >= 100 and set(s["categories"]) <= set(shapes.W.ASKERS)
+        assert 0 <= s["accuracy"] <= 1 and s["n"] >= 100 and set(s["categories"]) <= set(shapes.world.ASKERS)
     assert set(by["description_facts"]) == {"extract", "caption"}
     assert summary["wall_seconds"] > 0 and os.path.getsize(summary["gallery"]) > 10_000
     on_disk = json.load(open(os.path.join(summary["out"], "summary.json")))

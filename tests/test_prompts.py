@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import prompts  # noqa: E402
+import prompts
 
-from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
+from _reference import SEED_REPO   # the released code, when it sits next to the repo
 HINTS_JSON = os.path.join(SEED_REPO, "lmms_eval_custom_files/mmstar/question_specific_info_qwen3_8B.json")
 
 

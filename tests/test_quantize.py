@@ -12,16 +12,15 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoints as C  # noqa: E402
-import model as M  # noqa: E402
-import records  # noqa: E402
-import shapes_backbones as B  # noqa: E402
-import vision  # noqa: E402
-import vlm as V  # noqa: E402
-from quantize import Int4Linear, Int8Linear, quantize_model  # noqa: E402
+from weights import checkpoints
+import model
+from storage import records
+from shapes_world import train_backbones
+import vision
+from vlm import VLM, build_vlm
+from weights.quantize import Int4Linear, Int8Linear, quantize_model  # noqa: E402
 
-BACKBONES = os.path.join(ROOT, "backbones")
+BACKBONES = train_backbones.BACKBONES
 MANIFEST = json.load(open(os.path.join(BACKBONES, "manifest.json")))
 
 
@@ -108,7 +107,7 @@ def linears(module):
                                             ("qwen3", True, "int4"), ("qwen2", False, "int4")])
 def test_loading_quantized_swaps_every_linear_and_the_head_and_nothing_else(tmp_path, kind, tied, mode):
     folder = hf_checkpoint(tmp_path, kind, tied)
-    ref, q = C.load_model(folder), C.load_model(folder, quantize=mode)
+    ref, q = checkpoints.load_model(folder), checkpoints.load_model(folder, quantize=mode)
     layer = {"int8": Int8Linear, "int4": Int4Linear}[mode]
     swapped = {n for n, m in q.named_modules() if isinstance(m, layer)}
     assert not linears(q) and swapped == linears(ref) | {"lm_head"}
@@ -127,9 +126,9 @@ def test_loading_quantized_swaps_every_linear_and_the_head_and_nothing_else(tmp_
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_vlm_quantizes_its_llm_only(tmp_path, mode):
     torch.manual_seed(0)
-    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=120)), vision.SiglipConfig.preset("tiny"))
-    C.save_model(vlm.eval(), str(tmp_path))
-    q = C.load_model(str(tmp_path), quantize=mode)
+    vlm = build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=120)), vision.SiglipConfig.preset("tiny"))
+    checkpoints.save_model(vlm.eval(), str(tmp_path))
+    q = checkpoints.load_model(str(tmp_path), quantize=mode)
     assert not linears(q.llm) and isinstance(q.llm.lm_head, {"int8": Int8Linear, "int4": Int4Linear}[mode])
     assert linears(q.vision) == linears(vlm.vision) and linears(q.projector) == linears(vlm.projector)
     for part in ("vision", "projector"):
@@ -139,21 +138,21 @@ def test_a_vlm_quantizes_its_llm_only(tmp_path, mode):
 def test_bad_quantize_values_and_saving_a_quantized_model_are_clear_errors(tmp_path):
     folder = hf_checkpoint(tmp_path / "ckpt")
     with pytest.raises(ValueError, match=r"quantize 'int2' is not supported \(choose from int8, int8-compiled, int4\)"):
-        C.load_model(folder, quantize="int2")
+        checkpoints.load_model(folder, quantize="int2")
     with pytest.raises(ValueError, match="int8-quantized"):
-        C.save_model(C.load_model(folder, quantize="int8"), str(tmp_path / "out"))
+        checkpoints.save_model(checkpoints.load_model(folder, quantize="int8"), str(tmp_path / "out"))
 
 
 # ----------------------------------------------------------------------------- generation
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_generation_runs_and_a_left_padded_batch_equals_each_row_alone(tmp_path, mode):
-    q = C.load_model(hf_checkpoint(tmp_path), quantize=mode)
+    q = checkpoints.load_model(hf_checkpoint(tmp_path), quantize=mode)
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
-    batched = M.generate(q, rows, max_new_tokens=6)
+    batched = model.generate(q, rows, max_new_tokens=6)
     assert [len(r) for r in batched] == [6] * 4
-    assert batched == [M.generate(q, [r], max_new_tokens=6)[0] for r in rows]
+    assert batched == [model.generate(q, [r], max_new_tokens=6)[0] for r in rows]
 
 
 HAS_CXX = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
@@ -161,7 +160,7 @@ HAS_CXX = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 @pytest.mark.skipif(not HAS_CXX, reason="int8-compiled needs a C++ compiler (torch.compile's inductor)")
 def test_the_compiled_int8_path_takes_one_row_and_every_layer_multiplies_by_its_own_weights(tmp_path):
-    q = C.load_model(hf_checkpoint(tmp_path, kind="qwen2"), quantize="int8-compiled")
+    q = checkpoints.load_model(hf_checkpoint(tmp_path, kind="qwen2"), quantize="int8-compiled")
     layers = [m for m in q.modules() if isinstance(m, Int8Linear)]
     assert len(layers) > 8 and all(m.compiled is not None for m in layers)   # more than dynamo's recompile limit
     assert not any(k.startswith("compiled") or ".compiled" in k for k in q.state_dict())
@@ -183,12 +182,12 @@ def test_the_compiled_int8_path_takes_one_row_and_every_layer_multiplies_by_its_
         want = layers[0](rows)
         layers[0].compiled = fn
         assert torch.equal(layers[0](rows), want)
-    assert [len(r) for r in M.generate(q, [[5, 6, 7]], max_new_tokens=4)] == [4]
+    assert [len(r) for r in model.generate(q, [[5, 6, 7]], max_new_tokens=4)] == [4]
 
 
 def test_int8_compiled_names_a_model_off_the_cpu_and_leaves_it_as_it_was():
     with torch.device("meta"):
-        m = M.Qwen3(M.Qwen3Config.preset("0.6B", num_hidden_layers=1))
+        m = model.Qwen3(model.Qwen3Config.preset("0.6B", num_hidden_layers=1))
     with pytest.raises(ValueError, match=r"^quantize 'int8-compiled': needs a CPU model \(got meta\); use int8$"):
         quantize_model(m, "int8-compiled")
     assert not any(isinstance(x, Int8Linear) for x in m.modules())
@@ -198,7 +197,7 @@ def test_int8_compiled_names_a_model_off_the_cpu_and_leaves_it_as_it_was():
 def heldout(tmp_path_factory):
     torch.set_num_threads(1)   # as test_backbones.py
     work = tmp_path_factory.mktemp("quantize_backbones")
-    return work, B.heldout_data(str(work / "heldout"))
+    return work, train_backbones.heldout_data(str(work / "heldout"))
 
 
 def test_the_trained_toy_lm_quantized_agrees_with_fp32_and_keeps_its_held_out_accuracy(heldout):
@@ -208,7 +207,7 @@ def test_the_trained_toy_lm_quantized_agrees_with_fp32_and_keeps_its_held_out_ac
     lm = os.path.join(BACKBONES, "lm-S")
     replies, accuracy = {}, {}
     for q in (None, "int8", "int4"):
-        accuracy[q] = B.reasoner_accuracy(lm, data, "caption", str(work / f"lm-S-{q}"), quantize=q)
+        accuracy[q] = train_backbones.reasoner_accuracy(lm, data, "caption", str(work / f"lm-S-{q}"), quantize=q)
         recs = records.read_jsonl(str(work / f"lm-S-{q}" / "stage2-caption.jsonl"))
         replies[q] = {r["doc_id"]: r["response"] for r in recs}
     assert accuracy[None] == MANIFEST["heldout"]["lm-S on true caption descriptions"] and len(replies[None]) == 327
@@ -221,7 +220,7 @@ def test_the_trained_toy_lm_quantized_agrees_with_fp32_and_keeps_its_held_out_ac
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_the_trained_toy_captioner_quantized_keeps_its_held_out_facts(heldout, mode):
     work, data = heldout
-    got = B.captioner_facts(os.path.join(BACKBONES, "captioner"), data, str(work / f"captioner-{mode}"), quantize=mode)
+    got = train_backbones.captioner_facts(os.path.join(BACKBONES, "captioner"), data, str(work / f"captioner-{mode}"), quantize=mode)
     assert got == pytest.approx(MANIFEST["heldout"]["captioner: confirmed facts in held-out captions"], abs=0.01)
 
 
@@ -256,8 +255,8 @@ def test_evaluate_cli_stage2_int8_on_the_trained_toy_lm(heldout, tmp_path):
     work, data = heldout
     stage1 = os.path.join(str(work), "lm-S-int8", "true-caption.jsonl")   # written by the test above
     if not os.path.exists(stage1):
-        import shapes_world as W
-        stage1 = W.true_stage1(data, str(tmp_path / "true-caption.jsonl"), "caption")
+        from shapes_world import world
+        stage1 = world.true_stage1(data, str(tmp_path / "true-caption.jsonl"), "caption")
     r = run_cli("evaluate.py", "--mode", "stage2", "--data", data["eval"], "--stage1-file", stage1, "--reasoner",
                 os.path.join(BACKBONES, "lm-S"), "--budget", 64, "--answer-tokens", 8, "--greedy",
                 "--answer-match", "text", "--batch-size", 64, "--quantize", "int8", "--out", tmp_path / "eval",

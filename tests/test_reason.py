@@ -13,16 +13,15 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoints as C  # noqa: E402
-import model as M  # noqa: E402
-import vlm as V  # noqa: E402
-import prompts  # noqa: E402
-import pipeline  # noqa: E402
-import reason  # noqa: E402
-import shapes_world  # noqa: E402
+from weights import checkpoints
+import model
+from vlm import VLM, build_vlm
+import prompts
+import pipeline
+import reason
+from shapes_world import world
 
-from _reference import SEED_REPO  # noqa: E402  (the released code, when it sits next to the repo)
+from _reference import SEED_REPO   # the released code, when it sits next to the repo
 RELEASE_QWEN3_PY = os.path.join(SEED_REPO, "lmms_eval_custom_files/qwen3.py")
 REFLEXIVE_TEXT = ("Wait, but maybe I should check again. Hmm, now another option. Alternatively, verify it. "
                   "However the other shape is red. Oh, anyway, waiting is checked.")
@@ -30,13 +29,13 @@ REFLEXIVE_TEXT = ("Wait, but maybe I should check again. Hmm, now another option
 
 @pytest.fixture(scope="module")
 def tok():
-    """A small byte-level BPE (shapes_world.train_tokenizer) that knows a few reflexive words and the chat tokens."""
-    return shapes_world.train_tokenizer(shapes_world.tokenizer_corpus(n_scenes=10) + [REFLEXIVE_TEXT] * 200, vocab_size=600)
+    """A small byte-level BPE (world.train_tokenizer) that knows a few reflexive words and the chat tokens."""
+    return world.train_tokenizer(world.tokenizer_corpus(n_scenes=10) + [REFLEXIVE_TEXT] * 200, vocab_size=600)
 
 
 def tiny_llm(tok, seed=0):
     torch.manual_seed(seed)
-    return M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size())).eval()
+    return model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size())).eval()
 
 
 def ids_of(tok, text):
@@ -83,7 +82,7 @@ def test_masked_ids_never_appear_in_tiny_model_output(tok):
     prompts = [ids_of(tok, "The red circle is left of"), ids_of(tok, "Question: which shape?")]
 
     def sample(processors):
-        out = M.generate(llm, prompts, max_new_tokens=40, temperature=1.0, stop_ids=set(), logits_processors=processors,
+        out = model.generate(llm, prompts, max_new_tokens=40, temperature=1.0, stop_ids=set(), logits_processors=processors,
                          generator=torch.Generator().manual_seed(0))
         return [t for row in out for t in row]
 
@@ -125,7 +124,7 @@ def test_budget_forces_each_row_at_its_own_budget_and_leaves_an_early_closer_alo
     budget = pipeline.ThinkingBudget(budgets, closing, at, answer_tokens=answer, stop_id=tok.token_to_id("<|im_end|>"))
     plan = [{}, {}, {}, {2: end}]                      # row 3 closes thinking by itself at its 3rd token
     prompts = [ids_of(tok, "Question: " + "x" * n) for n in (1, 5, 9, 14)]   # left padding, different lengths
-    out = M.generate(tiny_llm(tok), prompts, max_new_tokens=[b + answer for b in budgets],
+    out = model.generate(tiny_llm(tok), prompts, max_new_tokens=[b + answer for b in budgets],
                      stop_ids={tok.token_to_id("<|im_end|>")}, logits_processors=[Script(plan, a), budget])
     for row, b in enumerate(budgets[:3]):
         assert out[row] == [a] * (b - 2) + [nl, end] + [a] * answer, row
@@ -142,7 +141,7 @@ def test_budget_qwen_closing_puts_think_end_exactly_at_the_budget(tok):
     assert tok.decode(closing, skip_special_tokens=False) == pipeline.QWEN_CLOSING + "</think>\n\n"
     b = at + 5
     budget = pipeline.ThinkingBudget(b, closing, at, answer_tokens=2)
-    out = M.generate(tiny_llm(tok), [ids_of(tok, "Q")], max_new_tokens=b + 40, stop_ids=set(),
+    out = model.generate(tiny_llm(tok), [ids_of(tok, "Q")], max_new_tokens=b + 40, stop_ids=set(),
                      logits_processors=[Script([{}], a), budget])[0]
     assert out[:b] == [a] * 4 + closing[:at + 1]
     assert out[b:b + len(closing) - at - 1] == closing[at + 1:]        # "\n\n" after </think> is forced too
@@ -177,15 +176,15 @@ def test_a_literal_image_mark_is_plain_text_for_the_text_only_reasoner(tok, monk
     """A question or description that contains "<image>" reaches the text LLM as text, tokenized as the release's
     text models see it (only VLM prompts turn the mark into the image sentinel -200)."""
     seen = []
-    real = M.generate
-    monkeypatch.setattr(M, "generate", lambda model, ids, *a, **k: seen.extend(ids) or real(model, ids, *a, **k))
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda llm, ids, *a, **k: seen.extend(ids) or real(llm, ids, *a, **k))
     llm = tiny_llm(tok)
     question, description = "What is in <image> 1?", "The <image> shows a red circle."
     rows = pipeline.run_reasoning(llm, tok, [question], [description],
                                 pipeline.ReasonSettings(budget=4, answer_tokens=2, greedy=True))
     chat = prompts.qwen3_chat([{"role": "user", "content": prompts.stage2_prompt(question, description, True)}])
-    assert rows and seen[0] == ids_of(tok, chat) and M.IMAGE_TOKEN_ID not in seen[0]
-    assert M.encode(tok, "a <image> b") != M.encode(tok, "a <image> b", image_marks=False)
+    assert rows and seen[0] == ids_of(tok, chat) and model.IMAGE_TOKEN_ID not in seen[0]
+    assert model.encode(tok, "a <image> b") != model.encode(tok, "a <image> b", image_marks=False)
 
 
 def test_run_reasoning_with_a_seeded_generator_is_reproducible(tok):
@@ -216,7 +215,7 @@ def test_final_answer_parses_the_last_line_like_the_release():
 def test_the_command_line_shows_what_evaluation_scores():
     """One parser: a reply that ends in a newline has an empty last line, which the release scores 0; the
     command line must not show "B" for it."""
-    import mmstar
+    from evaluation import mmstar
     for reply in ("<think>\nx\n</think>\n\nAnswer: B\n", "Answer: B", "Answer: B \n\n", "B"):
         assert reason.final_answer(reply) == mmstar.score_reply(reply, "B")["prediction"].strip()
         assert bool(reason.final_answer(reply) == "B") == mmstar.score_reply(reply, "B")["correct"]
@@ -225,15 +224,15 @@ def test_the_command_line_shows_what_evaluation_scores():
 # ----------------------------------------------------------------------------- the command
 
 @pytest.fixture(scope="module")
-def checkpoints(tok, tmp_path_factory):
+def saved(tok, tmp_path_factory):
     """A tiny Qwen3 reasoner and a tiny VLM (tiny SigLIP tower), saved with checkpoints.save_model + tokenizer.json."""
     import vision
     root = tmp_path_factory.mktemp("reason_cli")
     llm = tiny_llm(tok, seed=3)
-    C.save_model(llm, str(root / "llm"))
+    checkpoints.save_model(llm, str(root / "llm"))
     tok.save(str(root / "llm" / "tokenizer.json"))
-    vlm = V.build_vlm(tiny_llm(tok, seed=4), vision.SiglipConfig.preset("tiny"))
-    C.save_model(vlm, str(root / "vlm"))
+    vlm = build_vlm(tiny_llm(tok, seed=4), vision.SiglipConfig.preset("tiny"))
+    checkpoints.save_model(vlm, str(root / "vlm"))
     tok.save(str(root / "vlm" / "tokenizer.json"))
     Image.new("RGB", (90, 60), (220, 40, 40)).save(root / "red.png")
     with open(root / "hints.json", "w") as f:
@@ -247,10 +246,10 @@ def reason_cli(*args):
                           text=True, timeout=240, env=env, cwd=ROOT)
 
 
-def test_cli_json_two_stage(checkpoints):
-    r = reason_cli("--image", checkpoints / "red.png", "--question", "Which colour?\nOptions: A: red, B: blue",
-                   "--perception-model", checkpoints / "vlm", "--reasoner", checkpoints / "llm", "--budget", 8,
-                   "--max-new-tokens", 6, "--hints-file", checkpoints / "hints.json", "--index", 7, "--json",
+def test_cli_json_two_stage(saved):
+    r = reason_cli("--image", saved / "red.png", "--question", "Which colour?\nOptions: A: red, B: blue",
+                   "--perception-model", saved / "vlm", "--reasoner", saved / "llm", "--budget", 8,
+                   "--max-new-tokens", 6, "--hints-file", saved / "hints.json", "--index", 7, "--json",
                    "--seed", 1)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -260,18 +259,18 @@ def test_cli_json_two_stage(checkpoints):
     assert "=== description" in r.stderr and "=== reasoning" in r.stderr
 
 
-def test_cli_streams_hint_description_and_reasoning_with_headers(checkpoints):
-    r = reason_cli("--image", checkpoints / "red.png", "--question", "Which colour?", "--perception-model",
-                   checkpoints / "vlm", "--reasoner", checkpoints / "llm", "--budget", 6, "--max-new-tokens", 4,
+def test_cli_streams_hint_description_and_reasoning_with_headers(saved):
+    r = reason_cli("--image", saved / "red.png", "--question", "Which colour?", "--perception-model",
+                   saved / "vlm", "--reasoner", saved / "llm", "--budget", 6, "--max-new-tokens", 4,
                    "--greedy")
     assert r.returncode == 0, r.stderr
     for header in ("=== hint", "=== description", "=== reasoning", "=== final answer"):
         assert header in r.stdout
 
 
-def test_cli_e2e_mode(checkpoints):
-    r = reason_cli("--image", checkpoints / "red.png", "--question", "Which colour?", "--perception-model",
-                   checkpoints / "vlm", "--mode", "e2e", "--max-new-tokens", 3, "--json")
+def test_cli_e2e_mode(saved):
+    r = reason_cli("--image", saved / "red.png", "--question", "Which colour?", "--perception-model",
+                   saved / "vlm", "--mode", "e2e", "--max-new-tokens", 3, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["mode"] == "e2e" and out["description"] == "" and out["thinking_tokens"] == 0
@@ -285,11 +284,11 @@ BAD_INPUTS = {  # problem -> (image name, perception model relative to the check
 
 
 @pytest.mark.parametrize("problem", sorted(BAD_INPUTS))
-def test_cli_bad_input_is_one_clear_message(checkpoints, problem):
+def test_cli_bad_input_is_one_clear_message(saved, problem):
     image, vlm, says = BAD_INPUTS[problem]
-    vlm = vlm if "/" in vlm else checkpoints / vlm
-    r = reason_cli("--image", checkpoints / image, "--question", "q", "--perception-model", vlm,
-                   "--reasoner", checkpoints / "llm")
+    vlm = vlm if "/" in vlm else saved / vlm
+    r = reason_cli("--image", saved / image, "--question", "q", "--perception-model", vlm,
+                   "--reasoner", saved / "llm")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("reason.py: error:") and says in r.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from records import (LockedError, ResumableJsonl, WriterLock, atomic_write_json, atomic_write_text, read_jsonl,
+from storage.records import (LockedError, ResumableJsonl, WriterLock, atomic_write_json, atomic_write_text, read_jsonl,
                      read_records)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def test_writer_lock_of_a_killed_process_never_blocks(tmp_path):
     """The kernel drops a flock when its holder dies, even by kill -9: a lock file left behind (holding a pid
     that is gone) never blocks the next writer."""
     lock = tmp_path / "train.lock"
-    code = (f"import records, time; records.WriterLock({str(lock)!r}).acquire(); print('held', flush=True); "
+    code = (f"import time; from storage import records; records.WriterLock({str(lock)!r}).acquire(); print('held', flush=True); "
             "time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

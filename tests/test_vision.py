@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints as C  # noqa: E402
-import vision  # noqa: E402
-from vision import SiglipConfig, SiglipVisionTower  # noqa: E402
+from weights import checkpoints
+import vision
+from storage import records
+from vision import SiglipConfig, SiglipVisionTower
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 def hf_vision_model(config, seed=0):
     from transformers import SiglipVisionConfig, SiglipVisionModel
     torch.manual_seed(seed)
-    hf = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in C.siglip_to_hf(config).items() if k != "model_type"},
+    hf = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in checkpoints.siglip_to_hf(config).items() if k != "model_type"},
                                               vision_use_head=False)).eval()
     for p in hf.parameters():  # transformers' init leaves biases at 0 and LayerNorms at 1: randomise all
         p.data.normal_(0, 0.05)
@@ -65,10 +65,10 @@ def test_config_round_trip_and_llava_onevision_depth():
     so400m = SiglipConfig.preset("so400m")
     assert (so400m.hidden_size, so400m.intermediate_size, so400m.num_hidden_layers, so400m.num_attention_heads,
             so400m.patches_per_side, so400m.num_layers_used) == (1152, 4304, 27, 16, 27, 26)
-    assert C.siglip_from_hf(C.siglip_to_hf(so400m)) == so400m
-    assert C.siglip_from_hf({"model_type": "siglip", "vision_config": C.siglip_to_hf(so400m)}) == so400m
+    assert checkpoints.siglip_from_hf(checkpoints.siglip_to_hf(so400m)) == so400m
+    assert checkpoints.siglip_from_hf({"model_type": "siglip", "vision_config": checkpoints.siglip_to_hf(so400m)}) == so400m
     # transformers' LLaVA-OneVision stores the already-cut 26-layer tower and reads its last layer
-    assert C.siglip_from_hf({**C.siglip_to_hf(so400m), "num_hidden_layers": 26}, feature_layer=-1) == so400m
+    assert checkpoints.siglip_from_hf({**checkpoints.siglip_to_hf(so400m), "num_hidden_layers": 26}, feature_layer=-1) == so400m
 
 
 def _images():
@@ -176,17 +176,17 @@ def test_exif_orientation_is_ignored_by_default_and_honoured_on_request(tmp_path
 
 def test_image_paths_stay_inside_the_image_folder(tmp_path):
     folder = str(tmp_path / "imgs")
-    assert vision.resolve_image_path(folder, "a/b.png", "record x") == os.path.join(folder, "a/b.png")
-    assert vision.resolve_image_path(folder, "a/../b.png", "record x") == os.path.join(folder, "a/../b.png")
+    assert records.resolve_image_path(folder, "a/b.png", "record x") == os.path.join(folder, "a/b.png")
+    assert records.resolve_image_path(folder, "a/../b.png", "record x") == os.path.join(folder, "a/../b.png")
     inside = os.path.join(folder, "c.png")
-    assert vision.resolve_image_path(folder, inside, "record x") == inside     # absolute, but inside
+    assert records.resolve_image_path(folder, inside, "record x") == inside     # absolute, but inside
     for bad in ("../secret.png", "a/../../secret.png", "/etc/passwd"):
         with pytest.raises(ValueError, match=r"record x: image path .* is outside the image folder .*"
                                              r"--allow-outside-images"):
-            vision.resolve_image_path(folder, bad, "record x")
-        assert vision.resolve_image_path(folder, bad, "record x", allow_outside=True) == os.path.join(folder, bad)
+            records.resolve_image_path(folder, bad, "record x")
+        assert records.resolve_image_path(folder, bad, "record x", allow_outside=True) == os.path.join(folder, bad)
     with pytest.raises(ValueError, match="record x: image path must be a non-empty string"):
-        vision.resolve_image_path(folder, 3, "record x")
+        records.resolve_image_path(folder, 3, "record x")
 
 
 def test_one_pixel_limit_for_files_and_bytes(tmp_path, monkeypatch):

@@ -9,14 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import anyres  # noqa: E402
-import checkpoints as C  # noqa: E402
-import model as M  # noqa: E402
-from model import IMAGE_TOKEN_ID  # noqa: E402
-import vlm as V  # noqa: E402
-from vision import SiglipConfig  # noqa: E402
-from _tiny_llava import TILE, VISION, llava_onevision_config, text_config  # noqa: E402
+import anyres
+from weights import checkpoints
+import model
+from model import IMAGE_TOKEN_ID
+from vlm import VLM, build_vlm
+from vision import SiglipConfig
+from _tiny_llava import TILE, VISION, llava_onevision_config, text_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,7 +45,7 @@ def hf_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(hf_checkpoint):
-    return C.load_model(hf_checkpoint[1])
+    return checkpoints.load_model(hf_checkpoint[1])
 
 
 def image(width, height, seed):
@@ -117,26 +116,26 @@ def test_padded_batch_of_two_samples_matches_transformers(hf_checkpoint, ours, p
 # ----------------------------------------------------------------------------- checkpoint layouts
 
 def test_released_and_transformers_layouts_give_identical_logits(hf_checkpoint, ours, tmp_path):
-    C.save_model(ours, str(tmp_path / "released"))
-    released = C.load_model(str(tmp_path / "released"))
+    checkpoints.save_model(ours, str(tmp_path / "released"))
+    released = checkpoints.load_model(str(tmp_path / "released"))
     # transformers' in-memory names (model.language_model.*, model.vision_tower.*, tied lm_head.weight present)
     from safetensors.torch import save_file
     memory = tmp_path / "hf_memory_names"
     memory.mkdir()
     save_file({k: v.clone() for k, v in hf_checkpoint[0].state_dict().items()}, str(memory / "model.safetensors"))
     (memory / "config.json").write_text((open(os.path.join(hf_checkpoint[1], "config.json")).read()))
-    in_memory = C.load_model(str(memory))
+    in_memory = checkpoints.load_model(str(memory))
     ids = [text(3, 10) + [IMAGE_TOKEN_ID] + text(3, 11)]
     images = [[image(120, 80, 6)]]
     want, _ = our_logits(ours, ids, images, "left")
     for other in (released, in_memory):
-        assert isinstance(other, V.VLM)
+        assert isinstance(other, VLM)
         assert torch.equal(our_logits(other, ids, images, "left")[0], want)
 
 
 def test_saved_layout_uses_released_names_and_config(ours, tmp_path):
     from safetensors.torch import load_file
-    C.save_model(ours, str(tmp_path))
+    checkpoints.save_model(ours, str(tmp_path))
     keys = set(load_file(str(tmp_path / "model.safetensors")))
     tower = "model.vision_tower.vision_tower.vision_model."
     for key in (tower + "embeddings.patch_embedding.weight", tower + "encoder.layers.1.mlp.fc2.bias",
@@ -155,14 +154,14 @@ def test_converted_llava_onevision_layout_loads_in_transformers_with_our_logits(
     """convert.py: a tiny VLM (with a real BPE tokenizer) -> transformers' LlavaOnevision layout, sharded; transformers
     loads every weight, its logits on our tiles equal ours, its tokenizer renders llava_chat from the chat template,
     and its image processor (the PIL one: no torchvision here) cuts the pixels we cut."""
-    import convert
+    from weights import convert
     import prompts
-    import shapes_world
-    tok = shapes_world.train_tokenizer([prompts.llava_chat("<image>\nDescribe the red star.")] * 4, vocab_size=300)
-    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size() + 2)),
+    from shapes_world import world
+    tok = world.train_tokenizer([prompts.llava_chat("<image>\nDescribe the red star.")] * 4, vocab_size=300)
+    vlm = build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size() + 2)),
                       SiglipConfig.preset("tiny")).eval()
     randomise(vlm, seed=3)
-    C.save_model(vlm, str(tmp_path / "src"))
+    checkpoints.save_model(vlm, str(tmp_path / "src"))
     tok.save(str(tmp_path / "src" / "tokenizer.json"))
     out = tmp_path / "ov"
     assert convert.main([str(tmp_path / "src"), str(out), "--max-shard-mb", "0.1"]) == 0
@@ -176,7 +175,7 @@ def test_converted_llava_onevision_layout_loads_in_transformers_with_our_logits(
                   image_id=image_id)
     assert_parity(hf, vlm, [[IMAGE_TOKEN_ID] + text(4, 6), text(9, 7) + [IMAGE_TOKEN_ID] + text(2, 8)],
                   [[image(200, 60, 3)], [image(64, 90, 4)]], image_id=image_id)
-    again = C.load_model(str(out))   # ours reads the converted layout back, bit for bit
+    again = checkpoints.load_model(str(out))   # ours reads the converted layout back, bit for bit
     ids, images = [text(3, 10) + [IMAGE_TOKEN_ID] + text(3, 11)], [[image(120, 80, 6)]]
     assert torch.equal(our_logits(again, ids, images, "left")[0], our_logits(vlm, ids, images, "left")[0])
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
@@ -185,7 +184,7 @@ def test_converted_llava_onevision_layout_loads_in_transformers_with_our_logits(
     assert hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
         prompts.llava_chat("<image>\n" + question)
     assert hf_tok.convert_tokens_to_ids("<image>") == image_id
-    assert hf_tok(prompts.llava_chat(question))["input_ids"] == M.encode(tok, prompts.llava_chat(question))
+    assert hf_tok(prompts.llava_chat(question))["input_ids"] == model.encode(tok, prompts.llava_chat(question))
     processor = transformers.AutoImageProcessor.from_pretrained(str(out))
     photo = image(150, 100, 9)
     got = processor(images=[photo], return_tensors="pt")
@@ -194,35 +193,35 @@ def test_converted_llava_onevision_layout_loads_in_transformers_with_our_logits(
 
 
 def test_converter_names_what_it_cannot_convert(tmp_path, capsys):
-    import convert
-    import shapes_world
-    tok = shapes_world.train_tokenizer(["a red star"] * 4, vocab_size=300)
+    from weights import convert
+    from shapes_world import world
+    tok = world.train_tokenizer(["a red star"] * 4, vocab_size=300)
     rows = tok.get_vocab_size()   # every embedding row is a token: none left for the placeholders
     with pytest.raises(ValueError, match=f"fills the model's {rows} embedding rows; .* for <image> and <video>"):
         convert.add_media_tokens(tok, rows, "src")
-    C.save_model(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=300)), str(tmp_path / "llm"))
+    checkpoints.save_model(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=300)), str(tmp_path / "llm"))
     assert convert.main([str(tmp_path / "llm"), str(tmp_path / "out")]) == 1
     assert "a text LLM; its Qwen3 layout is already the one engines load" in capsys.readouterr().err
 
 
 def test_loading_names_missing_and_unexpected_keys(ours, tmp_path):
     from safetensors.torch import load_file, save_file
-    C.save_model(ours, str(tmp_path))
+    checkpoints.save_model(ours, str(tmp_path))
     state = load_file(str(tmp_path / "model.safetensors"))
     del state["model.mm_projector.2.bias"]
     state["model.mm_projector.9.weight"] = torch.zeros(1)
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(M.CheckpointError, match=r"missing keys.*projector\.2\.bias.*unexpected keys.*projector\.9"):
-        C.load_model(str(tmp_path))
+    with pytest.raises(checkpoints.CheckpointError, match=r"missing keys.*projector\.2\.bias.*unexpected keys.*projector\.9"):
+        checkpoints.load_model(str(tmp_path))
 
 
 def test_released_config_for_so400m_checkpoint():
-    cfg = {**C.qwen3_to_hf(M.Qwen3Config.preset("0.6B")), "model_type": "llava_qwen_3",
+    cfg = {**checkpoints.qwen3_to_hf(model.Qwen3Config.preset("0.6B")), "model_type": "llava_qwen_3",
            "architectures": ["LlavaQwen3ForCausalLM"],
            "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu",
            "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
            "image_grid_pinpoints": "(1x1),...,(6x6)", "mm_vision_select_layer": -2}
-    config = C.vlm_from_hf(cfg)
+    config = checkpoints.vlm_from_hf(cfg)
     assert config.vision == SiglipConfig.preset("so400m") and config.llm.qk_norm
     assert config.image_grid_pinpoints == anyres.candidate_resolutions(384)
 
@@ -235,9 +234,9 @@ def test_fresh_assembly_from_standalone_siglip_and_qwen3(tmp_path):
                                                                              "vision_use_head": True}))
     randomise(siglip, seed=1)
     siglip.save_pretrained(tmp_path / "siglip")
-    llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB))
-    C.save_model(llm, str(tmp_path / "qwen3"))
-    vlm = C.assemble_vlm(str(tmp_path / "siglip"), str(tmp_path / "qwen3"))
+    llm = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=VOCAB))
+    checkpoints.save_model(llm, str(tmp_path / "qwen3"))
+    vlm = checkpoints.assemble_vlm(str(tmp_path / "siglip"), str(tmp_path / "qwen3"))
     assert len(vlm.vision.layers) == 2      # the last SigLIP layer and the pooling head are dropped
     assert torch.equal(vlm.vision.layers[1].mlp.fc1.weight, siglip.vision_model.encoder.layers[1].mlp.fc1.weight)
     assert torch.equal(vlm.llm.embed_tokens.weight, llm.embed_tokens.weight)
@@ -248,8 +247,8 @@ def test_fresh_assembly_from_standalone_siglip_and_qwen3(tmp_path):
 
 
 def test_build_vlm_from_configs_for_pretraining():
-    llm = M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB))
-    vlm = V.build_vlm(llm, SiglipConfig.preset("tiny"), image_aspect_ratio="square")
+    llm = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=VOCAB))
+    vlm = build_vlm(llm, SiglipConfig.preset("tiny"), image_aspect_ratio="square")
     batch = vlm.prepare_inputs([[IMAGE_TOKEN_ID] + text(3, 0)], [[image(90, 30, 0)]], labels=[[5, 6, 7, 8]],
                                padding_side="right")
     assert batch["inputs_embeds"].shape == (1, 16 + 1 + 3, 64)   # 4x4 patches + newline + text
@@ -272,7 +271,7 @@ def test_labels_ignore_image_and_pad_positions(ours):
 def test_generate_accepts_images_and_agrees_with_forward(ours):
     ids = [text(3, 1) + [IMAGE_TOKEN_ID] + text(2, 2), text(6, 3)]
     images = [[image(100, 70, 1)], []]
-    new = M.generate(ours, ids, images, max_new_tokens=1, stop_ids=set())
+    new = ours.generate(ids, images, max_new_tokens=1, stop_ids=set())
     with torch.no_grad():
         last = ours(ids, images)[:, -1].argmax(-1).tolist()
     assert [row[0] for row in new] == last
@@ -321,7 +320,7 @@ def test_vectorised_expand_matches_the_token_by_token_reference():
     labels = [[t if torch.rand(1, generator=g).item() < 0.5 else -100 for t in row] for row in ids]
     lengths = [17, 5, 9]
     for lab in (labels, None):
-        got = V.VLM._expand([torch.tensor(r, dtype=torch.long) for r in ids], lengths,
+        got = VLM._expand([torch.tensor(r, dtype=torch.long) for r in ids], lengths,
                             None if lab is None else [torch.tensor(r, dtype=torch.long) for r in lab])
         assert [(a.tolist(), b.tolist()) for a, b in got] == _expand_reference(ids, lengths, lab)
 
@@ -351,19 +350,20 @@ def test_tiled_images_give_the_pixels_of_fresh_preprocessing(ours):
 
 
 def test_feature_cache_serves_only_a_frozen_unchanged_tower():
-    """VLM.feature_cache holds tower outputs per image key: used while no tower parameter requires grad, never
-    when the tower trains, shared by any model with the same tower weights, and never read once the frozen
-    tower's weights change (no stale features)."""
-    from vision import TensorLRU
+    """A FeatureCache set as VLM.feature_cache holds tower outputs per image key: used while no tower parameter
+    requires grad, never when the tower trains, shared by any model with the same tower weights, and never read
+    once the frozen tower's weights change (no stale features)."""
+    from training.caches import FeatureCache
     torch.manual_seed(0)
-    vlm = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), SiglipConfig.preset("tiny"))
+    vlm = build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=VOCAB)), SiglipConfig.preset("tiny"))
     images = [[vlm.tile_image(image(90, 60, 0), key="a")], [vlm.tile_image(image(60, 60, 1), key="b")]]
 
     def encode():
         return torch.cat(vlm.encode_images(images))
 
     fresh = encode()                                             # no cache: the reference
-    vlm.feature_cache = cache = TensorLRU(2**24)
+    vlm.feature_cache = features = FeatureCache(2**24)
+    cache = features.lru
     out = encode()                                               # the tower trains: the cache stays out of it
     assert len(cache) == 0 and cache.hits == cache.misses == 0 and torch.equal(out, fresh)
     out.sum().backward()
@@ -371,16 +371,16 @@ def test_feature_cache_serves_only_a_frozen_unchanged_tower():
     vlm.vision.requires_grad_(False)
     assert torch.equal(encode(), fresh) and len(cache) == 2 and cache.misses == 2
     assert torch.equal(encode(), fresh) and cache.hits == 2       # frozen: served from the cache, same bits
-    twin = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=VOCAB)), SiglipConfig.preset("tiny"))
+    twin = build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=VOCAB)), SiglipConfig.preset("tiny"))
     twin.load_state_dict(vlm.state_dict())
     twin.requires_grad_(False)
-    twin.feature_cache = cache                                    # another model, the same tower weights: shared
+    twin.feature_cache = features                                 # another model, the same tower weights: shared
     assert torch.equal(torch.cat(twin.encode_images(images)), fresh) and cache.hits == 4 and cache.misses == 2
     with torch.no_grad():
         vlm.vision.layers[0].mlp.fc1.weight.mul_(1.5)             # the frozen tower changes in place ...
     vlm.feature_cache = None
     changed = encode()
-    vlm.feature_cache = cache
+    vlm.feature_cache = features
     assert not torch.equal(changed, fresh)
     assert torch.equal(encode(), changed) and cache.misses == 4   # ... so its old entries are not served
     vlm.vision.requires_grad_(True)

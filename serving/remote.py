@@ -8,7 +8,7 @@ pipeline.py's semantics and its result types: evaluate.py and reason.py call the
     run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, seeds=None, where)
         -> list[Reasoning | Exception]
 
-Every row is its own request(s), sent concurrently by openai_client.Client.map (its retry and error rules): a row
+Every row is its own request(s), sent concurrently by serving.client.Client.map (its retry and error rules): a row
 that failed comes back as its Exception, a batch that could not reach the server at all stops the run.
 
 The local path's semantics, request by request:
@@ -30,9 +30,9 @@ generated ids (the same whenever that text re-tokenizes to the same ids, as the 
 """
 from dataclasses import dataclass
 
-import prompts
 import pipeline
-from openai_client import Client, add_client_args, data_url
+import prompts
+from serving.client import Client, add_client_args, data_url
 
 IMAGE_MARK = "<image>\n"    # how a perception user text starts; the image then goes as its own content part
 THINK_END = "</think>"
@@ -99,7 +99,7 @@ def _sampling(settings, seed):
 
 
 def split_reply(text):
-    """A thinking reply -> (thinking, answer), cut as pipeline._split_reply cuts the ids: a leading <think> dropped,
+    """A thinking reply -> (thinking, answer), cut as pipeline.run_reasoning cuts the ids: a leading <think> dropped,
     split at the first </think>, both stripped; without </think> it is all thinking."""
     body = text[len("<think>"):] if text.startswith("<think>") else text
     thinking, _, answer = body.partition(THINK_END)
@@ -164,7 +164,7 @@ def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, 
 # ----------------------------------------------------------------------------- command line (evaluate.py, reason.py)
 
 def add_server_args(parser):
-    """The flags that put a stage on a server, and the connection flags (openai_client.add_client_args)."""
+    """The flags that put a stage on a server, and the connection flags (client.add_client_args)."""
     g = parser.add_argument_group("OpenAI-compatible servers (vLLM, SGLang, transformers serve)")
     g.add_argument("--reasoner-url", help="run stage 2 and the auto hints on this server (e.g. http://host:8000/v1; "
                                           "completions endpoint): the reasoner and hint model are then served "

@@ -14,7 +14,7 @@ What stays floating point: the vision tower and the projector (they run once per
 not once per token), the norms, and the token embedding (a lookup reads one row per token, not the matrix); a
 tied LM head therefore gets its own quantized copy of the embedding.
 
-"int8-compiled" (optional; needs a C++ compiler): int8's weights; the rule is one place, Int8Linear.forward: on CPU,
+"int8-compiled" (optional; needs a C++ compiler): int8's weights; the rule is in one place, Int8Linear.forward: on CPU,
 a single fp32 row (a batch-1 decode step) goes through `compile_product`, the same int8 product compiled by inductor
 (torch.compile's compiler) with the layer's q and s frozen into the graph as constants. That lets inductor's C++
 GEMM template repack q into blocks for a register-blocked micro-kernel that streams the weights at ~90 % of copy
@@ -23,14 +23,14 @@ it. Every other call (prefill, batch > 1, GPU) keeps the kernel. Costs: the pack
 memory, and quantize_model compiles every layer (~2-4 s per new weight shape, ~0.3 s per further layer of a known
 shape: 59 s for Qwen3-0.6B's 197 layers). The compiled code keeps the thread count it was compiled at: set it
 first. CPU models only; if compiling fails, quantize_model raises a one-line error naming the mode. Measured:
-bench/bench_generate.py, the README report card.
+bench/bench_generate.py, docs/performance.md.
 """
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model as M
+from vlm import VLM
 
 MODES = ("int8", "int8-compiled", "int4")   # --quantize on reason.py and evaluate.py
 
@@ -165,9 +165,9 @@ def compile_product(linear: Int8Linear):
     torch.compile: dynamo keys its compiled code on the forward's code object, shared by every layer, so past its
     recompile limit (8) further layers would silently run uncompiled. Options: freezing makes q and s graph
     constants, which inductor's C++ GEMM template needs to repack q; max-autotune with only the CPP backend picks
-    that template without timing the alternatives. fx_graph_cache=False: through torch.compile (torch 2.13) a
-    second module of the same shape was served the first one's graph and frozen weights; this path showed no such
-    bug, but the cache buys nothing here (~0.3 s per layer of a known shape either way), so it stays off.
+    that template without timing the alternatives. fx_graph_cache=False: the cache buys nothing here (~0.3 s per
+    layer of a known shape either way), and through torch.compile it once served a second module of the same shape
+    the first one's frozen weights (docs/LOG.md).
     tests/test_quantize.py checks every layer against its own weights."""
     import torch._inductor   # here: a heavy import that only this mode needs
     graph = torch.fx.symbolic_trace(FrozenProduct(linear))
@@ -182,7 +182,7 @@ def quantize_model(model, mode="int8"):
     if check_mode(mode) is None:
         return model
     layer = {"int8": Int8Linear, "int8-compiled": Int8Linear, "int4": Int4Linear}[mode]
-    llm = model.llm if M.is_vlm(model) else model
+    llm = model.llm if isinstance(model, VLM) else model
     if mode == "int8-compiled" and llm.embed_tokens.weight.device.type != "cpu":   # checked before anything changes
         raise ValueError(f"quantize 'int8-compiled': needs a CPU model (got {llm.embed_tokens.weight.device.type}); "
                          f"use int8")

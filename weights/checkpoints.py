@@ -9,6 +9,8 @@
     load_vision_tower(path)       a standalone SigLIP checkpoint (or a VLM folder: its tower)
     assemble_vlm(siglip, qwen3)   a fresh VLM for pretraining from the two standalone checkpoints
     load_tokenizer(path)          the checkpoint's tokenizer.json (tokenizers, no transformers)
+    resolve_checkpoint(path)      a local folder, or a hub id fetched with huggingface_hub
+    device_and_dtype(device, dtype)  the one rule for where models run
 
     qwen3_from_hf / siglip_from_hf / vlm_from_hf (and *_to_hf)
                                   a config.json dict <-> our Config dataclasses, one function each way per layout
@@ -23,11 +25,15 @@ from dataclasses import asdict, fields
 
 import torch
 
-import records
-from model import CheckpointError, Qwen3, Qwen3Config
-from quantize import check_mode, is_quantized, quantize_model
+from model import Qwen3, Qwen3Config
+from storage import records
 from vision import SiglipConfig, SiglipVisionTower
 from vlm import VLM, VLMConfig, build_vlm
+from weights.quantize import check_mode, is_quantized, quantize_model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: not found, not a checkpoint, or keys that do not match."""
 
 
 # ----------------------------------------------------------------------------- configs: config.json <-> ours
@@ -189,7 +195,7 @@ def device_and_dtype(device="auto", dtype=None):
     return device, dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
 
-def _resolve_checkpoint(path_or_id, need_config=True, files=("*.json", "*.safetensors", "*.txt")):
+def resolve_checkpoint(path_or_id, need_config=True, files=("*.json", "*.safetensors", "*.txt")):
     """A local folder, or a hub id fetched with huggingface_hub (which also serves its offline cache); from the
     hub only `files` (glob patterns)."""
     path = str(path_or_id)
@@ -318,7 +324,8 @@ def _write_safetensors(state_dict, folder, max_shard_bytes=5 * 2**30):
 
 # ----------------------------------------------------------------------------- Qwen3 / Qwen2 layout
 
-def _llm_key_to_hf(key, prefix="model."):
+def llm_key_to_hf(key, prefix="model."):
+    """Our Qwen3 parameter name -> the checkpoint's (model.* but lm_head.*)."""
     return key if key.startswith("lm_head.") else prefix + key
 
 
@@ -358,7 +365,7 @@ def load_model(path_or_hub_id, dtype=None, device=None, quantize=None):
     (quantize.py); the vision tower and projector stay floating point. "int8-compiled": int8 with batch-1 CPU
     decode products compiled by inductor with the weights frozen in (needs a C++ compiler)."""
     check_mode(quantize)   # a bad value fails before any weight is read
-    folder = _resolve_checkpoint(path_or_hub_id)
+    folder = resolve_checkpoint(path_or_hub_id)
     cfg = _read_config(folder)
     dtype = _as_dtype(dtype)
     model = (_load_vlm if _is_llava_config(cfg) else _load_llm)(folder, cfg, dtype, device)
@@ -373,11 +380,11 @@ def save_model(model, out_dir, max_shard_bytes=5 * 2**30, layout="released", tok
     A VLM: layout "released" (LLaVA-NeXT) or "llava-onevision" (transformers; token_ids = (image id, video id))."""
     if is_quantized(model):
         raise ValueError("save_model: the model is int8-quantized; save the floating-point one (quantize at load)")
-    if isinstance(model, VLM):  # the VLM (last section of this file)
+    if isinstance(model, VLM):
         return _save_vlm(model, out_dir, max_shard_bytes, layout, token_ids)
     if layout != "released":
         raise ValueError(f"save_model: layout {layout!r} is for VLMs; a text LLM has one layout (Qwen3's)")
-    state = {_llm_key_to_hf(k): v for k, v in model.state_dict().items()}
+    state = {llm_key_to_hf(k): v for k, v in model.state_dict().items()}
     _write_safetensors(state, out_dir, max_shard_bytes)
     dtype = str(model.embed_tokens.weight.dtype).replace("torch.", "")
     records.atomic_write_json(os.path.join(out_dir, "config.json"), {**qwen3_to_hf(model.config), "torch_dtype": dtype})
@@ -475,7 +482,7 @@ def load_vision_tower(path_or_hub_id, dtype=None, device=None):
     """A standalone SigLIP checkpoint (google/siglip-so400m-patch14-384 style: vision_model.* and text_model.*)
     -> SiglipVisionTower in eval mode. The text tower, logit scale/bias, pooling head and last layer are dropped.
     A VLM checkpoint gives its own tower."""
-    folder = _resolve_checkpoint(path_or_hub_id)
+    folder = resolve_checkpoint(path_or_hub_id)
     cfg = _read_config(folder)
     if _is_llava_config(cfg):  # a VLM checkpoint: its tower (e.g. the Shapes world's pretrained captioner)
         return load_model(folder, dtype, device).vision
@@ -509,7 +516,7 @@ def assemble_vlm(siglip_path, qwen3_path, dtype=None, device=None, **options):
 def load_tokenizer(path_or_id):
     """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (no transformers needed)."""
     # from the hub only the tokenizer: a served model's tokenizer comes without its weights
-    path = os.path.join(_resolve_checkpoint(path_or_id, need_config=False, files=("tokenizer.json",)),
+    path = os.path.join(resolve_checkpoint(path_or_id, need_config=False, files=("tokenizer.json",)),
                         "tokenizer.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{path_or_id}: no tokenizer.json in the checkpoint folder")

@@ -16,7 +16,7 @@ import glob
 import json
 import os
 
-import records
+from storage import records
 
 MANIFEST = "shard.json"
 

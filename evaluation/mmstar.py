@@ -1,7 +1,7 @@
 """Multiple-choice sets such as MMStar: reading them (parquet, a hub dataset, JSONL) and scoring replies.
 
-Scoring follows the released task files exactly (stage_2_utils.py, lmms-eval's mmstar utils): the last line of
-the reply, the regex (?i)Answer\\s*:\\s*([^\\n]+), then lmms-eval's MMStar exact match against the answer letter;
+Scoring follows the released task files exactly (stage_2_utils.py, lmms-eval's mmstar utils): the answer the
+release parses from the reply (pipeline.extract_answer), then lmms-eval's MMStar exact match against the letter;
 scores are aggregated as lmms-eval's mmstar_aggregate_results (see `aggregate`). `answer_match="text"` (JSONL sets
 with "options", for models that answer with the option's text) instead compares the same prediction, normalised,
 with each option's text: the matching option's letter is scored; no match is wrong and unparsable.
@@ -15,13 +15,12 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import records
 import vision
+from pipeline import extract_answer
+from storage import records
 
 # ----------------------------------------------------------------------------- scoring (release + lmms-eval facts)
 
-# stage_2_utils.py: the answer is searched for on the reply's last line only.
-ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 # lmms-eval mmstar exact_match: after lower()/strip(), the letter may follow one of these prefixes.
 _LETTER_PREFIXES = ("", "(", "option ", "the answer is ")
 # The order the paper's Table 2 prints MMStar's categories in (lmms-eval's eval_type_dict order).
@@ -32,15 +31,6 @@ OPTION_LETTERS = "ABCDEFGH"
 ANSWER_MATCHES = ("letter", "text")
 MMSTAR_SHORT = {"coarse perception": "CP", "fine-grained perception": "FP", "instance reasoning": "IR",
                 "logical reasoning": "LR", "science & technology": "ST", "math": "Math"}
-
-
-def extract_answer(reply):
-    """Reply text -> (prediction, parsed). As stage_2_utils.mmstar_process_results: take the last line
-    (split on "\\n"); if it matches the Answer regex the prediction is group 1, else the whole last line
-    (which is still scored: a bare "B" on the last line counts). `parsed` says whether the regex matched."""
-    last_line = reply.split("\n")[-1]
-    match = ANSWER_PATTERN.search(last_line)
-    return (match.group(1), True) if match else (last_line, False)
 
 
 def exact_match(prediction, answer):
@@ -187,7 +177,7 @@ def load_docs(source, image_folder=None, limit=None, allow_outside_images=False,
     huggingface_hub, which honours the offline cache), or a .jsonl file with one question per line:
     {"index", "question" (options inline), "answer" (letter), "category", "l2_category", "image" (path
     relative to image_folder, default the jsonl's folder, and inside it unless allow_outside_images:
-    vision.resolve_image_path), optional "options" (the option texts in letter order A, B, ..., for
+    records.resolve_image_path), optional "options" (the option texts in letter order A, B, ..., for
     --answer-match text)}. exif_transpose: the docs' images are loaded turned as their EXIF tag says."""
     if source.endswith(".jsonl"):
         docs = _load_jsonl_docs(source, image_folder, allow_outside_images)
@@ -218,7 +208,7 @@ def _load_jsonl_docs(path, image_folder, allow_outside_images=False):
             _check_options(f"{path}: record {row + 1}", options, str(rec["answer"]))
         docs.append(Doc(doc_id=row, index=str(rec.get("index", row)), question=rec["question"],
                         answer=str(rec["answer"]), category=category, l2_category=rec.get("l2_category", category),
-                        image_path=vision.resolve_image_path(folder, image, f"{path}: record {row + 1}",
+                        image_path=records.resolve_image_path(folder, image, f"{path}: record {row + 1}",
                                                              allow_outside_images) if image else None,
                         options=options))
     return docs

@@ -4,9 +4,9 @@
     scene --questions_for_scene--> questions whose answers are words ("red", "top left", "2")
     question --> LLaVA QA (end-to-end baseline), extraction-tuning description, caption, reasoner trace
     seeds --> training files for train.py, a held-out multiple-choice set for evaluate.py, a text corpus for
-              the toy language models (shapes_backbones.py)
+              the toy language models (shapes_world/train_backbones.py)
 
-Why the world looks like this (each choice was measured; see the README's Shapes world section):
+Why the world looks like this (each choice was measured; docs/shapes.md and docs/LOG.md):
 - A 2x2 grid of 56-px cells, each empty or holding one shape of 4 colours x 4 kinds. One cell is exactly one
   tile of the tiny SigLIP tower, so AnyRes runs for real (a base tile of the whole image + a 2x2 grid of tiles,
   16 + 8 * (8 + 1) = 88 image tokens) and every fact sits inside one tile. An earlier world of free-floating
@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import prompts
-import records
+from storage import records
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scenes: seed -> scene graph -> image
@@ -411,10 +411,10 @@ def tokenizer_corpus(n_scenes: int = 300, seed: int = 0) -> list[str]:
         texts += ["<image>", describe(scene)]
         questions = [(q, multiple_choice(q, rng)) for q in questions_for_scene(scene, rng)]
         for q, mc in questions:
-            texts += ["<image>\n" + mc["question"] + prompts.E2E_POST_PROMPT, q["answer"]]
+            texts += [prompts.e2e_user_text(mc["question"]), q["answer"]]
         for q, _ in questions:
-            texts += ["<image>\n" + prompts.perception_prompt(q["hint"]), extraction_target(scene, q)]
-        texts += ["<image>\n" + prompts.perception_prompt(None), describe(scene)]
+            texts += [prompts.perception_user_text(q["hint"]), extraction_target(scene, q)]
+        texts += [prompts.perception_user_text(None), describe(scene)]
     return texts
 
 
@@ -459,7 +459,8 @@ def _seeds(n, start, held_out):
 
 
 def _turns(human: str, gpt: str) -> list[dict]:
-    return [{"from": "human", "value": "<image>\n" + human}, {"from": "gpt", "value": gpt}]
+    """A human turn (with its <image> mark) and the reply, as LLaVA records hold them."""
+    return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
 
 
 def training_records(scene: dict, image: str) -> dict:
@@ -474,14 +475,14 @@ def training_records(scene: dict, image: str) -> dict:
         mc = multiple_choice(q, rng)
         slug = f"{seed}-{q['l2_category'].replace(' ', '_')}"
         qa.append({"id": f"qa-{slug}", "image": image,
-                   "conversations": _turns(mc["question"] + prompts.E2E_POST_PROMPT, q["answer"])})
-        extract.append({"id": f"extract-{slug}", "image": image,
-                        "conversations": _turns(prompts.perception_prompt(q["hint"]), extraction_target(scene, q))})
+                   "conversations": _turns(prompts.e2e_user_text(mc["question"]), q["answer"])})
+        extract.append({"id": f"extract-{slug}", "image": image, "conversations": _turns(
+            prompts.perception_user_text(q["hint"]), extraction_target(scene, q))})
     return {"pretrain": [{"id": f"caption-{seed}", "image": image, "conversations": [
                 {"from": "human", "value": "<image>"}, {"from": "gpt", "value": describe(scene)}]}],
             "qa": qa, "extract": extract,
             "caption": [{"id": f"describe-{seed}", "image": image,
-                         "conversations": _turns(prompts.perception_prompt(None), describe(scene))}]}
+                         "conversations": _turns(prompts.perception_user_text(None), describe(scene))}]}
 
 
 def eval_rows(scene: dict, image: str, first_index: int) -> list[dict]:

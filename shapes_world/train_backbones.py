@@ -1,9 +1,9 @@
 """The Shapes world's toy backbones: what pretrained Qwen3 and SigLIP are to the paper, trained here once.
 
-    python shapes_backbones.py          # writes backbones/ (shipped in the repository); see manifest.json
+    python -m shapes_world.train_backbones    # writes shapes_world/backbones/ (shipped); see its manifest.json
 
   backbones/lm-S, lm-L   Qwen3-shaped language models at two sizes, pretrained with train.py (--template
-                         document: every token trained) on a generated corpus (shapes_world.lm_documents):
+                         document: every token trained) on a generated corpus (world.lm_documents):
                          reasoner chats on the exact stage-2 prompt, perception chats, plain descriptions.
                          They are the stage-2 reasoners, used untouched, and the LLMs inside the Shapes VLMs.
   backbones/captioner    a captioning VLM: lm-S + a small SigLIP tower (random init) + projector, all trained on
@@ -25,16 +25,17 @@ import time
 
 import torch
 
-import checkpoints as C
 import evaluate
-import mmstar
-import model as M
+import model
 import pipeline
-import records
-import shapes_world as W
 import vision
+from evaluation import mmstar
+from shapes_world import world
+from storage import records
+from weights import checkpoints
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: train.py runs there
+BACKBONES = os.path.join(ROOT, "shapes_world", "backbones")
 # Qwen3Config overrides of the "tiny" preset; L has ~3x the parameters of S. The output head is untied: with
 # Qwen3's tied head the four colour embeddings collapsed onto one vector (cosine 0.995 after 2000 steps) while
 # the model could not yet copy a colour from its context, and copying never formed (colour loss stayed ln 4);
@@ -57,7 +58,7 @@ EVAL_SCENES = 52       # held-out numbers: the main job's held-out scenes (seed 
 
 def corpus_text() -> str:
     """The language models' corpus as written to lm_corpus.jsonl (its hash is in the manifest)."""
-    return "".join(json.dumps(d) + "\n" for d in W.lm_documents(LM_SCENES))
+    return "".join(json.dumps(d) + "\n" for d in world.lm_documents(LM_SCENES))
 
 
 def lm_command(out: str, size: str, corpus: str, tokenizer: str) -> list[str]:
@@ -117,7 +118,7 @@ def heldout_numbers(backbones: str, work: str) -> dict:
 
 def heldout_data(folder: str) -> dict:
     """The held-out scenes of the main job (no training scenes): eval.jsonl, images, scenes.jsonl."""
-    return W.build_dataset(folder, n_train=0, n_eval=EVAL_SCENES, seed=0)
+    return world.build_dataset(folder, n_train=0, n_eval=EVAL_SCENES, seed=0)
 
 
 def reasoner_accuracy(lm: str, data: dict, kind: str, work: str, quantize=None) -> float:
@@ -125,12 +126,12 @@ def reasoner_accuracy(lm: str, data: dict, kind: str, work: str, quantize=None) 
     description alone), greedy, scored by the answer's text -> accuracy over the held-out questions.
     The records are left in work/stage2-{kind}.jsonl; quantize: as checkpoints.load_model."""
     os.makedirs(work, exist_ok=True)
-    stage1 = W.true_stage1(data, os.path.join(work, f"true-{kind}.jsonl"), kind)
+    stage1 = world.true_stage1(data, os.path.join(work, f"true-{kind}.jsonl"), kind)
     out = os.path.join(work, f"stage2-{kind}.jsonl")
     if os.path.exists(out):
         os.remove(out)
     docs = mmstar.load_docs(data["eval"])
-    recs = evaluate.run_stage2(docs, stage1, C.load_model(lm, quantize=quantize), C.load_tokenizer(lm), out,
+    recs = evaluate.run_stage2(docs, stage1, checkpoints.load_model(lm, quantize=quantize), checkpoints.load_tokenizer(lm), out,
                                pipeline.ReasonSettings(budget=64, answer_tokens=8, greedy=True), batch_size=64,
                                show_progress=False, answer_match="text")
     return sum(r["correct"] for r in recs) / len(recs)
@@ -139,15 +140,15 @@ def reasoner_accuracy(lm: str, data: dict, kind: str, work: str, quantize=None) 
 def captioner_facts(captioner: str, data: dict, work: str, quantize=None) -> float:
     """Stage 1 of the captioner in its own template (plain: "<image>" -> caption) on every held-out image ->
     share of the facts in its captions that the scene graphs confirm."""
-    vlm, tok = C.load_model(captioner, quantize=quantize), C.load_tokenizer(captioner)
+    vlm, tok = checkpoints.load_model(captioner, quantize=quantize), checkpoints.load_tokenizer(captioner)
     scenes = [s for s in records.read_jsonl(data["scenes"]) if s["split"] == "eval"]
     folder = os.path.dirname(data["eval"])
     images = [[vision.load_image(os.path.join(folder, s["image"]))] for s in scenes]
-    replies = M.generate(vlm, [M.encode(tok, "<image>")] * len(scenes), images, max_new_tokens=40,
-                         stop_ids={tok.token_to_id("<|endoftext|>")})
+    replies = vlm.generate([model.encode(tok, "<image>")] * len(scenes), images, max_new_tokens=40,
+                           stop_ids={tok.token_to_id("<|endoftext|>")})
     confirmed = stated = 0
     for reply, s in zip(replies, scenes):
-        c, n = W.check_facts(tok.decode(reply).split("\n")[0], s["scene"])
+        c, n = world.check_facts(tok.decode(reply).split("\n")[0], s["scene"])
         confirmed, stated = confirmed + c, stated + n
     return confirmed / max(stated, 1)
 
@@ -174,9 +175,9 @@ def file_hashes(folder: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m shapes_world.train_backbones", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "backbones"), help="where the shipped weights go")
+    p.add_argument("--out", default=BACKBONES, help="where the shipped weights go")
     p.add_argument("--work", default="runs/backbones", help="corpus, data and checkpoints (not shipped)")
     p.add_argument("--numbers-only", action="store_true", help="only recompute the held-out numbers")
     args = p.parse_args(argv)
@@ -187,12 +188,12 @@ def main(argv=None) -> None:
     if not args.numbers_only:
         t0 = time.time()
         tokenizer = os.path.join(args.work, "tokenizer.json")
-        W.world_tokenizer().save(tokenizer)
+        world.world_tokenizer().save(tokenizer)
         corpus = os.path.join(args.work, "lm_corpus.jsonl")
         text = corpus_text()
         records.atomic_write_text(corpus, text)
         manifest["corpus_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-        data = W.build_dataset(os.path.join(args.work, "captions"), n_train=CAPTION_SCENES, n_eval=0)
+        data = world.build_dataset(os.path.join(args.work, "captions"), n_train=CAPTION_SCENES, n_eval=0)
         runs = {name: os.path.join(args.work, name) for name in ("lm-S", "lm-L", "captioner")}
         commands = {f"lm-{s}": lm_command(runs[f"lm-{s}"], s, corpus, tokenizer) for s in SIZES}
         commands["captioner"] = captioner_command(runs["captioner"], runs["lm-S"], data)
@@ -220,4 +221,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"shapes_backbones.py: error: {e}")
+        sys.exit(f"shapes_world.train_backbones: error: {e}")

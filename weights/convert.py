@@ -1,7 +1,7 @@
 """Write a VLM in transformers' LlavaOnevision layout, the one vLLM and SGLang load (the released Extract+Think
 checkpoints are in the LLaVA-NeXT layout, which they do not read), or in the released layout.
 
-    python convert.py markendo/llava-extract-qwen3-0.6B runs/extract-0.6B-ov --dtype bfloat16
+    python -m weights.convert markendo/llava-extract-qwen3-0.6B runs/extract-0.6B-ov --dtype bfloat16
     vllm serve runs/extract-0.6B-ov --port 8001
     python evaluate.py --mode stage1 --perception-url http://localhost:8001/v1 --perception runs/extract-0.6B-ov ...
 
@@ -26,12 +26,12 @@ import sys
 
 from tokenizers import AddedToken
 
-import checkpoints as C
-import model as M
-import prompts
 import pipeline
-import records
+import prompts
 import vision
+from storage import records
+from vlm import VLM
+from weights import checkpoints
 
 MEDIA_TOKENS = ("<image>", "<video>")   # the LlavaOnevision processor's placeholders, one embedding row each
 
@@ -66,17 +66,17 @@ def convert(src, out, layout="llava-onevision", dtype=None, max_shard_bytes=5 * 
     """Load the VLM at src (folder or hub id, either layout) and write it to out in `layout`."""
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ValueError(f"{out}: the output folder is the source; write the converted checkpoint elsewhere")
-    net = C.load_model(src, dtype=dtype)
-    if not M.is_vlm(net):
+    net = checkpoints.load_model(src, dtype=dtype)
+    if not isinstance(net, VLM):
         raise ValueError(f"{src}: a text LLM; its Qwen3 layout is already the one engines load")
-    tok = C.load_tokenizer(src)
+    tok = checkpoints.load_tokenizer(src)
     os.makedirs(out, exist_ok=True)
     if layout == "released":
-        C.save_model(net, out, max_shard_bytes)
+        checkpoints.save_model(net, out, max_shard_bytes)
         records.atomic_write(os.path.join(out, "tokenizer.json"), tok.save)
         return
     ids = add_media_tokens(tok, net.config.llm.vocab_size, src)
-    C.save_model(net, out, max_shard_bytes, layout, ids)
+    checkpoints.save_model(net, out, max_shard_bytes, layout, ids)
     records.atomic_write(os.path.join(out, "tokenizer.json"), tok.save)
     stops = sorted(pipeline.stop_ids(tok))
     if tok.token_to_id(prompts.IM_END) is None:
@@ -96,19 +96,20 @@ def convert(src, out, layout="llava-onevision", dtype=None, max_shard_bytes=5 * 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m weights.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="VLM checkpoint folder or hub id (released LLaVA-NeXT or LlavaOnevision layout)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--layout", choices=C.VLM_LAYOUTS, default="llava-onevision", help="default: llava-onevision")
+    p.add_argument("--layout", choices=checkpoints.VLM_LAYOUTS, default="llava-onevision", help="default: llava-onevision")
     p.add_argument("--dtype", help="cast the weights: float32 / bfloat16 / float16 (default: as stored)")
     p.add_argument("--max-shard-mb", type=float, default=5120, help="largest safetensors file, MiB (default 5120)")
     args = p.parse_args(argv)
     try:
         convert(args.src, args.out, args.layout, args.dtype, int(args.max_shard_mb * 2**20))
     except (ValueError, OSError) as e:   # CheckpointError is a ValueError
-        print(f"convert.py: error: {e}", file=sys.stderr)
+        print(f"weights.convert: error: {e}", file=sys.stderr)
         return 1
-    print(f"convert.py: wrote {args.out} ({args.layout} layout)", file=sys.stderr)
+    print(f"weights.convert: wrote {args.out} ({args.layout} layout)", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared JSON / JSONL helpers: strict readers, atomic writes, a resumable append-only JSONL, and the writer lock.
+"""Shared JSON / JSONL helpers: strict readers, the image path rule of data records, atomic writes, a resumable
+append-only JSONL, and the writer lock.
 
 A JSONL file written by ResumableJsonl survives a crash at any moment: every batch is
 flushed and fsync'ed, and a torn last line (the write the crash interrupted) is dropped
@@ -63,6 +64,21 @@ def read_records(path):
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
+
+
+def resolve_image_path(folder, path, where, allow_outside=False):
+    """The one rule for an image path written in a data record: relative to `folder` ("" = the current folder)
+    and, once ".." is resolved, inside it. An absolute path or one that climbs out of the folder is refused with
+    a ValueError naming `where` (the record), unless allow_outside (the tools' --allow-outside-images). The check
+    is on the path's text: a symlink inside the folder is followed wherever it points (the folder owner's choice)."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: image path must be a non-empty string, got {path!r}")
+    full = os.path.join(folder, path)
+    root = os.path.abspath(folder or ".")
+    if not allow_outside and os.path.commonpath([root, os.path.abspath(full)]) != root:
+        raise ValueError(f"{where}: image path {path!r} is outside the image folder {root}; "
+                         "pass --allow-outside-images to allow it")
+    return full
 
 
 def atomic_write(path, write):

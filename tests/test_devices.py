@@ -17,19 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
+import anyres
+import model
+import pipeline
+import vlm
+from model import IGNORE_INDEX, IMAGE_TOKEN_ID
+from training.loss import LossSum
+from vision import SiglipConfig
+from weights import checkpoints, quantize
+from _tiny_llava import TILE, llava_onevision_config, text_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import anyres  # noqa: E402
-import checkpoints  # noqa: E402
-import model  # noqa: E402
-import pipeline  # noqa: E402
-import quantize  # noqa: E402
-import train  # noqa: E402
-import vlm  # noqa: E402
-from model import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: E402
-from vision import SiglipConfig  # noqa: E402
-from _tiny_llava import TILE, llava_onevision_config, text_config  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -226,7 +224,7 @@ def test_greedy_generation_equals_transformers_fp32(qwen3_folder, vlm_folder, de
         assert model.generate(ours, rows, max_new_tokens=NEW) == hf_greedy(hf, NEW, input_ids=ids, attention_mask=mask)
     ours, hf = load_vlm_pair(vlm_folder, device)
     want = hf_greedy(hf, NEW, **hf_vlm_inputs(ours, VLM_ROWS, VLM_IMAGES, device, torch.float32))
-    assert model.generate(ours, VLM_ROWS, VLM_IMAGES, max_new_tokens=NEW) == want
+    assert ours.generate(VLM_ROWS, VLM_IMAGES, max_new_tokens=NEW) == want
 
 
 # ----------------------------------------------------------------------------- KV cache, padding
@@ -261,11 +259,11 @@ def test_kv_cache_and_left_padded_batch(qwen3_folder, device):
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    """A small byte-level BPE with Qwen's chat tokens (shapes_world.train_tokenizer: they come last, as in Qwen3,
+    """A small byte-level BPE with Qwen's chat tokens (world.train_tokenizer: they come last, as in Qwen3,
     so NoWait's ordinary-token range is the BPE part) and reflexive words as whole tokens."""
-    import shapes_world
+    from shapes_world import world
     texts = ["wait, hmm, but check again: maybe verify the answer. The red circle is left of the square."] * 8
-    return shapes_world.train_tokenizer(texts, vocab_size=400)   # 318 ids: every pair seen twice merged
+    return world.train_tokenizer(texts, vocab_size=400)   # 318 ids: every pair seen twice merged
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -346,8 +344,8 @@ def right_padded_batch(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_step_under_bf16_autocast_matches_transformers(qwen3_folder, device):
-    """fp32 weights, bf16 autocast (how train.py trains on CUDA): train.LossSum's mean token loss and every
-    gradient against transformers' Qwen3ForCausalLM(labels=...) on the same batch. Under autocast each matmul
+    """fp32 weights, bf16 autocast (how train.py trains on CUDA): LossSum's (training/loss.py) mean token loss and
+    every gradient against transformers' Qwen3ForCausalLM(labels=...) on the same batch. Under autocast each matmul
     rounds its inputs and output to bf16 (0.4 %), in an order of its own on each side, so the two cannot agree to
     fp32 tolerances; both are measured against the fp32 step of the same weights instead. Loss: within 1 %
     relative of transformers' (autocast moves it ~0.05 % here). Each gradient: ours no further from the fp32
@@ -359,7 +357,7 @@ def test_training_step_under_bf16_autocast_matches_transformers(qwen3_folder, de
     def ours_step(autocast):
         llm = checkpoints.load_model(qwen3_folder, device=device).train()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            loss, n, _, _ = train.LossSum(llm, pad_id=0, max_length=100)(rows, labels, [[], []])
+            loss, n, _, _ = LossSum(llm, pad_id=0, max_length=100)(rows, labels, [[], []])
         (loss / n).backward()
         return (loss / n).item(), {"model." + k: p.grad.float() for k, p in llm.named_parameters()}
 
@@ -395,7 +393,7 @@ VLM_GRADS = {"image_newline": ("image_newline", "image_newline"),
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_vlm_training_step_under_bf16_autocast_matches_llava_onevision(vlm_folder, device):
-    """The VLM's step (train.LossSum: an AnyRes image row, a text-only row, right padding) under bf16 autocast
+    """The VLM's step (LossSum: an AnyRes image row, a text-only row, right padding) under bf16 autocast
     against transformers' LlavaOnevisionForConditionalGeneration(labels=...): the loss, and the gradients of a few
     parameters of every part (tower, projector, newline, LLM), judged as in the LLM test above: against our fp32
     step, ours no further than transformers' x 1.5 + 1 % of the norm; loss within 1 %."""
@@ -406,7 +404,7 @@ def test_vlm_training_step_under_bf16_autocast_matches_llava_onevision(vlm_folde
     def ours_step(autocast):
         net = checkpoints.load_model(vlm_folder, device=device)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            loss, n, _, _ = train.LossSum(net, pad_id=0, max_length=10_000)(ids, labels, images)
+            loss, n, _, _ = LossSum(net, pad_id=0, max_length=10_000)(ids, labels, images)
         (loss / n).backward()
         return (loss / n).item(), {k: p.grad.float() for k, p in net.named_parameters() if k in VLM_GRADS}
 
@@ -455,7 +453,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(device, autocast):
     ids = [tokens(3, 500) + [IMAGE_TOKEN_ID] + tokens(6, 501), tokens(8, 502)]
     labels = [[IGNORE_INDEX] * 5 + r[5:] for r in ids]
     images = [[picture(150, 100, 9)], []]
-    step = train.LossSum(net, pad_id=0, max_length=1000)
+    step = LossSum(net, pad_id=0, max_length=1000)
     results = []
     for on in (False, True):
         net.llm.grad_checkpointing = net.vision.grad_checkpointing = on
@@ -533,8 +531,7 @@ def test_gpu_check_small_runs_and_writes_every_row(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--small", "--out",
                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import gpu_check
+    from bench import gpu_check
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["id"] for r in result["rows"]] == gpu_check.ROW_IDS
     failed = [(r["id"], r["error"]) for r in result["rows"] if r.get("error")]

@@ -98,8 +98,13 @@ def _tokens(completion, by_stop_string=False, *, stops=(), max_tokens=None, enco
     """A Completion -> its generated tokens as generate() counts them (without the end-of-reply token).
 
     With the generated ids (token_ids): their number, less a last id that is an end token (stops).
-    Otherwise usage.completion_tokens, less the end token a reply that ended on one counts: finish_reason "stop",
-    unless a stop string ended it (by_stop_string)."""
+    Otherwise usage.completion_tokens, which counts the end token when the reply ended on one: finish_reason "stop"
+    says so, unless a stop string ended it (by_stop_string). A reply whose end token was the last one allowed is
+    "length" on transformers serve (measured: it compares the count with max_tokens, end token included), so for
+    "length" with completion_tokens == max_tokens the end token, which the text skips, is taken to be there when
+    the text encodes (encode, the reasoner's tokenizer) to exactly one token less. That rests on the text
+    re-encoding to the generated ids, as everything else on a text-only server does (retokenizes); without
+    encode (a served VLM has no tokenizer here) such a reply counts its end token."""
     if completion.token_ids is not None:
         ids = completion.token_ids
         return len(ids) - bool(ids and ids[-1] in stops)
@@ -108,6 +113,9 @@ def _tokens(completion, by_stop_string=False, *, stops=(), max_tokens=None, enco
     n = completion.completion_tokens
     if completion.finish_reason == "stop":
         return n - (not by_stop_string)
+    if completion.finish_reason == "length" and encode is not None and n == max_tokens \
+            and len(encode(completion.text)) == n - 1:
+        return n - 1
     return n
 
 

@@ -261,6 +261,23 @@ def test_served_as_text_the_records_name_every_row_whose_thinking_did_not_re_tok
     assert all("retokenized" not in r for r in local)
 
 
+def test_a_reply_ending_on_its_last_allowed_token_counts_as_locally(transformers_serve, tmp_path):
+    folder, url, _ = transformers_serve
+    # measured: transformers serve says "length", and counts <|im_end|>, when it is the last token allowed
+    reply = openai_client.Client(url, max_retries=0).complete(folder, pipeline.reasoning_chat("Q", "D", False), 8,
+                                                              temperature=0.0)
+    assert (reply.text, reply.finish_reason, reply.completion_tokens) == ("5678</think>90", "length", 8)
+    base = stage2_args(tmp_path, folder)
+    # the chain: ... </think> 9 0 <|im_end|>, the end token the last one allowed; locally not counted
+    cases = (("closed", ["--budget", "16", "--answer-tokens", "3"], 2),
+             ("no-think", ["--thinking", "off", "--answer-tokens", "8"], 7))
+    for name, extra, answer_tokens in cases:
+        runs = local_and_served(tmp_path, base + extra, url, name)
+        (local, local_res), (served, served_res) = runs["local"], runs["served"]
+        assert served == local and local[0]["answer_tokens"] == answer_tokens
+        assert served_res["mean_generated_tokens"] == local_res["mean_generated_tokens"]
+
+
 # ----------------------------------------------------------------------------- a stub that takes token ids (vLLM)
 
 class IdServer:
@@ -466,7 +483,8 @@ def tiny(tmp_path_factory):
 class OurModels:
     """answer() for a stub that serves the tiny models: the completions endpoint runs the LLM on the prompt as
     received, text or token ids (sent back when asked, as vLLM does); chat completions run the VLM on the decoded
-    image and llava_chat("<image>\\n" + text), after checking that the system line is the release's. Usage counts the end-of-reply token, as servers do."""
+    image and llava_chat("<image>\\n" + text), after checking that the system line is the release's. Usage counts
+    the end-of-reply token, as servers do."""
 
     def __init__(self, tiny):
         self.llm, self.vlm = C.load_model(str(tiny / "llm")), C.load_model(str(tiny / "vlm"))

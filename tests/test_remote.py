@@ -343,6 +343,46 @@ def test_stage2_over_a_server_that_takes_token_ids_equals_the_local_path_token_f
     assert all(isinstance(b["prompt"], list) for _, b in server.requests if "return_token_ids" not in b)
 
 
+# ----------------------------------------------------------------------------- the pixels a server sees
+
+def test_a_converted_vlm_gives_servers_our_pixels_with_the_pil_image_processor(tmp_path):
+    """convert.py's preprocessor_config.json cannot pin transformers 5's PIL image processor: its AutoImageProcessor
+    takes the backend from the caller (backend="pil", or the deprecated use_fast=False) or else torchvision when it
+    is installed, whose bicubic resize differs from the release's PIL one. So the server must load it with
+    backend="pil"; loaded so, its pixels are ours, bit for bit. And AutoProcessor, which servers load, needs
+    torchvision anyway for LlavaOnevision's video processor (measured on 5.23: ImportError without it)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils.import_utils import is_torchvision_available
+    import convert
+    import shapes_world
+    import vision
+    import vlm as V
+    tok = shapes_world.train_tokenizer([prompts.llava_chat("<image>\nDescribe the red star.")] * 4, vocab_size=300)
+    torch.manual_seed(0)
+    net = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size() + 2)),
+                      vision.SiglipConfig.preset("tiny")).eval()
+    C.save_model(net, str(tmp_path / "src"))
+    tok.save(str(tmp_path / "src" / "tokenizer.json"))
+    assert convert.main([str(tmp_path / "src"), str(tmp_path / "ov")]) == 0
+    processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "ov"), backend="pil")
+    assert type(processor).__name__ == "LlavaOnevisionImageProcessorPil"
+    generator = torch.Generator().manual_seed(0)
+    for width, height in ((150, 100), (47, 423), (700, 300), (1000, 1000)):   # one tile, and anyres grids
+        data = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator).numpy()
+        photo = Image.fromarray(data)
+        got = processor(images=[photo], return_tensors="pt")
+        want, tiles, _ = net.image_pixels([[photo]])
+        assert got["image_sizes"].tolist() == [[height, width]]
+        assert torch.equal(got["pixel_values"][0][:tiles[0]], want)
+    automatic = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "ov"))
+    if is_torchvision_available():   # what convert.py cannot change: the caller's choice, else torchvision
+        assert type(automatic).__name__ == "LlavaOnevisionImageProcessor"
+    else:
+        assert type(automatic).__name__ == "LlavaOnevisionImageProcessorPil"
+        with pytest.raises(ImportError, match="LlavaOnevisionVideoProcessor requires the Torchvision library"):
+            transformers.AutoProcessor.from_pretrained(str(tmp_path / "ov"))
+
+
 # ----------------------------------------------------------------------------- a recording stub: NoWait and budget
 
 QUESTION, DESCRIPTION = "What colour is the star?\nOptions: A: red, B: blue", "A red star."

@@ -23,9 +23,11 @@ Known differences:
   - the pixels: transformers 5 picks the image processor's backend when it loads it, never from these files
     (5.23's AutoImageProcessor: the caller's backend="pil" / use_fast=False, else torchvision where installed,
     else PIL). Torchvision's bicubic resize differs from the release's PIL one (1-2 levels on ~0.7 % of pixel
-    values); the PIL processor gives the release's pixels exactly (tests/test_remote.py). So ask the server for
-    the PIL backend where it lets you (vLLM passes --mm-processor-kwargs to the processor; not checked here);
-    transformers serve has no such option, and its AutoProcessor needs torchvision anyway (the video processor).
+    values; 20 % on a 47x423 one); the PIL processor gives the release's pixels exactly (tests/test_remote.py).
+    The processor servers load, AutoProcessor.from_pretrained(folder), needs torchvision anyway (the video
+    processor) and so takes the torchvision image processor, unless loaded with use_fast=False (backend="pil"
+    fails there: the video processor has no PIL backend). So ask the server for use_fast=False where it lets you
+    (vLLM's --mm-processor-kwargs; not checked here); transformers serve has no such option.
 """
 import argparse
 import os

@@ -348,9 +348,10 @@ def test_stage2_over_a_server_that_takes_token_ids_equals_the_local_path_token_f
 def test_a_converted_vlm_gives_servers_our_pixels_with_the_pil_image_processor(tmp_path):
     """convert.py's preprocessor_config.json cannot pin transformers 5's PIL image processor: its AutoImageProcessor
     takes the backend from the caller (backend="pil", or the deprecated use_fast=False) or else torchvision when it
-    is installed, whose bicubic resize differs from the release's PIL one. So the server must load it with
-    backend="pil"; loaded so, its pixels are ours, bit for bit. And AutoProcessor, which servers load, needs
-    torchvision anyway for LlavaOnevision's video processor (measured on 5.23: ImportError without it)."""
+    is installed, whose bicubic resize differs from the release's PIL one. Loaded with backend="pil", its pixels
+    are ours, bit for bit. AutoProcessor, which servers load, needs torchvision anyway for LlavaOnevision's video
+    processor (ImportError without it), and takes the PIL image processor only with use_fast=False (measured on
+    5.23 with torchvision 0.29.1 in a separate venv; backend="pil" fails there, the video processor has none)."""
     transformers = pytest.importorskip("transformers")
     from transformers.utils.import_utils import is_torchvision_available
     import convert
@@ -377,6 +378,8 @@ def test_a_converted_vlm_gives_servers_our_pixels_with_the_pil_image_processor(t
     automatic = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "ov"))
     if is_torchvision_available():   # what convert.py cannot change: the caller's choice, else torchvision
         assert type(automatic).__name__ == "LlavaOnevisionImageProcessor"
+        loaded = transformers.AutoProcessor.from_pretrained(str(tmp_path / "ov"), use_fast=False)
+        assert type(loaded.image_processor).__name__ == "LlavaOnevisionImageProcessorPil"
     else:
         assert type(automatic).__name__ == "LlavaOnevisionImageProcessorPil"
         with pytest.raises(ImportError, match="LlavaOnevisionVideoProcessor requires the Torchvision library"):

@@ -7,8 +7,10 @@
 - A stub that takes token ids and sends the generated ids back (as vLLM does): served = local for that model too.
 - Recording stubs (http.server) for what that server cannot show: it ignores logit_bias, so the NoWait and budget
   requests are checked field by field; and it cannot serve a LLaVA-OneVision VLM here (transformers' processor for
-  it needs torchvision, whose PyPI build does not load on this CPU torch), so stage 1, e2e and the auto hints go to a
-  stub that answers with the project's own tiny models from exactly the prompt and pixels it received.
+  it needs torchvision, not installed with this CPU torch), so stage 1, e2e and the auto hints go to a stub that
+  answers with the project's own tiny models from exactly the prompt and pixels it received. Where torchvision
+  loads (measured: a venv with torch 2.14.1, torchvision 0.29.1, transformers[serving] 5.23.0), stage 1 and e2e
+  also run against transformers serve serving a converted tiny VLM.
 """
 import base64
 import importlib.util
@@ -160,14 +162,13 @@ def soup(tmp_path_factory, qwen_tok):
 
 
 @pytest.fixture(scope="module")
-def transformers_serve(tmp_path_factory, qwen_tok, soup):
+def serve_url(tmp_path_factory):
     """`transformers serve --host 127.0.0.1` (offline, HF_HUB_OFFLINE=1), no model pinned, so it loads the local
-    folder each request names -> (chain_qwen3's folder, url, soup_qwen3's folder)."""
+    folder each request names -> its URL."""
     pytest.importorskip("transformers")
     from transformers.utils.import_utils import is_serve_available
     if not is_serve_available():
         pytest.skip("transformers' serving extra is not installed (pip install 'transformers[serving]==5.23.0')")
-    folder = chain_qwen3(tmp_path_factory.mktemp("chain_qwen3"), qwen_tok)
     port = free_port()
     cmd = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
            "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
@@ -185,10 +186,16 @@ def transformers_serve(tmp_path_factory, qwen_tok, soup):
                 if proc.poll() is not None or time.time() > deadline:
                     pytest.fail(f"transformers serve did not come up:\n{log.read_text()[-3000:]}")
                 time.sleep(0.2)
-        yield folder, f"http://127.0.0.1:{port}/v1", soup
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(tmp_path_factory, serve_url, qwen_tok, soup):
+    """The server and the Qwen3s it serves here -> (chain_qwen3's folder, url, soup_qwen3's folder)."""
+    return chain_qwen3(tmp_path_factory.mktemp("chain_qwen3"), qwen_tok), serve_url, soup
 
 
 def stage2_args(tmp_path, reasoner, n=3):
@@ -384,6 +391,49 @@ def test_a_converted_vlm_gives_servers_our_pixels_with_the_pil_image_processor(t
         assert type(automatic).__name__ == "LlavaOnevisionImageProcessorPil"
         with pytest.raises(ImportError, match="LlavaOnevisionVideoProcessor requires the Torchvision library"):
             transformers.AutoProcessor.from_pretrained(str(tmp_path / "ov"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed "
+                    "(transformers serve cannot load a LlavaOnevision processor without it)")
+def test_stage1_and_e2e_over_transformers_serve_serving_the_converted_vlm_equal_the_local_path(serve_url, tmp_path):
+    """Only where torchvision loads (transformers' LlavaOnevision processor needs it; not in the CI environment:
+    measured in a venv with torch 2.14.1 + torchvision 0.29.1, 6 of 6 records equal in each mode). The server then
+    takes the torchvision image processor (convert.py: nothing in the files can pin the PIL one), so this checks
+    the plumbing more than the pixels: the tiny random VLM's greedy replies do not move with a level here and there."""
+    from transformers.utils.import_utils import is_torchvision_available
+    if not is_torchvision_available():   # installed, but it does not load
+        pytest.skip("torchvision does not load (transformers serve cannot load a LlavaOnevision processor)")
+    import convert
+    import shapes_world
+    import vision
+    import vlm as V
+    url = serve_url
+    tok = shapes_world.train_tokenizer([prompts.llava_chat("<image>\n" + prompts.perception_prompt(None)),
+                                        "What colour is shape 1?\nOptions: A: red, B: blue"] * 4, vocab_size=400)
+    net = V.build_vlm(M.Qwen3(M.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size() + 2)),
+                      vision.SiglipConfig.preset("tiny")).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():   # norms near 1, the rest small: replies that depend on the image
+        for name, p in net.named_parameters():
+            noise = torch.randn(p.shape, generator=generator) * 0.1
+            p.copy_(1 + noise if "norm" in name else noise)
+    C.save_model(net, str(tmp_path / "src"))
+    tok.save(str(tmp_path / "src" / "tokenizer.json"))
+    assert convert.main([str(tmp_path / "src"), str(tmp_path / "ov")]) == 0
+    rows = []
+    for i, (width, height) in enumerate(((150, 100), (47, 423), (700, 300), (64, 90))):
+        data = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator).numpy()
+        Image.fromarray(data).save(tmp_path / f"img{i}.png")
+        rows.append({"index": f"q{i}", "question": f"What colour is shape {i}?\nOptions: A: red, B: blue",
+                     "answer": "AB"[i % 2], "image": f"img{i}.png"})
+    (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for mode in ("stage1", "e2e"):
+        for where, extra in (("local", []), ("served", ["--perception-url", url])):
+            evaluate.main(["--data", str(tmp_path / "set.jsonl"), "--perception", str(tmp_path / "ov"), "--mode", mode,
+                           "--hints", "none", "--stage1-tokens", "8", "--batch-size", "2", "--quiet", "--greedy",
+                           "--out", str(tmp_path / f"{where}-{mode}"), *extra])
+        local, served = (records.read_jsonl(tmp_path / f"{w}-{mode}" / f"{mode}.jsonl") for w in ("local", "served"))
+        assert served == local and all(r["status"] == "ok" for r in served)
 
 
 # ----------------------------------------------------------------------------- a recording stub: NoWait and budget

@@ -238,10 +238,13 @@ def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, 
             closed = first.text.endswith(THINK_END) or first.stop_reason == THINK_END
             thought = first.text + ("" if first.text.endswith(THINK_END) or not closed else THINK_END)
             thought_ids, n_reply = generated(first), first.completion_tokens
-            if not closed and first.finish_reason == "stop":   # the reply ended inside its thinking
-                k = _tokens(first, stops=stops)
+            k = _tokens(first, stops=stops, max_tokens=free, encode=encode)
+            on_end = k < (n_reply if thought_ids is None else len(first.token_ids))   # an end token was counted
+            if not closed and (first.finish_reason == "stop" or on_end):   # the reply ended inside its thinking
                 text = thought if thought_ids is None else decode(thought_ids)
-                return pipeline.Reasoning(text, split_reply(text)[0], "", k, False, 0, k)
+                # "length" taken to end on the end token rests on the text re-encoding (_tokens): not sure
+                sure = thought_ids is not None or first.finish_reason == "stop"
+                return pipeline.Reasoning(text, split_reply(text)[0], "", k, False, 0, k, sure)
             if not closed and first.finish_reason != "length":
                 raise RuntimeError(f"{served.name}: the server ended a reply with finish_reason "
                                    f"{first.finish_reason!r}")

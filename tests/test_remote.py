@@ -478,10 +478,11 @@ def test_nowait_and_budget_requests_field_by_field(qwen_tok):
         "hf-closed": ("<think>\nRed.</think>", "stop", 5, {}),                # closed; stop string kept (transformers)
         "vllm-closed": ("<think>\nRed.", "stop", 5, {"stop_reason": "</think>"}),   # dropped, and named (vLLM)
         "ended": ("<think>\nhmm", "stop", 3, {}),                           # end of reply inside the thinking
-        "cut": ("<think>\nRed \ufffd", "length", 6, {})}))                  # a character cut: cannot re-tokenize
+        "cut": ("<think>\nRed \ufffd", "length", 6, {}),                     # a character cut: cannot re-tokenize
+        "at-limit": ("<think>\nThe star is", "length", 6, {})}))             # 5 tokens, then the end token
     try:
         settings = pipeline.ReasonSettings(budget=8, answer_tokens=5)          # sampled: T 0.6, top-p 0.95, top-k 20
-        cases, seeds = ["hit", "hf-closed", "vllm-closed", "ended", "cut"], [7, 8, 9, 10, 11]
+        cases, seeds = ["hit", "hf-closed", "vllm-closed", "ended", "cut", "at-limit"], [7, 8, 9, 10, 11, 12]
         got = reasoning_over(server, qwen_tok, settings, cases, seeds)
         prompt = lambda case: pipeline.reasoning_chat(f"{QUESTION} ({case})", DESCRIPTION, True)
         sent = {}
@@ -491,7 +492,7 @@ def test_nowait_and_budget_requests_field_by_field(qwen_tok):
             first = sent[case][0]
             assert first == {"model": "qwen3", "prompt": prompt(case), "max_tokens": 6, "temperature": 0.6,
                              "top_p": 0.95, "top_k": 20, "seed": seed, "stop": ["</think>"], "logit_bias": nowait}
-        assert [p for p, _ in texts(server)] == ["/v1/completions"] * 9
+        assert [p for p, _ in texts(server)] == ["/v1/completions"] * 10
         hit = sent["hit"][1]
         assert hit["prompt"] == prompt("hit") + "<think>\nThe star is red\n</think>" and hit["max_tokens"] == 5
         assert "stop" not in hit and hit["logit_bias"] == nowait and hit["seed"] == 7
@@ -505,6 +506,10 @@ def test_nowait_and_budget_requests_field_by_field(qwen_tok):
         assert len(sent["ended"]) == 1 and got["ended"] == pipeline.Reasoning("<think>\nhmm", "hmm", "", 2, False, 0, 2)
         # the cut character's bytes never come back: the row says its answer may not go on from the same ids
         assert got["cut"].retokenized is False and got["hit"].retokenized is True
+        # "length" with the text one token short: the end token was the last one allowed, so the reply ended inside
+        # its thinking (as generate() ends it); taken from the text's encoding, so not sure
+        assert len(sent["at-limit"]) == 1
+        assert got["at-limit"] == pipeline.Reasoning("<think>\nThe star is", "The star is", "", 5, False, 0, 5, False)
         # NoWait only while thinking; Qwen's closing; greedy: temperature 0, no top-k, no seed
         server.requests.clear()
         settings = pipeline.ReasonSettings(budget=40, answer_tokens=5, nowait_scope="thinking", closing="qwen",

@@ -94,6 +94,8 @@ def stage2_record(doc, reply=None, error=None, parse_answer_line=True, answer_ma
     if parse_answer_line:
         rec.update(thinking_tokens=reply["thinking_tokens"], budget_hit=reply["budget_hit"],
                    answer_tokens=reply["answer_tokens"])
+        if getattr(reply, "retokenized", True) is False:   # only then: local and served records stay equal
+            rec["retokenized"] = False
     return rec
 
 

@@ -266,6 +266,8 @@ class Reasoning(_Record):
     budget_hit: bool
     answer_tokens: int     # generated tokens after </think>
     generated_tokens: int
+    retokenized: bool = True   # False: served as text, the row rests on its thinking text re-tokenizing to the
+                               # generated ids, which is not sure (remote.retokenizes); always True locally
 
 
 def _token_id(tokenizer, token):

@@ -145,6 +145,8 @@ def summarize(records_, mode):
     if ok and "thinking_tokens" in ok[0]:
         results["mean_thinking_tokens"] = sum(r["thinking_tokens"] for r in ok) / len(ok)
         results["budget_hit_rate"] = sum(bool(r["budget_hit"]) for r in ok) / len(ok)
+        # served as text: rows whose thinking may not re-tokenize to the generated ids (remote.retokenizes)
+        results["n_retokenized_differently"] = sum(r.get("retokenized") is False for r in ok)
     return results
 
 

@@ -3,7 +3,8 @@
 
     Client(base_url, api_key, timeout, max_retries, retry_delay, concurrency)
     client.chat(model, messages, max_tokens, **params) -> Completion      POST <base>/v1/chat/completions
-    client.complete(model, prompt, max_tokens, **params) -> Completion    POST <base>/v1/completions
+    client.complete(model, prompt, max_tokens, refusable=False, **params) -> Completion
+                                                                          POST <base>/v1/completions
     client.map(fn, items, where) -> per item fn(item) or the Exception it raised, run concurrently
     endpoint_url(base_url, endpoint)  the URL rule of OpenAI clients;  data_url(image)  a PNG data URL
 
@@ -15,6 +16,8 @@ The rules:
   - 401 / 403 / 404 (wrong URL, model name or key) and 422 (the server rejects a field of the request, e.g.
     transformers serve and top_k): FatalError, which every request would hit, so the run stops.
   - any other answer (another 4xx, a reply that is not a completion): RuntimeError, for this request alone.
+  - a request sent with refusable=True that the server answers 400 or 422 raises Refused instead (remote.py asks
+    for token-id prompts that way and falls back to text where a server takes only text).
   - map(): a FatalError stops the batch; a batch whose every item failed with a TransportError is a FatalError
     too (the server is down: stop, record nothing, a rerun does them), otherwise failures come back per item.
 """
@@ -42,12 +45,21 @@ class TransportError(RuntimeError):
     retry. One request's is a failed record; a whole batch of them stops the run (the server is down)."""
 
 
+class Refused(RuntimeError):
+    """HTTP 400 / 422 to a request sent with refusable=True: the server does not take the request in that form."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass
 class Completion:
     text: str                   # the generated text (the server decodes it, special tokens skipped)
     finish_reason: str | None   # "stop" (end of reply or a stop string) or "length" (max_tokens)
     completion_tokens: int | None  # usage.completion_tokens: servers count the end-of-reply token too
     stop_reason: object = None  # which stop matched, where the server says (vLLM stop_reason, SGLang matched_stop)
+    token_ids: list | None = None  # the generated ids, where the server returns them (vLLM's return_token_ids)
 
 
 def endpoint_url(base_url, endpoint="chat/completions"):
@@ -113,8 +125,9 @@ class Client:
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return json.loads(response.read())
 
-    def request(self, endpoint, payload):
-        """POST payload to the endpoint with the retry rules above -> Completion."""
+    def request(self, endpoint, payload, refusable=False):
+        """POST payload to the endpoint with the retry rules above -> Completion. refusable: HTTP 400 / 422 raise
+        Refused (the caller has another form of the request to try) instead of RuntimeError / FatalError."""
         try:
             url, model = endpoint_url(self.base_url, endpoint), payload.get("model")
         except ValueError as e:   # a URL naming the other endpoint: every request would hit it
@@ -125,6 +138,8 @@ class Client:
                 out = self._post(url, payload)
             except urllib.error.HTTPError as e:   # the server answered with an error status
                 why = short(e.read().decode("utf-8", "replace") or e.reason)
+                if refusable and e.code in (400, 422):
+                    raise Refused(e.code, f"HTTP {e.code} from {self.base_url}: {why}") from None
                 if e.code in FATAL_HTTP:
                     raise FatalError(f"{self.base_url} (model {model!r}) answered HTTP {e.code}: {why}; "
                                      f"check {self.check}") from None
@@ -146,8 +161,10 @@ class Client:
             choice = out["choices"][0]
             text = choice["message"]["content"] if endpoint == "chat/completions" else choice["text"]
             usage = out.get("usage") or {}
+            ids = choice.get("token_ids")
             return Completion(text or "", choice.get("finish_reason"), usage.get("completion_tokens"),
-                              choice.get("stop_reason", choice.get("matched_stop")))
+                              choice.get("stop_reason", choice.get("matched_stop")),
+                              [int(i) for i in ids] if isinstance(ids, list) else None)
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise RuntimeError(f"{self.base_url}: not a {endpoint.replace('/', ' ')} reply ({short(out)})") from e
 
@@ -155,8 +172,10 @@ class Client:
         return self.request("chat/completions", {"model": model, "messages": messages, "max_tokens": max_tokens,
                                                  **params})
 
-    def complete(self, model, prompt, max_tokens, **params):
-        return self.request("completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, **params})
+    def complete(self, model, prompt, max_tokens, refusable=False, **params):
+        """prompt: the text, or token ids (vLLM and SGLang take a list of ids; transformers serve answers 400)."""
+        return self.request("completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, **params},
+                            refusable)
 
     def map(self, fn, items, where):
         """fn over items, concurrently -> per item its result or the Exception it raised (in order). A FatalError

@@ -12,10 +12,11 @@ Every row is its own request(s), sent concurrently by serving.client.Client.map 
 that failed comes back as its Exception, a batch that could not reach the server at all stops the run.
 
 The local path's semantics, request by request:
-  prompts   the completions endpoint gets the exact text pipeline.py tokenizes (pipeline.hint_chat, reasoning_chat),
-            so the server tokenizes the same prompt; perception is a chat completion (the system line, the image
-            as a PNG data URL, the text), rendered by the VLM's template (convert.py writes one that renders
-            prompts.llava_chat).
+  prompts   stage 2 sends the ids pipeline.py encodes (pipeline.reasoning_chat), and asks for the generated ids
+            back, where the server takes that (PROMPT_FORMS: vLLM; SGLang takes id prompts); else the text, which
+            the server tokenizes as we do. Hints send the text (pipeline.hint_chat); perception is a chat
+            completion (the system line, the image as a PNG data URL, the text), rendered by the VLM's template
+            (weights/convert.py writes one that renders prompts.llava_chat).
   NoWait    logit_bias -100 on each of the reasoner's NoWait ids (pipeline.nowait_token_ids, 189 for Qwen3); with
             nowait_scope "thinking" on the thinking request only.
   budget    per row, as pipeline.ThinkingBudget: (1) up to budget - len(closing through </think>) tokens, stopping at
@@ -24,24 +25,37 @@ The local path's semantics, request by request:
             inside its thinking ends there, as it does locally.
   sampling  ReasonSettings.sampling(): temperature and top_p; top_k when > 0 (a server that rejects the field, as
             transformers serve does, answers 422: pass --top-k 0); a per-row seed when sampling.
-  counts    usage.completion_tokens, less the end-of-reply token that servers count and generate() does not.
-What the API changes: the answer request re-tokenizes the thinking text, where the local path goes on from the
-generated ids (the same whenever that text re-tokenizes to the same ids, as the tests' replies do).
+  counts    the generated ids where the server sends them back, else usage.completion_tokens; either less the
+            end-of-reply token that servers count and generate() does not (_tokens).
+What the API changes: with the generated ids, nothing (greedy served = local, token for token). Without them the
+answer request goes on from the thinking TEXT, re-tokenized, where the local path goes on from the generated ids:
+the same whenever the text re-tokenizes to them; a row where that is not sure (retokenizes) is recorded with
+retokenized: false, and the results count them (n_retokenized_differently).
 """
-from dataclasses import dataclass
+import sys
+import threading
+from dataclasses import dataclass, field
 
 import pipeline
 import prompts
-from serving.client import Client, add_client_args, data_url
+from serving.client import Client, Refused, add_client_args, data_url
 
 IMAGE_MARK = "<image>\n"    # how a perception user text starts; the image then goes as its own content part
 THINK_END = "</think>"
 
+# How a reasoning request carries its prompt, best first (Served.prompt_form: the best one the server took).
+#   "ids+out"  token ids, and the generated ids asked back (vLLM's return_token_ids): the local path's ids exactly
+#   "ids"      token ids alone (a server that takes an id prompt, as vLLM and SGLang do, but not that field)
+#   "text"     the text (transformers serve answers HTTP 400 "prompt must be a string." to ids, 422 to the field)
+PROMPT_FORMS = ("ids+out", "ids", "text")
+
 
 @dataclass
 class Served:
-    client: object   # openai_client.Client of the server
+    client: object   # serving.client.Client of the server
     name: str        # the served model's name (vLLM: the path or hub id it was started with)
+    prompt_form: int = 0   # index in PROMPT_FORMS: the best form this server answered (refusals move it on)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 def is_served(model):
@@ -53,11 +67,80 @@ def error_text(e):
     return f"{type(e).__name__}: {e}"
 
 
-def _tokens(completion, by_stop_string=False):
-    """A Completion -> its generated tokens as generate() counts them (without the end-of-reply token)."""
+def complete(served, text, ids, max_tokens, **fields):
+    """One completions request in the best prompt form (PROMPT_FORMS) the server takes -> Completion (token_ids
+    set where the server sent them back). A form the server refuses (HTTP 400 / 422) gives way to the next for
+    this request, and once a later form is answered the run keeps to it (stderr says so, once), so a text-only
+    server costs only the refused requests of its first batch. Refused in every form, the text form's
+    error is the request's (its 422 stops the run as before): a row-specific 400 never demotes the server."""
+    form = served.prompt_form
+    while PROMPT_FORMS[form] != "text":
+        extra = {"return_token_ids": True} if PROMPT_FORMS[form] == "ids+out" else {}
+        try:
+            reply = served.client.complete(served.name, ids, max_tokens, refusable=True, **fields, **extra)
+            break
+        except Refused as e:
+            refused, form = e, form + 1
+    else:
+        reply = served.client.complete(served.name, text, max_tokens, **fields)
+    with served.lock:
+        if form > served.prompt_form:
+            served.prompt_form = form
+            what = {"ids": "token-id prompts, without the generated ids back",
+                    "text": "text prompts: a row whose thinking text may not re-tokenize to the generated ids is "
+                            "recorded with retokenized: false"}[PROMPT_FORMS[form]]
+            print(f"{served.name}: the server refused {PROMPT_FORMS[form - 1]} prompts ({refused}); sending {what}",
+                  file=sys.stderr)
+    return reply
+
+
+def _tokens(completion, by_stop_string=False, *, stops=(), max_tokens=None, encode=None):
+    """A Completion -> its generated tokens as generate() counts them (without the end-of-reply token).
+
+    With the generated ids (token_ids): their number, less a last id that is an end token (stops).
+    Otherwise usage.completion_tokens, which counts the end token when the reply ended on one: finish_reason "stop"
+    says so, unless a stop string ended it (by_stop_string). A reply whose end token was the last one allowed is
+    "length" on transformers serve (measured: it compares the count with max_tokens, end token included), so for
+    "length" with completion_tokens == max_tokens the end token, which the text skips, is taken to be there when
+    the text encodes (encode, the reasoner's tokenizer) to exactly one token less. That rests on the text
+    re-encoding to the generated ids, as everything else on a text-only server does (retokenizes); without
+    encode (a served VLM has no tokenizer here) such a reply counts its end token."""
+    if completion.token_ids is not None:
+        ids = completion.token_ids
+        return len(ids) - bool(ids and ids[-1] in stops)
     if completion.completion_tokens is None:
         raise RuntimeError("the server's reply has no usage.completion_tokens (the token counts need it)")
-    return completion.completion_tokens - (completion.finish_reason == "stop" and not by_stop_string)
+    n = completion.completion_tokens
+    if completion.finish_reason == "stop":
+        return n - (not by_stop_string)
+    if completion.finish_reason == "length" and encode is not None and n == max_tokens \
+            and len(encode(completion.text)) == n - 1:
+        return n - 1
+    return n
+
+
+def retokenizes(encode, prompt, thought, n_generated, tail, tail_ids, text_prompt=True):
+    """Whether the answer request, built from the thinking TEXT (the server sent no ids), goes on from the ids the
+    server generated, as the local path goes on from its own -> bool.
+
+    encode: the reasoner's tokenizer (text -> ids); thought: the first reply's text with its </think> (the server
+    decodes its ids, special tokens skipped); n_generated: the server's count of those ids; tail, tail_ids: the
+    closing forced after them, as text and ids ("" and [] when the model closed its thinking); text_prompt: the
+    answer request sends prompt + thought + tail as one text (else encode(prompt) + encode(thought) + tail_ids).
+    Each check is necessary; together they are what can be checked without the generated ids:
+      - no U+FFFD in the text: ids cut inside a UTF-8 character decode lossily, and those bytes never come back;
+      - encode(thought) has n_generated tokens: ids that are not their text's own encoding (an untrained model's
+        byte soup, or a split BPE would not make) re-encode into another number of tokens, as a rule fewer;
+      - a text prompt: encode(prompt + thought + tail) == encode(prompt) + encode(thought) + tail_ids, since
+        the server encodes it whole and pieces may merge across the joins.
+    Not seen: the same number of tokens split differently (say "ab" "c" for "a" "bc"); the generated ids (vLLM's
+    return_token_ids, PROMPT_FORMS' first) settle that, and with them this check is not needed."""
+    if "\ufffd" in thought:
+        return False
+    thought_ids = encode(thought)
+    if len(thought_ids) != n_generated:
+        return False
+    return not text_prompt or encode(prompt + thought + tail) == encode(prompt) + thought_ids + list(tail_ids)
 
 
 def run_hint(served, questions, max_new_tokens=256, *, where="this batch"):
@@ -108,7 +191,9 @@ def split_reply(text):
 
 def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, seeds=None, where="this batch"):
     """pipeline.run_reasoning on the server (module docstring) -> per row a Reasoning, or the Exception of its
-    requests. tokenizer: the reasoner's (NoWait ids, the closing text); seeds: one per row, used when sampling."""
+    requests. tokenizer: the reasoner's (the prompt's ids, NoWait ids, the closing); seeds: one per row, used when
+    sampling. A row whose answer request went on from thinking text that may not re-tokenize to the generated ids
+    (a text-only server: retokenizes) has retokenized False."""
     s = settings or pipeline.ReasonSettings()
     if len(questions) != len(descriptions):
         raise ValueError(f"{len(questions)} questions but {len(descriptions)} descriptions")
@@ -122,39 +207,68 @@ def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, 
     after, n_after = tokenizer.decode(forced[end_at + 1:], skip_special_tokens=False), len(forced) - end_at - 1
     bias = {"logit_bias": {str(i): -100 for i in sorted(pipeline.nowait_token_ids(tokenizer))}} if s.nowait else {}
     answer_bias = bias if s.nowait_scope == "all" or not s.thinking else {}
+    stops = pipeline.stop_ids(tokenizer)
+
+    def encode(text):   # as pipeline encodes a text LLM's prompt (model.encode without image marks)
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(ids):    # as pipeline decodes a reply
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generated(reply):   # the reply's ids without the end token generate() drops, or None (not sent back)
+        ids = reply.token_ids
+        return None if ids is None else ids[:len(ids) - bool(ids and ids[-1] in stops)]
 
     def one(row):
         prompt, budget, seed = row
+        prompt_ids = encode(prompt)
         fields = _sampling(s, seed)
-        complete = lambda text, max_tokens, **extra: served.client.complete(served.name, text, max_tokens,
-                                                                             **fields, **extra)
+        ask = lambda text, ids, max_tokens, **extra: complete(served, text, ids, max_tokens, **fields, **extra)
         if not s.thinking:
-            reply = complete(prompt, s.answer_tokens, **bias)
-            k = _tokens(reply)
-            return pipeline.Reasoning(reply.text, "", reply.text.strip(), 0, False, k, k)
+            reply = ask(prompt, prompt_ids, s.answer_tokens, **bias)
+            ids = generated(reply)
+            text = reply.text if ids is None else decode(ids)
+            k = _tokens(reply, stops=stops, max_tokens=s.answer_tokens, encode=encode)
+            return pipeline.Reasoning(text, "", text.strip(), 0, False, k, k)
         free = budget - (end_at + 1)   # thinking tokens before the forced closing would start
-        thought, hit, n_think = "", True, budget
+        thought, thought_ids, n_reply, hit, n_think = "", [], 0, True, budget
         if free > 0:
-            first = complete(prompt, free, stop=[THINK_END], **bias)
+            first = ask(prompt, prompt_ids, free, stop=[THINK_END], **bias)
             # servers keep the stop string in the text (transformers) or drop it and say so (vLLM, SGLang)
             closed = first.text.endswith(THINK_END) or first.stop_reason == THINK_END
             thought = first.text + ("" if first.text.endswith(THINK_END) or not closed else THINK_END)
-            if not closed and first.finish_reason == "stop":   # the reply ended inside its thinking
-                k = _tokens(first)
-                return pipeline.Reasoning(thought, split_reply(thought)[0], "", k, False, 0, k)
+            thought_ids, n_reply = generated(first), first.completion_tokens
+            k = _tokens(first, stops=stops, max_tokens=free, encode=encode)
+            on_end = k < (n_reply if thought_ids is None else len(first.token_ids))   # an end token was counted
+            if not closed and (first.finish_reason == "stop" or on_end):   # the reply ended inside its thinking
+                text = thought if thought_ids is None else decode(thought_ids)
+                # "length" taken to end on the end token rests on the text re-encoding (_tokens): not sure
+                sure = thought_ids is not None or first.finish_reason == "stop"
+                return pipeline.Reasoning(text, split_reply(text)[0], "", k, False, 0, k, sure)
             if not closed and first.finish_reason != "length":
                 raise RuntimeError(f"{served.name}: the server ended a reply with finish_reason "
                                    f"{first.finish_reason!r}")
             hit = not closed
-            n_think = budget if hit else _tokens(first, by_stop_string=True)
-        head = thought + (closing + after if hit else "")
+            n_think = budget if hit else _tokens(first, by_stop_string=True, stops=stops)
+        tail, tail_ids = (closing + after, forced) if hit else ("", [])
         forced_after = n_after if hit else 0
-        answer, k = "", 0
+        answer, answer_ids, k, retokenized = "", [], 0, True
         if s.answer_tokens > forced_after:
-            second = complete(prompt + head, s.answer_tokens - forced_after, **answer_bias)
-            answer, k = second.text, _tokens(second)
-        text = head + answer
-        return pipeline.Reasoning(text, *split_reply(text), n_think, hit, forced_after + k, n_think + forced_after + k)
+            max_tokens = s.answer_tokens - forced_after
+            # the ids the local path goes on from: the generated ones where the server sent them back
+            head_ids = (encode(thought) if thought_ids is None else thought_ids) + tail_ids
+            second = ask(prompt + thought + tail, prompt_ids + head_ids, max_tokens, **answer_bias)
+            answer, answer_ids = second.text, generated(second)
+            k = _tokens(second, stops=stops, max_tokens=max_tokens, encode=encode)
+            if thought_ids is None and thought:
+                text_prompt = PROMPT_FORMS[served.prompt_form] == "text"
+                retokenized = retokenizes(encode, prompt, thought, n_reply, tail, tail_ids, text_prompt)
+        if thought_ids is not None and answer_ids is not None:   # every id known: decoded whole, as locally
+            text = decode(thought_ids + tail_ids + answer_ids)
+        else:
+            text = thought + tail + answer
+        return pipeline.Reasoning(text, *split_reply(text), n_think, hit, forced_after + k, n_think + forced_after + k,
+                                  retokenized)
 
     rows = [(pipeline.reasoning_chat(q, d, s.thinking), b, seeds[i] if seeds else None)
             for i, (q, d, b) in enumerate(zip(questions, descriptions, budgets))]

@@ -16,9 +16,18 @@ What it writes (--layout llava-onevision, the default):
   generation_config.json             stop at <|im_end|> / <|endoftext|>, as reason.py's generation does
 checkpoints.load_model reads the result back (it loads both layouts).
 
-The one known difference: transformers' unpad (and the engines' ports of it) rounds the kept part of a padded
-grid with int(round(x, 7)) where the release truncates (anyres.unpad_bounds). On rare image sizes (47x423 is one)
-an engine keeps a row or column of patches more than the release, so that image gets other features and tokens.
+Known differences:
+  - transformers' unpad (and the engines' ports of it) rounds the kept part of a padded grid with int(round(x, 7))
+    where the release truncates (anyres.unpad_bounds). On rare image sizes (47x423 is one) an engine keeps a row
+    or column of patches more than the release, so that image gets other features and tokens.
+  - the pixels: transformers 5 picks the image processor's backend when it loads it, never from these files
+    (5.23's AutoImageProcessor: the caller's backend="pil" / use_fast=False, else torchvision where installed,
+    else PIL). Torchvision's bicubic resize differs from the release's PIL one (1-2 levels on ~0.7 % of pixel
+    values; 20 % on a 47x423 one); the PIL processor gives the release's pixels exactly (tests/test_remote.py).
+    The processor servers load, AutoProcessor.from_pretrained(folder), needs torchvision anyway (the video
+    processor) and so takes the torchvision image processor, unless loaded with use_fast=False (backend="pil"
+    fails there: the video processor has no PIL backend). So ask the server for use_fast=False where it lets you
+    (vLLM's --mm-processor-kwargs; not checked here); transformers serve has no such option.
 """
 import argparse
 import os

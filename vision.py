@@ -127,7 +127,7 @@ class SiglipConfig:
         "so400m": {},
         # 56 px tiles of 4x4 patches: fast enough for the tests
         "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=56),
-        # the Shapes world's tower (shapes_backbones.py): same tiles, deep enough that every patch token of a tile
+        # the Shapes world's tower (shapes_world/train_backbones.py): same tiles, deep enough that every patch token of a tile
         # carries the shape's kind (with "tiny", kinds stayed the captioners' main error)
         "shapes": dict(hidden_size=96, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4,
                        image_size=56),

@@ -28,12 +28,10 @@ import argparse
 import importlib.util
 import os
 import platform
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import model
 from bench._common import best_time, qwen3_pair
 from weights import quantize

@@ -5,9 +5,7 @@
 Both sides compute logits for the last position only, as a generation prefill does
 (ours: last_only=True, transformers: logits_to_keep=1). Prints a markdown table."""
 import argparse
-import os
 import platform
-import sys
 
 import torch
 

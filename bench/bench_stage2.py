@@ -13,7 +13,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 

@@ -1,5 +1,5 @@
 """One training step (forward + backward of the token loss) at Qwen3-0.6B shapes, fp32 CPU:
-ours (train.LossSum over model.Qwen3) vs transformers' Qwen3ForCausalLM(labels=...), same weights,
+ours (training.loss.LossSum over model.Qwen3) vs transformers' Qwen3ForCausalLM(labels=...), same weights,
 same run; plus ours with gradient checkpointing. Prints a markdown table.
 
     python -m bench.bench_train [--tokens 1024] [--layers 4] [--repeats 3]
@@ -116,8 +116,9 @@ def main():
         return child_memory(args.child, args.tokens, args.layers)
     rows = timings(args.tokens, args.layers, args.repeats)
     for which in rows:
-        out = subprocess.run([sys.executable, __file__, "--child", which, "--tokens", str(args.tokens),
-                              "--layers", str(args.layers)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "bench.bench_train", "--child", which, "--tokens",
+                              str(args.tokens), "--layers", str(args.layers)], capture_output=True, text=True,
+                              check=True, cwd=ROOT)
         rows[which].update(json.loads(out.stdout.strip().splitlines()[-1]))
     hf, ours, ck = rows["transformers"], rows["ours"], rows["ours_ckpt"]
     print(f"Training step (forward + backward), Qwen3-0.6B shapes with {args.layers} of 28 layers, "

@@ -6,7 +6,7 @@ the training fast paths) vs the working tree, same data, same flags, same run. P
 
 What runs: `python train.py` in a subprocess for each (config, stage, code) row, on a synthetic LLaVA data set
 written here (112x112 PNG pictures of coloured squares, captions and QA of ~30-60 tokens, a byte-level BPE of
-~800 ids trained with the base commit's train_tokenizer: shapes.py's, or shapes_world.py's from the split on).
+~800 ids trained with the base commit's train_tokenizer: shapes.py's, shapes_world.py's, or shapes_world/world.py's).
 The old code is `git archive <base>` extracted into a temp folder.
 Speed is read from each run's metrics.jsonl (time_s of every step, the first --warmup steps skipped):
 samples/s = global batch / mean step time, tokens/s = tokens (after image splicing, padding excluded) / time.
@@ -14,7 +14,7 @@ The two codes' runs are interleaved per row (old, new, old, new: --repeats, the 
 that load from other processes hits both alike, and the loss of every step is compared: the change must not
 move it (beyond float noise). "tower cache hits": the new run's VLM.feature_cache hit rate.
 
-  config  LLM (Qwen3 tiny preset + overrides, shapes_backbones.SIZES)                   vision
+  config  LLM (Qwen3 tiny preset + overrides, train_backbones.SIZES)                 vision
   S       hidden 64,  intermediate 256, 4 layers, 4 q / 2 kv heads of 16, untied head   tiny SigLIP (56 px tiles,
   L       hidden 128, intermediate 384, 4 layers, 4 q / 2 kv heads of 32, untied head   14 px patches, hidden 64)
 
@@ -69,7 +69,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from shapes_world.train_backbones import SIZES
 
 BASE = "d38ad7b"   # the commit before the training fast paths (loss at labelled positions, per-image caches)
-CONFIGS = SIZES   # the Shapes world's two LLM sizes, as shapes_backbones.py trains them
+CONFIGS = SIZES   # the Shapes world's two LLM sizes, as shapes_world/train_backbones.py trains them
 STAGES = {  # stage -> (data file, extra train.py flags)
     "finetune": ("qa.jsonl", ["--train", "llm,projector,image_newline", "--image-aspect-ratio", "anyres_max_9"]),
     "pretrain": ("captions.jsonl", ["--train", "projector,image_newline", "--image-aspect-ratio", "square"]),

@@ -2,14 +2,12 @@
 run, fp32), and the whole stage-1 vision cost of a 10-tile image (AnyRes tiling + preprocessing + tower +
 projector + packing). Random weights: nothing is downloaded. Prints a markdown table (--json for machines).
 
-    python3 bench/bench_vision.py            # ~3 min on 2 CPU cores
-    python3 bench/bench_vision.py --repeats 1 --layers 4   # quick smoke run (fewer layers: not the real cost)
+    python -m bench.bench_vision            # ~3 min on 2 CPU cores
+    python -m bench.bench_vision --repeats 1 --layers 4   # quick smoke run (fewer layers: not the real cost)
 """
 import argparse
 import json
-import os
 import platform
-import sys
 
 import numpy as np
 import torch
@@ -18,7 +16,7 @@ from PIL import Image
 import anyres
 from weights import checkpoints
 import model
-from vlm import VLM, build_vlm
+from vlm import build_vlm
 from bench._common import best_time
 from vision import SiglipConfig, SiglipVisionTower
 

@@ -89,7 +89,7 @@ def _quietly(log_path: str, fn, *args):
 
 
 def command_line(tool: str, options) -> str:
-    """TrainConfig fields (dict) or an argv list -> the equivalent shell command (for the log and README)."""
+    """TrainConfig fields (dict) or an argv list -> the equivalent shell command (for the log)."""
     if isinstance(options, dict):
         options = [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     return " ".join(["python", tool] + [shlex.quote(a) for a in options])

@@ -17,10 +17,17 @@ import shapes
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The main job as a user runs it: `python shapes.py --quick --sizes S` (the default two worker processes);
+    -> (the RunConfig of that run, for reruns in this process, and its summary.json)."""
     out = tmp_path_factory.mktemp("shapes_run")
+    done = subprocess.run([sys.executable, "shapes.py", "--quick", "--sizes", "S", "--out", str(out)],
+                          cwd=shapes.ROOT, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "python train.py --stage pretrain" in done.stdout and "try it (offline" in done.stdout
     cfg = shapes.RunConfig(out=str(out), seed=0, jobs=1, **shapes.QUICK)
     cfg.sizes = {"S": cfg.sizes["S"]}
-    return cfg, shapes.run(cfg)
+    with open(out / "summary.json") as f:
+        return cfg, json.load(f)
 
 
 def beats(p_hat, p0, n, z=2.33):
@@ -154,3 +161,12 @@ def test_run_plan_in_two_workers_starts_each_step_after_what_it_needs_and_runs_t
     assert max(running) == 2                                              # side by side, never more than two
     # L's two fine-tunes go side by side once S's chain no longer holds a worker
     assert spans["extract-L"][0] < spans["e2e-L"][1] and spans["e2e-L"][0] < spans["extract-L"][1]
+
+
+def test_data_only_writes_the_data_set_and_prints_its_paths_as_json(tmp_path):
+    done = subprocess.run([sys.executable, "shapes.py", "--quick", "--data-only", "--json", "--out", str(tmp_path)],
+                          cwd=shapes.ROOT, capture_output=True, text=True, timeout=300, check=True)
+    paths = json.loads(done.stdout)
+    assert set(paths) >= {"pretrain", "qa", "extract", "caption", "eval", "hints", "scenes"}
+    rows = records.read_jsonl(paths["eval"])
+    assert len({r["scene_seed"] for r in rows}) == shapes.QUICK["n_eval"] and not (tmp_path / "models").exists()

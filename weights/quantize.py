@@ -23,7 +23,7 @@ it. Every other call (prefill, batch > 1, GPU) keeps the kernel. Costs: the pack
 memory, and quantize_model compiles every layer (~2-4 s per new weight shape, ~0.3 s per further layer of a known
 shape: 59 s for Qwen3-0.6B's 197 layers). The compiled code keeps the thread count it was compiled at: set it
 first. CPU models only; if compiling fails, quantize_model raises a one-line error naming the mode. Measured:
-bench/bench_generate.py, docs/performance.md.
+python -m bench.bench_generate, docs/performance.md.
 """
 import torch
 import torch.fx

@@ -160,16 +160,11 @@ def soup(tmp_path_factory, qwen_tok):
     return soup_qwen3(tmp_path_factory.mktemp("soup_qwen3"), qwen_tok)
 
 
-@pytest.fixture(scope="module")
-def serve_url(tmp_path_factory):
-    """`transformers serve --host 127.0.0.1` (offline, HF_HUB_OFFLINE=1), no model pinned, so it loads the local
-    folder each request names -> its URL."""
-    pytest.importorskip("transformers")
-    from transformers.utils.import_utils import is_serve_available
-    if not is_serve_available():
-        pytest.skip("transformers' serving extra is not installed (pip install 'transformers[serving]==5.23.0')")
+def serve(python, tmp_path_factory):
+    """`transformers serve --host 127.0.0.1` run by `python` (offline, HF_HUB_OFFLINE=1), no model pinned, so it
+    loads the local folder each request names; yields its URL and stops it."""
     port = free_port()
-    cmd = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+    cmd = [python, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
            "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     log = tmp_path_factory.mktemp("serve_log") / "serve.log"
     with open(log, "wb") as out:
@@ -189,6 +184,34 @@ def serve_url(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def serve_url(tmp_path_factory):
+    """transformers serve in this Python (text models) -> its URL."""
+    pytest.importorskip("transformers")
+    from transformers.utils.import_utils import is_serve_available
+    if not is_serve_available():
+        pytest.skip("transformers' serving extra is not installed (pip install 'transformers[serving]==5.23.0')")
+    yield from serve(sys.executable, tmp_path_factory)
+
+
+# A Python whose transformers serve can load a LlavaOnevision VLM: its processor needs torchvision, whose wheels
+# need their own torch (.ci/run builds a venv with torch 2.14.1 + torchvision 0.29.1 and names it here).
+VISION_SERVE_PYTHON = os.environ.get("EXTRACT_THINK_SERVE_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def vision_serve_url(tmp_path_factory):
+    """transformers serve in a Python with torchvision (VLMs) -> its URL."""
+    if not VISION_SERVE_PYTHON:
+        pytest.skip("no Python with torchvision for transformers serve: set EXTRACT_THINK_SERVE_PYTHON (.ci/run does)")
+    probe = subprocess.run([VISION_SERVE_PYTHON, "-c", "import torchvision, transformers.cli.serve"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail(f"EXTRACT_THINK_SERVE_PYTHON={VISION_SERVE_PYTHON} cannot run transformers serve with "
+                    f"torchvision: {probe.stderr.strip().splitlines()[-1:]}")
+    yield from serve(VISION_SERVE_PYTHON, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -392,21 +415,17 @@ def test_a_converted_vlm_gives_servers_our_pixels_with_the_pil_image_processor(t
             transformers.AutoProcessor.from_pretrained(str(tmp_path / "ov"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed "
-                    "(transformers serve cannot load a LlavaOnevision processor without it)")
-def test_stage1_and_e2e_over_transformers_serve_serving_the_converted_vlm_equal_the_local_path(serve_url, tmp_path):
-    """Only where torchvision loads (transformers' LlavaOnevision processor needs it; not in the CI environment:
-    measured in a venv with torch 2.14.1 + torchvision 0.29.1, 6 of 6 records equal in each mode). The server then
-    takes the torchvision image processor (convert.py: nothing in the files can pin the PIL one), so this checks
-    the plumbing more than the pixels: the tiny random VLM's greedy replies do not move with a level here and there."""
-    from transformers.utils.import_utils import is_torchvision_available
-    if not is_torchvision_available():   # installed, but it does not load
-        pytest.skip("torchvision does not load (transformers serve cannot load a LlavaOnevision processor)")
+def test_stage1_and_e2e_over_transformers_serve_serving_the_converted_vlm_equal_the_local_path(vision_serve_url,
+                                                                                              tmp_path):
+    """transformers serve (in a Python with torchvision: LlavaOnevision's processor needs it) serving the converted
+    tiny VLM: stage 1 and e2e records equal the local ones, token counts included. The server takes the torchvision
+    image processor (nothing in the converted files can pin the PIL one), so this checks the plumbing more than the
+    pixels: the tiny random VLM's greedy replies do not move with a level here and there."""
     import vision
     from shapes_world import world
     from vlm import build_vlm
     from weights import convert
-    url = serve_url
+    url = vision_serve_url
     tok = world.train_tokenizer([prompts.llava_chat("<image>\n" + prompts.perception_prompt(None)),
                                         "What colour is shape 1?\nOptions: A: red, B: blue"] * 4, vocab_size=400)
     net = build_vlm(model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=tok.get_vocab_size() + 2)),

@@ -500,17 +500,24 @@ def test_finished_run_is_not_redone(tmp_path, server, capsys):
 
 # ----------------------------------------------------------------------------- sharding and merge
 
+def merges_to_the_whole_run(tmp_path, data, parts):
+    """extract_data.py merge of the parts -> merged.jsonl, which equals all.jsonl (and its captions file) byte for
+    byte; -> its path."""
+    merged = tmp_path / "merged.jsonl"
+    assert extract_data.main(["merge", "--data", str(tmp_path / "train.json"), "--out", str(merged), *parts]) == 0
+    assert merged.read_bytes() == (tmp_path / "all.jsonl").read_bytes()
+    assert (tmp_path / "merged.captions.jsonl").read_bytes() == (tmp_path / "all.captions.jsonl").read_bytes()
+    check_outputs(tmp_path, data, tmp_path / "merged.captions.jsonl", merged)
+    return merged
+
+
 def test_shards_merge_into_the_unsharded_result(tmp_path, server, capsys):
     data = make_dataset(tmp_path, n_extra=1)
     assert extract_data.main(openai_argv(tmp_path, server, "all.jsonl")) == 0
     for i in range(3):
         assert extract_data.main(openai_argv(tmp_path, server, f"part{i}.jsonl", "--shard", f"{i}/3")) == 0
     parts = [str(tmp_path / f"part{i}.captions.jsonl") for i in range(3)]
-    merged = tmp_path / "merged.jsonl"
-    assert extract_data.main(["merge", "--data", str(tmp_path / "train.json"), "--out", str(merged), *parts]) == 0
-    assert merged.read_bytes() == (tmp_path / "all.jsonl").read_bytes()
-    assert (tmp_path / "merged.captions.jsonl").read_bytes() == (tmp_path / "all.captions.jsonl").read_bytes()
-    check_outputs(tmp_path, data, tmp_path / "merged.captions.jsonl", merged)
+    merged = merges_to_the_whole_run(tmp_path, data, parts)
     capsys.readouterr()
     assert extract_data.main(["merge", "--total", str(len(data)), "--out", str(merged), *parts[:2]]) == 2
     assert "indices missing: 4-5" in capsys.readouterr().err
@@ -530,11 +537,7 @@ def test_empty_shards_are_parts_that_merge_into_the_unsharded_result(tmp_path, s
         assert (empty in err) == (i in (0, 3))
     assert (tmp_path / "part0.captions.jsonl").read_text() == (tmp_path / "part0.jsonl").read_text() == ""
     parts = [str(tmp_path / f"part{i}.captions.jsonl") for i in range(7)]
-    merged = tmp_path / "merged.jsonl"
-    assert extract_data.main(["merge", "--data", str(tmp_path / "train.json"), "--out", str(merged), *parts]) == 0
-    assert merged.read_bytes() == (tmp_path / "all.jsonl").read_bytes()
-    assert (tmp_path / "merged.captions.jsonl").read_bytes() == (tmp_path / "all.captions.jsonl").read_bytes()
-    check_outputs(tmp_path, data, tmp_path / "merged.captions.jsonl", merged)
+    merged = merges_to_the_whole_run(tmp_path, data, parts)
     capsys.readouterr()
     assert extract_data.main(["merge", "--data", str(tmp_path / "train.json"), "--out", str(merged), *parts[:2], *parts[3:]]) == 2
     assert "1 indices missing: 1" in capsys.readouterr().err      # shard 2 left out: still every index once

@@ -103,6 +103,18 @@ def free_port():
 
 # ----------------------------------------------------------------------------- a real server: transformers serve
 
+def random_qwen3(seed):
+    """A tiny Qwen3 (hidden 32, 2 layers, the real 151936-row vocabulary, untied head): weights N(0, 0.5), norms
+    around 1."""
+    torch.manual_seed(seed)
+    net = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=151936, hidden_size=32, intermediate_size=64,
+                                               head_dim=8, tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.randn(p.shape) * 0.5 + (1 if "norm" in name else 0))
+    return net
+
+
 def chain_qwen3(folder, tok):
     """A tiny Qwen3 (hidden 32, 2 layers, the real 151936-row vocabulary) whose greedy replies re-tokenize to the ids
     it wrote, so the budget's second request (prompt + thinking text) continues exactly where the first stopped.
@@ -113,12 +125,8 @@ def chain_qwen3(folder, tok):
     chain = [nl] + [tok.token_to_id(t) for t in list("12345678") + ["</think>", "9", "0", "<|im_end|>"]]
     successor = {**dict(zip(chain[:-1], chain[1:])), nn: tok.token_to_id("5")}
     code = {t: k + 1 for k, t in enumerate(sorted(set(successor) | set(successor.values())))}
-    torch.manual_seed(0)
-    net = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=151936, hidden_size=32, intermediate_size=64, head_dim=8,
-                                       tie_word_embeddings=False))
+    net = random_qwen3(seed=0)
     with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.copy_(torch.randn(p.shape) * 0.5 + (1 if "norm" in name else 0))
         for layer in net.layers:
             layer.self_attn.o_proj.weight.mul_(0.005)
             layer.mlp.down_proj.weight.mul_(0.005)
@@ -146,13 +154,7 @@ def soup_qwen3(folder, tok):
     """chain_qwen3's random weights without the chain: greedy byte soup, whose thinking text often re-tokenizes to
     other ids than the model wrote (the random layers at full scale keep the logits far apart, so a batched local
     run and a served one take the same greedy path)."""
-    torch.manual_seed(1)
-    net = model.Qwen3(model.Qwen3Config.preset("tiny", vocab_size=151936, hidden_size=32, intermediate_size=64, head_dim=8,
-                                       tie_word_embeddings=False))
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            p.copy_(torch.randn(p.shape) * 0.5 + (1 if "norm" in name else 0))
-    return save_qwen3(net, folder, tok)
+    return save_qwen3(random_qwen3(seed=1), folder, tok)
 
 
 @pytest.fixture(scope="module")

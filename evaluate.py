@@ -37,67 +37,16 @@ import time
 from dataclasses import asdict
 
 import torch
+
 import pipeline
 import prompts
 from evaluation import outputs, reports
-from evaluation.mmstar import ANSWER_MATCHES, check_answer_match, load_docs, load_image, score_reply
+from evaluation.mmstar import ANSWER_MATCHES, check_answer_match, load_docs, load_image
 from pipeline import ReasonSettings
 from prompts import E2E_POST_PROMPT  # lmms-eval's default MMStar post-prompt: the e2e baseline's instruction
 from serving import client, remote
 from storage import records, shards
 from weights import checkpoints, quantize
-
-# ----------------------------------------------------------------------------- stage-1 samples file
-
-def read_stage1(path, docs):
-    """Stage-1 samples JSONL (ours or lmms-eval's) -> {doc_id: record}, read as the release does
-    (str(doc_id) -> filtered_resps[0]). ValueError when docs that stage 2 needs are missing."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"stage-1 file not found: {path} (run --mode stage1 first)")
-    by_id = {}
-    for line_no, rec in enumerate(records.read_jsonl(path, unique="doc_id"), 1):
-        if "doc_id" not in rec or not rec.get("filtered_resps"):
-            raise ValueError(f"{path}: line {line_no} lacks doc_id or filtered_resps (not a samples file)")
-        by_id[str(rec["doc_id"])] = rec
-    missing = [d.doc_id for d in docs if str(d.doc_id) not in by_id]
-    if missing:
-        raise ValueError(f"{path}: stage-1 file lacks {len(missing)} of the {len(docs)} doc_ids stage 2 needs "
-                         f"(first missing: {missing[:10]}); finish stage 1 or pass --limit")
-    return by_id
-
-
-def stage1_record(doc, prompt, hint, description, error=None, generated_tokens=0):
-    """lmms-eval samples fields (doc_id, target, resps, filtered_resps, input) + ours."""
-    rec = {"doc_id": doc.doc_id, "target": doc.answer, "resps": [[description]], "filtered_resps": [description],
-           "input": prompt, "index": doc.index, "hint": hint, "category": doc.category,
-           "l2_category": doc.l2_category, "generated_tokens": generated_tokens,
-           "status": "failed" if error else "ok"}
-    if error:
-        rec["error"] = error
-    return rec
-
-
-def stage2_record(doc, reply=None, error=None, parse_answer_line=True, answer_match="letter"):
-    """One scored answer: the reply dict from the generation step (text, thinking_tokens, budget_hit,
-    generated_tokens) or an error (failed record: scored as wrong, counted in n_failed).
-    answer_match "text" scores against doc.options and adds predicted_letter."""
-    rec = doc.meta()
-    text = answer_match == "text"
-    if isinstance(reply, Exception):   # a served row whose request failed
-        reply, error = None, remote.error_text(reply)
-    if error is not None:
-        empty = {"thinking_tokens": 0, "budget_hit": False, "answer_tokens": 0} if parse_answer_line else {}
-        return {**rec, "status": "failed", "error": error, "response": "", "prediction": "", "parsed": False,
-                "correct": False, **({"predicted_letter": None} if text else {}), "generated_tokens": 0, **empty}
-    score = score_reply(reply["text"], doc.answer, parse_answer_line, doc.options if text else None)
-    rec.update(status="ok", response=reply["text"], **score, generated_tokens=reply["generated_tokens"])
-    if parse_answer_line:
-        rec.update(thinking_tokens=reply["thinking_tokens"], budget_hit=reply["budget_hit"],
-                   answer_tokens=reply["answer_tokens"])
-        if getattr(reply, "retokenized", True) is False:   # only then: local and served records stay equal
-            rec["retokenized"] = False
-    return rec
-
 
 # ----------------------------------------------------------------------------- generation settings
 
@@ -176,16 +125,16 @@ def run_stage1(docs, vlm, tokenizer, out_path, *, hints="none", batch_size=8, ma
 
     def make_records(batch):
         ok, images, failed = _split_images(batch)
-        recs = [stage1_record(d, "", None, "", error=why) for d, why in failed]
+        recs = [outputs.stage1_record(d, "", None, "", error=why) for d, why in failed]
         if ok:
             batch_hints = hint_fn(ok)
-            recs += [stage1_record(d, "", None, "", error="hint: " + remote.error_text(h))
+            recs += [outputs.stage1_record(d, "", None, "", error="hint: " + remote.error_text(h))
                      for d, h in zip(ok, batch_hints) if isinstance(h, Exception)]
             rows = [(d, im, h) for d, im, h in zip(ok, images, batch_hints) if not isinstance(h, Exception)]
             texts = [prompts.perception_user_text(h) for _, _, h in rows]
             outs = _perceive(vlm, tokenizer, [im for _, im, _ in rows], texts, max_new_tokens, ok[0]) if rows else []
-            recs += [stage1_record(d, t, h, "", error=remote.error_text(o)) if isinstance(o, Exception) else
-                     stage1_record(d, t, h, o["text"], generated_tokens=o["generated_tokens"])
+            recs += [outputs.stage1_record(d, t, h, "", error=remote.error_text(o)) if isinstance(o, Exception) else
+                     outputs.stage1_record(d, t, h, o["text"], generated_tokens=o["generated_tokens"])
                      for (d, _, h), t, o in zip(rows, texts, outs)]
         return recs
 
@@ -199,12 +148,12 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
     answer_match: "letter" (the release) or "text" (match the answer to the docs' option texts)."""
     check_answer_match(docs, answer_match)
     settings = settings or ReasonSettings()
-    stage1 = read_stage1(stage1_path, docs)
+    stage1 = outputs.read_stage1(stage1_path, docs)
 
     def make_records(batch):
         failed = [d for d in batch if stage1[str(d.doc_id)].get("status", "ok") == "failed"]
         ok = [d for d in batch if d not in failed]
-        recs = [stage2_record(d, error="stage 1 failed: " + stage1[str(d.doc_id)].get("error", ""),
+        recs = [outputs.stage2_record(d, error="stage 1 failed: " + stage1[str(d.doc_id)].get("error", ""),
                               answer_match=answer_match) for d in failed]
         if ok:
             questions = [question_text(d) for d in ok]
@@ -216,7 +165,7 @@ def run_stage2(docs, stage1_path, llm, tokenizer, out_path, settings=None, *, ba
             else:
                 generator = _batch_generator(settings.seed, ok, llm.embed_tokens.weight.device)
                 outs = pipeline.run_reasoning(llm, tokenizer, questions, descriptions, settings, generator=generator)
-            recs += [stage2_record(d, o, answer_match=answer_match) for d, o in zip(ok, outs)]
+            recs += [outputs.stage2_record(d, o, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
     return outputs.run_batches(docs, out_path, batch_size, f"stage 2 ({settings.label()})", make_records, show_progress)
@@ -230,10 +179,10 @@ def run_e2e(docs, vlm, tokenizer, out_path, *, batch_size=8, max_new_tokens=1024
 
     def make_records(batch):
         ok, images, failed = _split_images(batch)
-        recs = [stage2_record(d, error=r, parse_answer_line=False, answer_match=answer_match) for d, r in failed]
+        recs = [outputs.stage2_record(d, error=r, parse_answer_line=False, answer_match=answer_match) for d, r in failed]
         if ok:
             outs = _perceive(vlm, tokenizer, images, [e2e_user_text(d) for d in ok], max_new_tokens, ok[0])
-            recs += [stage2_record(d, o, parse_answer_line=False, answer_match=answer_match) for d, o in zip(ok, outs)]
+            recs += [outputs.stage2_record(d, o, parse_answer_line=False, answer_match=answer_match) for d, o in zip(ok, outs)]
         return recs
 
     return outputs.run_batches(docs, out_path, batch_size, "e2e (VLM answers)", make_records, show_progress)

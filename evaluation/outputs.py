@@ -1,6 +1,8 @@
-"""evaluate.py's output folders: the resumable batch loop over docs, the settings each output was started with,
-the results files, and the models loaded once per run.
+"""evaluate.py's output folders: the records (lmms-eval's samples fields for stage 1, scored answers for stage 2), the
+resumable batch loop over docs, the settings each output was started with, the results files, and the models
+loaded once per run.
 
+    stage1_record / read_stage1 / stage2_record                  one doc's record; a stage-1 file read back
     run_batches(docs, out_path, batch_size, desc, make_records)   resumable, locked, one record per doc_id
     check_run_config(path, config)                               refuse to resume an output made with other settings
     write_results(out_dir, name, records, mode, config)          <name>_results.json (mmstar.summarize)
@@ -11,11 +13,61 @@ import os
 
 from tqdm import tqdm
 
-from evaluation.mmstar import summarize
+from evaluation.mmstar import score_reply, summarize
 from serving import remote
 from storage import records
 from vlm import VLM
 from weights import checkpoints
+
+
+def read_stage1(path, docs):
+    """Stage-1 samples JSONL (ours or lmms-eval's) -> {doc_id: record}, read as the release does
+    (str(doc_id) -> filtered_resps[0]). ValueError when docs that stage 2 needs are missing."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"stage-1 file not found: {path} (run --mode stage1 first)")
+    by_id = {}
+    for line_no, rec in enumerate(records.read_jsonl(path, unique="doc_id"), 1):
+        if "doc_id" not in rec or not rec.get("filtered_resps"):
+            raise ValueError(f"{path}: line {line_no} lacks doc_id or filtered_resps (not a samples file)")
+        by_id[str(rec["doc_id"])] = rec
+    missing = [d.doc_id for d in docs if str(d.doc_id) not in by_id]
+    if missing:
+        raise ValueError(f"{path}: stage-1 file lacks {len(missing)} of the {len(docs)} doc_ids stage 2 needs "
+                         f"(first missing: {missing[:10]}); finish stage 1 or pass --limit")
+    return by_id
+
+
+def stage1_record(doc, prompt, hint, description, error=None, generated_tokens=0):
+    """lmms-eval samples fields (doc_id, target, resps, filtered_resps, input) + ours."""
+    rec = {"doc_id": doc.doc_id, "target": doc.answer, "resps": [[description]], "filtered_resps": [description],
+           "input": prompt, "index": doc.index, "hint": hint, "category": doc.category,
+           "l2_category": doc.l2_category, "generated_tokens": generated_tokens,
+           "status": "failed" if error else "ok"}
+    if error:
+        rec["error"] = error
+    return rec
+
+
+def stage2_record(doc, reply=None, error=None, parse_answer_line=True, answer_match="letter"):
+    """One scored answer: the reply dict from the generation step (text, thinking_tokens, budget_hit,
+    generated_tokens) or an error (failed record: scored as wrong, counted in n_failed).
+    answer_match "text" scores against doc.options and adds predicted_letter."""
+    rec = doc.meta()
+    text = answer_match == "text"
+    if isinstance(reply, Exception):   # a served row whose request failed
+        reply, error = None, remote.error_text(reply)
+    if error is not None:
+        empty = {"thinking_tokens": 0, "budget_hit": False, "answer_tokens": 0} if parse_answer_line else {}
+        return {**rec, "status": "failed", "error": error, "response": "", "prediction": "", "parsed": False,
+                "correct": False, **({"predicted_letter": None} if text else {}), "generated_tokens": 0, **empty}
+    score = score_reply(reply["text"], doc.answer, parse_answer_line, doc.options if text else None)
+    rec.update(status="ok", response=reply["text"], **score, generated_tokens=reply["generated_tokens"])
+    if parse_answer_line:
+        rec.update(thinking_tokens=reply["thinking_tokens"], budget_hit=reply["budget_hit"],
+                   answer_tokens=reply["answer_tokens"])
+        if getattr(reply, "retokenized", True) is False:   # only then: local and served records stay equal
+            rec["retokenized"] = False
+    return rec
 
 
 def run_batches(docs, out_path, batch_size, desc, make_records, show_progress=True):

@@ -118,11 +118,11 @@ def test_aggregation_is_mean_over_l2_categories():
 
 def test_summary_counts_failed_and_unparsable():
     doc = mmstar.Doc(0, "0", "q", "A", "c", "l")
-    recs = [evaluate.stage2_record(doc, {"text": "Answer: A", "generated_tokens": 3, "thinking_tokens": 0,
+    recs = [outputs.stage2_record(doc, {"text": "Answer: A", "generated_tokens": 3, "thinking_tokens": 0,
                                          "budget_hit": False, "answer_tokens": 3}),
-            evaluate.stage2_record(doc, {"text": "no idea", "generated_tokens": 5, "thinking_tokens": 5,
+            outputs.stage2_record(doc, {"text": "no idea", "generated_tokens": 5, "thinking_tokens": 5,
                                          "budget_hit": True, "answer_tokens": 0}),
-            evaluate.stage2_record(doc, error="image file not found: x.png")]
+            outputs.stage2_record(doc, error="image file not found: x.png")]
     res = mmstar.summarize(recs, "stage2")
     assert (res["n"], res["n_failed"], res["n_unparsable"]) == (3, 1, 1)
     assert res["accuracy"] == pytest.approx(1 / 3) and res["average"] == pytest.approx(1 / 3)
@@ -168,10 +168,10 @@ def test_answer_by_text_normalisation_and_letter_mode_untouched():
     assert mmstar.score_reply("Answer: Red.", "A") == {"prediction": "Red.", "parsed": True, "correct": False}
     doc = mmstar.Doc(0, "0", "q", "B", "c", "l", options=OPTIONS)
     reply = {"text": "Blue star", "generated_tokens": 2}
-    rec = evaluate.stage2_record(doc, reply, parse_answer_line=False, answer_match="text")
+    rec = outputs.stage2_record(doc, reply, parse_answer_line=False, answer_match="text")
     assert (rec["predicted_letter"], rec["correct"], rec["parsed"]) == ("B", True, True)
-    assert "predicted_letter" not in evaluate.stage2_record(doc, reply, parse_answer_line=False)
-    failed = evaluate.stage2_record(doc, error="no image", answer_match="text")
+    assert "predicted_letter" not in outputs.stage2_record(doc, reply, parse_answer_line=False)
+    failed = outputs.stage2_record(doc, error="no image", answer_match="text")
     assert (failed["predicted_letter"], failed["correct"], failed["parsed"]) == (None, False, False)
     with pytest.raises(ValueError, match="doc 0 .*has none"):
         mmstar.check_answer_match([mmstar.Doc(0, "0", "q", "B", "c", "l")], "text")
@@ -201,7 +201,7 @@ def test_stage1_file_written_by_us_reads_with_release_logic(tmp_path):
     docs = [mmstar.Doc(i, str(10 + i), f"q{i}", "A", "c", "l") for i in range(3)]
     path = str(tmp_path / "stage1.jsonl")
     out = records.ResumableJsonl(path, key="doc_id")
-    out.append([evaluate.stage1_record(d, "<image>\nDescribe", "hint", f"description {d.doc_id}\nline 2")
+    out.append([outputs.stage1_record(d, "<image>\nDescribe", "hint", f"description {d.doc_id}\nline 2")
                 for d in docs])
     assert release_read_stage1(path) == {str(i): f"description {i}\nline 2" for i in range(3)}
 
@@ -213,10 +213,10 @@ def test_stage1_file_from_lmms_eval_reads_with_ours(tmp_path):
              "doc_hash": "x", "prompt_hash": "y", "target_hash": "z"} for i in (1, 0)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     docs = [mmstar.Doc(i, str(i), "q", "B", "c", "l") for i in range(2)]
-    ours = evaluate.read_stage1(str(path), docs)
+    ours = outputs.read_stage1(str(path), docs)
     assert {k: v["filtered_resps"][0] for k, v in ours.items()} == release_read_stage1(path)
     with pytest.raises(ValueError, match=r"lacks 2 of the 4 doc_ids"):
-        evaluate.read_stage1(str(path), docs + [mmstar.Doc(i, str(i), "q", "B", "c", "l") for i in (2, 3)])
+        outputs.read_stage1(str(path), docs + [mmstar.Doc(i, str(i), "q", "B", "c", "l") for i in (2, 3)])
 
 
 def make_mmstar_parquet(path, images):
@@ -712,7 +712,7 @@ def test_a_doc_id_written_twice_is_refused(tmp_path):
     line = lambda i: json.dumps({"doc_id": i, "filtered_resps": ["d"], "resps": [["d"]]}) + "\n"
     path.write_text(line(0) + line(1) + line(2) + line(1))
     with pytest.raises(ValueError, match=r"stage1\.jsonl: line 4 repeats doc_id 1 of line 2"):
-        evaluate.read_stage1(str(path), docs)
+        outputs.read_stage1(str(path), docs)
     with pytest.raises(ValueError, match=r"stage1\.jsonl: line 4 repeats doc_id 1 of line 2"):
         outputs.run_batches(docs, str(path), 2, "x", lambda batch: [], show_progress=False)
 

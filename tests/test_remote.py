@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from weights import checkpoints
 import evaluate
-from evaluation import mmstar
+from evaluation import mmstar, outputs
 import model
 from serving.client import Client, FatalError
 import prompts
@@ -229,7 +229,7 @@ def stage2_args(tmp_path, reasoner, n=3):
     (tmp_path / "set.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     docs = mmstar.load_docs(str(tmp_path / "set.jsonl"))
     records.atomic_write_text(str(tmp_path / "stage1.jsonl"), "".join(
-        json.dumps(evaluate.stage1_record(d, "", None, f"A shape, number {d.doc_id}.")) + "\n" for d in docs))
+        json.dumps(outputs.stage1_record(d, "", None, f"A shape, number {d.doc_id}.")) + "\n" for d in docs))
     return ["--data", str(tmp_path / "set.jsonl"), "--mode", "stage2", "--stage1-file", str(tmp_path / "stage1.jsonl"),
             "--reasoner", reasoner, "--greedy", "--quiet", "--batch-size", "2"]
 

@@ -114,7 +114,8 @@ def auto_hints(llm, tokenizer, max_new_tokens=256):
 def _perceive(vlm, tokenizer, images, user_texts, max_new_tokens, first):
     """pipeline.run_perception, or remote's for a served VLM (a failed request stands in its row)."""
     if remote.is_served(vlm):
-        return remote.run_perception(vlm, images, user_texts, max_new_tokens, where=f"doc_id {first.doc_id}")
+        return remote.run_perception(vlm, images, user_texts, max_new_tokens, tokenizer=tokenizer,
+                                     where=f"doc_id {first.doc_id}")
     return pipeline.run_perception(vlm, tokenizer, images, user_texts=user_texts, max_new_tokens=max_new_tokens)
 
 

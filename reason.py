@@ -132,9 +132,11 @@ def _one(results):
 
 def _load(path, want_vlm, device, dtype, role, quantize=None, server=None):
     """-> (model, tokenizer); a text LLM where a VLM is needed (or the reverse) is an error. With the role's server
-    client: remote.Served, and a served reasoner's tokenizer by its name (a served VLM needs none)."""
+    client: remote.Served, and a served reasoner's tokenizer by its name (a served VLM's where it is at hand)."""
     if server is not None:
-        return remote.Served(server, path), None if want_vlm else checkpoints.load_tokenizer(path)
+        tokenizer = remote.served_tokenizer(path, checkpoints.load_tokenizer) if want_vlm else \
+            checkpoints.load_tokenizer(path)
+        return remote.Served(server, path), tokenizer
     net = checkpoints.load_model(path, dtype=dtype, device=device, quantize=quantize)
     if isinstance(net, VLM) != want_vlm:
         kind = "a VLM (LLaVA checkpoint)" if want_vlm else "a text-only LLM checkpoint"
@@ -147,7 +149,8 @@ def _describe(args, vlm, vlm_tok, image, user_text, log, title):
     stream = Stream(vlm_tok, log)
     stream.header(title)
     if remote.is_served(vlm):
-        out = _one(remote.run_perception(vlm, [image], [user_text], args.max_new_tokens, where="the image"))
+        out = _one(remote.run_perception(vlm, [image], [user_text], args.max_new_tokens, tokenizer=vlm_tok,
+                                         where="the image"))
         log.write(out.text + "\n")
         return out
     out = run_perception(vlm, vlm_tok, [image], user_texts=[user_text], max_new_tokens=args.max_new_tokens,

@@ -117,8 +117,9 @@ def write_results(out_dir, name, recs, mode, config):
 
 class ModelLoader:
     """Loads each checkpoint once (model + tokenizer) and frees it on request. A role ("perception" or
-    "reasoner") with a server in `clients` gets remote.Served(client, name) instead, and a served reasoner the
-    tokenizer of that name (for its prompts' NoWait ids and closing text; a served VLM needs none)."""
+    "reasoner") with a server in `clients` gets remote.Served(client, name) instead, and the tokenizer of that name:
+    a reasoner's always (its prompts' NoWait ids and closing text), a VLM's where it is at hand
+    (remote.served_tokenizer: exact token counts)."""
 
     def __init__(self, device, dtype, quantize=None, clients=None):
         self.device, self.dtype, self.quantize, self.clients, self.cache = device, dtype, quantize, clients or {}, {}
@@ -126,7 +127,8 @@ class ModelLoader:
     def get(self, path, role):
         if path not in self.cache and role in self.clients:
             self.cache[path] = (remote.Served(self.clients[role], path),
-                                checkpoints.load_tokenizer(path) if role == "reasoner" else None)
+                                checkpoints.load_tokenizer(path) if role == "reasoner" else
+                                remote.served_tokenizer(path, checkpoints.load_tokenizer))
         elif path not in self.cache:
             self.cache[path] = (checkpoints.load_model(path, dtype=self.dtype, device=self.device,
                                                        quantize=self.quantize), checkpoints.load_tokenizer(path))

@@ -32,6 +32,7 @@ answer request goes on from the thinking TEXT, re-tokenized, where the local pat
 the same whenever the text re-tokenizes to them; a row where that is not sure (retokenizes) is recorded with
 retokenized: false, and the results count them (n_retokenized_differently).
 """
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def _tokens(completion, by_stop_string=False, *, stops=(), max_tokens=None, enco
     "length" with completion_tokens == max_tokens the end token, which the text skips, is taken to be there when
     the text encodes (encode, the reasoner's tokenizer) to exactly one token less. That rests on the text
     re-encoding to the generated ids, as everything else on a text-only server does (retokenizes); without
-    encode (a served VLM has no tokenizer here) such a reply counts its end token."""
+    encode (a served VLM whose tokenizer is not at hand: served_tokenizer) such a reply counts its end token."""
     if completion.token_ids is not None:
         ids = completion.token_ids
         return len(ids) - bool(ids and ids[-1] in stops)
@@ -143,6 +144,12 @@ def retokenizes(encode, prompt, thought, n_generated, tail, tail_ids, text_promp
     return not text_prompt or encode(prompt + thought + tail) == encode(prompt) + thought_ids + list(tail_ids)
 
 
+def served_tokenizer(name, load_tokenizer):
+    """A served VLM's tokenizer where it is at hand: name is a local folder holding tokenizer.json (a converted
+    checkpoint, as weights.convert writes it) -> load_tokenizer(name); else None (nothing is fetched for it)."""
+    return load_tokenizer(name) if os.path.isfile(os.path.join(name, "tokenizer.json")) else None
+
+
 def run_hint(served, questions, max_new_tokens=256, *, where="this batch"):
     """pipeline.run_hint on the server (greedy) -> per question its hint, or the Exception of its request."""
     def one(question):
@@ -151,9 +158,11 @@ def run_hint(served, questions, max_new_tokens=256, *, where="this batch"):
     return served.client.map(one, questions, where)
 
 
-def run_perception(served, images, user_texts, max_new_tokens=1024, *, where="this batch"):
+def run_perception(served, images, user_texts, max_new_tokens=1024, *, tokenizer=None, where="this batch"):
     """pipeline.run_perception on the server (greedy): user_texts start with "<image>\\n" (the image's place, as
-    pipeline.py writes them) -> per image a Perception, or the Exception of its request."""
+    pipeline.py writes them) -> per image a Perception, or the Exception of its request. tokenizer: the VLM's,
+    where it is at hand (served_tokenizer): a reply whose end token was the last one allowed then counts as the
+    local one does (_tokens)."""
     if len(user_texts) != len(images):
         raise ValueError(f"{len(images)} images but {len(user_texts)} prompts")
     bad = [t for t in user_texts if not t.startswith(IMAGE_MARK)]
@@ -166,7 +175,9 @@ def run_perception(served, images, user_texts, max_new_tokens=1024, *, where="th
                     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                                  {"type": "text", "text": text[len(IMAGE_MARK):]}]}]
         reply = served.client.chat(served.name, messages, max_new_tokens, temperature=0.0)
-        return pipeline.Perception(reply.text, _tokens(reply))
+        return pipeline.Perception(reply.text, _tokens(reply, max_tokens=max_new_tokens, encode=encode))
+
+    encode = None if tokenizer is None else (lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
     return served.client.map(one, list(zip(images, user_texts)), where)
 
 

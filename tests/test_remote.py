@@ -309,6 +309,28 @@ def test_a_reply_ending_on_its_last_allowed_token_counts_as_locally(transformers
         assert served_res["mean_generated_tokens"] == local_res["mean_generated_tokens"]
 
 
+def test_a_served_vlm_reply_ending_on_its_last_allowed_token_counts_as_locally(qwen_tok, tmp_path):
+    """Stage 1 on a text-only-count server (transformers serve's way: "length", the end token counted when it is the
+    last one allowed): with the VLM's tokenizer at hand (a local folder, as weights.convert writes it) the count is
+    the local one; without it, the end token is counted. A reply cut at the limit keeps its count either way."""
+    replies = {"ends": ("a red star", "length", 4), "cut": ("a red star and", "length", 4)}   # 3 and 4 tokens + end
+    server = Loopback(lambda path, body: (200, completion(*replies[body["messages"][1]["content"][1]["text"]],
+                                                          chat=True)))
+    try:
+        (tmp_path / "vlm").mkdir()
+        shutil.copy(os.path.join(QWEN_FILES, "tokenizer.json"), tmp_path / "vlm")
+        tokenizer = remote.served_tokenizer(str(tmp_path / "vlm"), checkpoints.load_tokenizer)
+        assert remote.served_tokenizer(str(tmp_path / "elsewhere"), checkpoints.load_tokenizer) is None
+        served = remote.Served(Client(server.url, max_retries=0), str(tmp_path / "vlm"))
+        image = Image.new("RGB", (8, 8))
+        assert [len(qwen_tok.encode(t[0], add_special_tokens=False).ids) for t in replies.values()] == [3, 4]
+        for tok, counts in ((tokenizer, [3, 4]), (None, [4, 4])):
+            out = remote.run_perception(served, [image, image], ["<image>\nends", "<image>\ncut"], 4, tokenizer=tok)
+            assert [o.generated_tokens for o in out] == counts
+    finally:
+        server.close()
+
+
 # ----------------------------------------------------------------------------- a stub that takes token ids (vLLM)
 
 class IdServer:

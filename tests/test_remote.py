@@ -309,6 +309,15 @@ def test_a_reply_ending_on_its_last_allowed_token_counts_as_locally(transformers
         assert served_res["mean_generated_tokens"] == local_res["mean_generated_tokens"]
 
 
+def test_hints_over_transformers_serve_equal_the_local_ones(transformers_serve, qwen_tok):
+    """The auto hints (the paper's Figure A5 prompt, greedy) from a real transformers serve equal the local ones."""
+    folder, url, _ = transformers_serve
+    questions = ["What colour is the star?", "How many shapes are in the top row?"]
+    local = pipeline.run_hint(checkpoints.load_model(folder), qwen_tok, questions, max_new_tokens=12)
+    served = remote.run_hint(remote.Served(Client(url, max_retries=0), folder), questions, 12)
+    assert served == local and all(local)
+
+
 def test_a_served_vlm_reply_ending_on_its_last_allowed_token_counts_as_locally(qwen_tok, tmp_path):
     """Stage 1 on a text-only-count server (transformers serve's way: "length", the end token counted when it is the
     last one allowed): with the VLM's tokenizer at hand (a local folder, as weights.convert writes it) the count is

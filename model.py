@@ -315,7 +315,7 @@ def generate(llm, prompts=None, *, inputs_embeds=None, attention_mask=None, max_
     The prompt: B token lists (prompts; left-padded here), or prompts already embedded and left-padded,
     inputs_embeds [B, T, H] with attention_mask [B, T] (a VLM's spliced prompt: vlm.VLM.generate).
     max_new_tokens: int or a per-row list. Returns each row's new tokens, without the stop token."""
-    if (prompts is None) == (inputs_embeds is None):
+    if (prompts is None) == (inputs_embeds is None) or (inputs_embeds is not None and attention_mask is None):
         raise ValueError("generate: give the prompts either as token lists or as inputs_embeds + attention_mask")
     B = len(prompts) if prompts is not None else inputs_embeds.shape[0]
     budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)

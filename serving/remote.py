@@ -32,11 +32,13 @@ answer request goes on from the thinking TEXT, re-tokenized, where the local pat
 the same whenever the text re-tokenizes to them; a row where that is not sure (retokenizes) is recorded with
 retokenized: false, and the results count them (n_retokenized_differently).
 """
+import functools
 import os
 import sys
 import threading
 from dataclasses import dataclass, field
 
+import model
 import pipeline
 import prompts
 from serving.client import Client, Refused, add_client_args, data_url
@@ -177,7 +179,7 @@ def run_perception(served, images, user_texts, max_new_tokens=1024, *, tokenizer
         reply = served.client.chat(served.name, messages, max_new_tokens, temperature=0.0)
         return pipeline.Perception(reply.text, _tokens(reply, max_tokens=max_new_tokens, encode=encode))
 
-    encode = None if tokenizer is None else (lambda text: tokenizer.encode(text, add_special_tokens=False).ids)
+    encode = None if tokenizer is None else functools.partial(model.encode, tokenizer, image_marks=False)
     return served.client.map(one, list(zip(images, user_texts)), where)
 
 
@@ -220,8 +222,7 @@ def run_reasoning(served, tokenizer, questions, descriptions, settings=None, *, 
     answer_bias = bias if s.nowait_scope == "all" or not s.thinking else {}
     stops = pipeline.stop_ids(tokenizer)
 
-    def encode(text):   # as pipeline encodes a text LLM's prompt (model.encode without image marks)
-        return tokenizer.encode(text, add_special_tokens=False).ids
+    encode = functools.partial(model.encode, tokenizer, image_marks=False)   # as pipeline encodes a text prompt
 
     def decode(ids):    # as pipeline decodes a reply
         return tokenizer.decode(ids, skip_special_tokens=True)

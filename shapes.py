@@ -15,6 +15,11 @@ tower is used). For each LLM size, every step goes through the project's own too
                          reasoner on the true descriptions; scored by the answer's text, per category
   4. reports             a measured blind baseline, the descriptions' facts checked against the scene graphs,
                          2-standard-error bars, a gallery of held-out scenes, a reason.py command to try
+  5. the paper's analyses in miniature (summary.json "analyses", results.md), per group ("a caption states the
+     needed fact" / "a detail captions omit": fill, which this world's captions never state, by construction):
+     downscaling (e2e at S and L, Fig 2), the decoupled grid perception {S,L} x reasoner {S,L} (Fig 3), captioning
+     vs extraction tuning as perception (Fig 5, section 4.1), thinking on vs off (Fig 6), the final comparison
+     (Table 2); a table and a figure each, and a verdict line: does it agree with the paper?
 The steps run in --jobs worker processes, each as soon as the models it reads are done, and a rerun skips every
 finished step whose inputs are unchanged (shapes_world/plan.py). Why each number below is what it is: docs/LOG.md.
 """
@@ -39,16 +44,16 @@ BACKBONES = os.path.join(ROOT, "shapes_world", "backbones")
 
 @dataclass
 class RunConfig:
-    """Everything the main job does; the defaults fit ~5-10 minutes on 2 CPU cores (docs/shapes.md)."""
+    """Everything the main job does; the defaults take ~12 minutes on 2 CPU cores (docs/shapes.md)."""
     out: str = "runs/shapes"
     n_train: int = 3000           # training scenes (~6.4 questions each); images are rendered in ~10 s
-    n_eval: int = 52              # held-out scenes -> 327 multiple-choice questions
+    n_eval: int = 52              # held-out scenes -> 431 multiple-choice questions, 104 about the fill
     sizes: dict = field(default_factory=lambda: {"S": os.path.join(BACKBONES, "lm-S"),
                                                  "L": os.path.join(BACKBONES, "lm-L")})
     tower: str = os.path.join(BACKBONES, "captioner")   # a VLM folder: its pretrained tower is used
     pretrain_steps: int = 100     # connector pretraining (projector + image_newline)
     caption_steps: int = 800      # captioning: the perception module of Caption+Think, and where the others start
-    finetune_steps: int = 450     # QA (end-to-end) and extraction tuning: the same steps and batch
+    finetune_steps: int = 1350    # QA (end-to-end) and extraction tuning: the same steps and batch (docs/LOG.md)
     batch: int = 16
     pretrain_lr: float = 1e-2
     finetune_lr: float = 2e-3     # captioning, and QA tuning from the captioner (the better of two rates measured)
@@ -60,7 +65,7 @@ class RunConfig:
     seed: int = 0
 
 
-QUICK = dict(n_train=400, n_eval=24, pretrain_steps=50, caption_steps=250, finetune_steps=40)  # tests/test_pipeline.py
+QUICK = dict(n_train=400, n_eval=24, pretrain_steps=50, caption_steps=250, finetune_steps=800)  # tests/test_pipeline.py
 METHODS = report.METHODS
 
 
@@ -88,8 +93,9 @@ def train_plan(cfg: RunConfig, data: dict, size: str) -> tuple[list[Step], dict]
         "e2e": dict(tune, data=data["qa"], out=models["e2e"], init=models["caption"], max_steps=cfg.finetune_steps),
     }
     needs = {"pretrain": (), "caption": ("pretrain",), "extract": ("caption",), "e2e": ("caption",)}
-    return [Step(f"{k}-{size}", size, "train", tuple(f"{n}-{size}" for n in needs[k]), train_step, (o,))
-            for k, o in options.items()], models
+    steps = [Step(f"{k}-{size}", size, "train", tuple(f"{n}-{size}" for n in needs[k]), train_step, (o,),
+                  TRAIN_START_COST + o["max_steps"] * TRAIN_STEP_COST.get(size, 0.25)) for k, o in options.items()]
+    return steps, models
 
 
 def evaluate_plan(cfg: RunConfig, data: dict, size: str, models: dict, true_stage1: str) -> list[Step]:
@@ -97,7 +103,8 @@ def evaluate_plan(cfg: RunConfig, data: dict, size: str, models: dict, true_stag
     root = os.path.join(cfg.out, "eval")
     common = ["--data", data["eval"], "--answer-match", "text", "--batch-size", str(cfg.eval_batch),
               "--seed", str(cfg.seed), "--quiet"]
-    stage2 = ["--reasoner", cfg.sizes[size], "--thinking", "on", "--budget", str(cfg.budget), "--answer-tokens", "8",
+    stage2 = ["--reasoner", cfg.sizes[size], "--thinking", "on", "--budget", str(cfg.budget),
+              "--answer-tokens", str(world.ANSWER_TOKENS),
               "--greedy", "--stage1-tokens", str(cfg.stage1_tokens)]
     runs = {   # method: (argv, results file, the model it evaluates)
         "e2e": (["--mode", "e2e", "--perception", models["e2e"], "--stage1-tokens", "8"], "e2e_results.json", "e2e"),
@@ -108,9 +115,31 @@ def evaluate_plan(cfg: RunConfig, data: dict, size: str, models: dict, true_stag
         "true-descriptions": (["--mode", "stage2", "--stage1-file", true_stage1, *stage2], "stage2_results.json",
                               None),
     }
-    return [Step(f"eval {m}-{size}", size, "eval", (f"{model}-{size}",) if model else (), evaluate_step,
-                 ([*argv, *common], os.path.join(root, f"{m}-{size}"), results))
-            for m, (argv, results, model) in runs.items()]
+    needs = {m: (f"{model}-{size}",) if model else () for m, (_, _, model) in runs.items()}
+    # the analyses, for each perception module (extraction-tuned, captioner): thinking off on its descriptions
+    # (paper Fig 6), and the other size's descriptions read by this size's reasoner (the decoupled grid, Fig 3)
+    off = [a if a != "on" else "off" for a in stage2]
+    for kind in ("extract", "caption"):
+        method = f"{kind}+think"
+        stage1 = {s: os.path.join(root, f"{method}-{s}", "stage1.jsonl") for s in cfg.sizes}
+        runs[f"{method}-nothink"] = (["--mode", "stage2", "--stage1-file", stage1[size], *off], "stage2_results.json",
+                                     None)
+        needs[f"{method}-nothink"] = (f"eval {method}-{size}",)
+        for other in (s for s in cfg.sizes if s != size):
+            runs[f"{method}-cross"] = (["--mode", "stage2", "--stage1-file", stage1[other], *stage2],
+                                       "stage2_results.json", None)
+            needs[f"{method}-cross"] = (f"eval {method}-{other}",)
+    return [Step(f"eval {m}-{size}", size, "eval", needs[m], evaluate_step,
+                 ([*argv, *common], os.path.join(root, f"{m}-{size}"), results), COSTS[m])
+            for m, (argv, results, _) in runs.items()]
+
+
+# rough seconds of each step, two side by side on a quiet 2-core Intel Xeon (only for the time-left line): an
+# evaluation, and a training run's start (loading, the frozen tower's cache) plus TRAIN_STEP_COST per step
+COSTS = {"e2e": 4, "extract+think": 8, "caption+think": 6, "true-descriptions": 3, "extract+think-nothink": 2,
+         "caption+think-nothink": 2, "extract+think-cross": 3, "caption+think-cross": 3}
+TRAIN_START_COST = 5
+TRAIN_STEP_COST = {"S": 0.15, "L": 0.25}
 
 
 def shown(path: str) -> str:
@@ -165,32 +194,42 @@ def run(cfg: RunConfig) -> dict:
         train_steps, models[size] = train_plan(cfg, data, size)
         steps += train_steps + evaluate_plan(cfg, data, size, models[size], true_stage1)
     done = run_plan(steps, cfg.jobs, os.path.join(cfg.out, "logs"), start)
-    per_size = {size: {"models": models[size], "results": {m: done[f"eval {m}-{size}"].value for m in METHODS},
+    methods = {size: [m for m in (*METHODS, *report.EXTRA) if f"eval {m}-{size}" in done] for size in cfg.sizes}
+    per_size = {size: {"models": models[size], "results": {m: done[f"eval {m}-{size}"].value for m in methods[size]},
                        "seconds": max(done[s.name].seconds for s in steps if s.size == size)}
                 for size in cfg.sizes}
+    print(f"[{time.time() - start:5.0f} s] reports: blind baseline, facts, analyses, gallery, plot, the example "
+          "(about 1 min)", flush=True)
     rows = records.read_jsonl(data["eval"])
     blind = report.score(world.blind_baseline(rows, cfg.n_train, cfg.seed), rows)
     summary = {"sizes": {}, "out": cfg.out, "models": {s: r["models"] for s, r in per_size.items()}}
     for size, r in per_size.items():
         eval_root = os.path.join(cfg.out, "eval")
         by = {m: {**report.method_scores(r["results"][m], rows, os.path.join(eval_root, f"{m}-{size}")),
-                  "mmstar_average": r["results"][m]["average"]} for m in METHODS}
+                  "mmstar_average": r["results"][m]["average"]} for m in methods[size]}
         by["blind"] = blind
         by["description_facts"] = {kind: report.description_facts(os.path.join(eval_root, f"{kind}+think-{size}",
                                                                          "stage1.jsonl"), data)
                                    for kind in ("extract", "caption")}
+        by["detail_stated"] = {kind: report.detail_stated(os.path.join(eval_root, f"{kind}+think-{size}",
+                                                                       "stage1.jsonl"), data)
+                               for kind in ("extract", "caption")}
         by["seconds"] = r["seconds"]
         summary["sizes"][size] = by
     largest = list(cfg.sizes)[-1]
     summary["table"] = report.result_table(summary)
+    summary["analyses"] = report.analyses(summary)
+    summary["analyses_md"] = report.analyses_markdown(summary["analyses"])
     summary["gallery"] = report.gallery(data, summary, largest, os.path.join(cfg.out, "gallery.png"))
     summary["plot"] = report.plot(summary, os.path.join(cfg.out, "results.png"))
+    summary["analysis_figures"] = report.analysis_figures(summary["analyses"], cfg.out)
     summary["example"] = example(cfg, data, summary["models"][largest], largest)
     summary["config"] = asdict(cfg)
     summary["wall_seconds"] = time.time() - start   # of this call: steps done before cost it nothing
     summary["steps_done_before"] = [name for name, step in done.items() if not step.ran]
     records.atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
-    records.atomic_write_text(os.path.join(cfg.out, "results.md"), summary["table"] + "\n")
+    records.atomic_write_text(os.path.join(cfg.out, "results.md"), summary["table"] + "\n\n"
+                              + summary["analyses_md"] + "\n")
     return summary
 
 
@@ -218,7 +257,7 @@ def main(argv=None) -> None:
         print(json.dumps(paths, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in paths.items()))
         return
     summary = run(cfg)
-    print("\n" + summary["table"])
+    print("\n" + summary["table"] + "\n\n" + summary["analyses_md"])
     ex = summary["example"]
     print(f"\ngallery: {summary['gallery']}\nplot: {summary['plot'] or 'skipped (pip install matplotlib)'}"
           f"\nsummary: {os.path.join(cfg.out, 'summary.json')}\nwall time: {summary['wall_seconds'] / 60:.1f} min"

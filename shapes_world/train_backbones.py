@@ -10,7 +10,14 @@
                          captions. The main job takes its tower, frozen (train.py --vision-path).
   backbones/manifest.json  the exact train.py commands, their seconds, the held-out numbers and file hashes;
                          tests/test_backbones.py reloads the files strictly and reproduces the numbers.
-The two LMs train side by side (one process and one thread each), then the captioner.
+
+Two phases, as real backbones are pretrained and then trained further. Phase 1, the plain world (every shape
+filled, no fill questions, thinking only): the tokenizer, the two LMs side by side (one process and one thread
+each), then the captioner. Phase 2, the world itself: each of the three continues from its phase-1 weights,
+side by side, on fill, the non-thinking form and images with hollow shapes. Why two phases: trained from scratch
+on the whole world, neither LM learned to copy a shape's kind within 4,500 steps (docs/LOG.md), while the plain
+world's LMs copy it after 3,000; phase 1 is that recipe unchanged. --plain-from skips phase 1 by taking its
+models from a folder that holds them (the plain backbones that commit 34ad379 shipped, trained by phase 1).
 """
 from __future__ import annotations
 
@@ -46,19 +53,21 @@ SIZES = {
     "L": "hidden_size=128,intermediate_size=384,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,"
          "head_dim=32,tie_word_embeddings=false",
 }
-LM_SCENES = 10000      # corpus: ~90 k documents from 10000 training scenes
+LM_SCENES = 10000      # corpus: ~90 k documents from 10000 training scenes (~114 k in phase 2)
 LM_STEPS = {"S": 3000, "L": 2500}
 LM_BATCH = 32
 LM_LR = 3e-3
 CAPTION_SCENES = 3000  # captioner: plain captions of 3000 training scenes
 CAPTION_STEPS = 2500
 CAPTION_BATCH = 16
+MORE_STEPS = {"lm-S": 2000, "lm-L": 2000, "captioner": 1000}   # phase 2, from the phase-1 weights
+MORE_LR = 1.5e-3       # LMs in phase 2 (half the rate: they keep what phase 1 taught)
 EVAL_SCENES = 52       # held-out numbers: the main job's held-out scenes (seed 0)
 
 
-def corpus_text() -> str:
+def corpus_text(plain: bool) -> str:
     """The language models' corpus as written to lm_corpus.jsonl (its hash is in the manifest)."""
-    return "".join(json.dumps(d) + "\n" for d in world.lm_documents(LM_SCENES))
+    return "".join(json.dumps(d) + "\n" for d in world.lm_documents(LM_SCENES, plain=plain))
 
 
 def lm_command(out: str, size: str, corpus: str, tokenizer: str) -> list[str]:
@@ -68,12 +77,20 @@ def lm_command(out: str, size: str, corpus: str, tokenizer: str) -> list[str]:
             "--save-every", "250", "--resume", "--no-progress"]
 
 
-def captioner_command(out: str, lm: str, data: dict) -> list[str]:
-    return ["train.py", "--stage", "pretrain", "--llm-path", lm, "--vision", "shapes", "--data", data["pretrain"],
+def captioner_command(out: str, lm: str, data: dict, init: str = "", steps: int = CAPTION_STEPS) -> list[str]:
+    start = ["--init", init] if init else ["--llm-path", lm, "--vision", "shapes"]
+    return ["train.py", "--stage", "pretrain", *start, "--data", data["pretrain"],
             "--image-folder", os.path.dirname(data["pretrain"]), "--out", out, "--train",
             "llm,vision,projector,image_newline", "--image-aspect-ratio", "anyres_max_9", "--lr", "1e-3",
             "--vision-lr", "3e-3", "--global-batch", str(CAPTION_BATCH), "--micro-batch", str(CAPTION_BATCH),
-            "--max-steps", str(CAPTION_STEPS), "--save-every", "100", "--resume", "--no-progress"]
+            "--max-steps", str(steps), "--save-every", "100", "--resume", "--no-progress"]
+
+
+def lm_more_command(out: str, init: str, corpus: str) -> list[str]:
+    return ["train.py", "--stage", "text", "--template", "document", "--init", init, "--data", corpus, "--out", out,
+            "--global-batch", str(LM_BATCH), "--micro-batch", str(LM_BATCH),
+            "--max-steps", str(MORE_STEPS[os.path.basename(out)]), "--lr", str(MORE_LR), "--save-every", "250",
+            "--resume", "--no-progress"]
 
 
 def trained(run: str, steps: int) -> bool:
@@ -131,9 +148,10 @@ def reasoner_accuracy(lm: str, data: dict, kind: str, work: str, quantize=None) 
     if os.path.exists(out):
         os.remove(out)
     docs = mmstar.load_docs(data["eval"])
-    recs = evaluate.run_stage2(docs, stage1, checkpoints.load_model(lm, quantize=quantize), checkpoints.load_tokenizer(lm), out,
-                               pipeline.ReasonSettings(budget=64, answer_tokens=8, greedy=True), batch_size=64,
-                               show_progress=False, answer_match="text")
+    settings = pipeline.ReasonSettings(budget=64, answer_tokens=world.ANSWER_TOKENS, greedy=True)
+    recs = evaluate.run_stage2(docs, stage1, checkpoints.load_model(lm, quantize=quantize),
+                               checkpoints.load_tokenizer(lm), out, settings, batch_size=64, show_progress=False,
+                               answer_match="text")
     return sum(r["correct"] for r in recs) / len(recs)
 
 
@@ -174,11 +192,26 @@ def file_hashes(folder: str) -> dict:
     return out
 
 
+def phase(work: str, names: tuple, commands: dict, steps: dict, first: tuple = ()) -> None:
+    """Run the train.py commands of one phase (finished runs are skipped): `first` side by side, then the rest
+    once first[0] is done (phase 1: the captioner needs lm-S); everything side by side when `first` is empty."""
+    runs = {n: os.path.join(work, n) for n in names}
+    launch = lambda n: None if trained(runs[n], steps[n]) else start(commands[n], runs[n] + ".log")  # noqa: E731
+    procs = {n: launch(n) for n in (first or names)}
+    if first:
+        wait(procs[first[0]], runs[first[0]] + ".log")
+        procs.update({n: launch(n) for n in names if n not in first})
+    for n in names:
+        wait(procs[n], runs[n] + ".log")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m shapes_world.train_backbones", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=BACKBONES, help="where the shipped weights go")
     p.add_argument("--work", default="runs/backbones", help="corpus, data and checkpoints (not shipped)")
+    p.add_argument("--plain-from", default="", help="a folder with phase 1's lm-S, lm-L, captioner and "
+                   "manifest.json (e.g. shapes_world/backbones of commit 34ad379): phase 1 is not run")
     p.add_argument("--numbers-only", action="store_true", help="only recompute the held-out numbers")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -187,25 +220,42 @@ def main(argv=None) -> None:
     manifest = json.load(open(manifest_path)) if args.numbers_only else {"commands": {}, "seconds": {}}
     if not args.numbers_only:
         t0 = time.time()
-        tokenizer = os.path.join(args.work, "tokenizer.json")
-        world.world_tokenizer().save(tokenizer)
+        names = ("lm-S", "lm-L", "captioner")
+        plain = args.plain_from or os.path.join(args.work, "plain")
+        if args.plain_from:
+            missing = [n for n in (*names, "manifest.json") if not os.path.exists(os.path.join(plain, n))]
+            if missing:
+                raise FileNotFoundError(f"--plain-from {plain} lacks {', '.join(missing)}")
+            before = json.load(open(os.path.join(plain, "manifest.json")))
+            manifest["plain"] = {"from": plain, **{k: before[k] for k in ("corpus_sha256", "commands", "seconds",
+                                                                          "heldout")}}
+        else:   # phase 1: the plain world
+            tokenizer = os.path.join(plain, "tokenizer.json")
+            os.makedirs(plain, exist_ok=True)
+            world.world_tokenizer().save(tokenizer)
+            text = corpus_text(plain=True)
+            records.atomic_write_text(os.path.join(plain, "lm_corpus.jsonl"), text)
+            data = world.build_dataset(os.path.join(plain, "captions"), n_train=CAPTION_SCENES, n_eval=0, plain=True)
+            commands = {f"lm-{s}": lm_command(os.path.join(plain, f"lm-{s}"), s,
+                                              os.path.join(plain, "lm_corpus.jsonl"), tokenizer) for s in SIZES}
+            commands["captioner"] = captioner_command(os.path.join(plain, "captioner"), os.path.join(plain, "lm-S"),
+                                                      data)
+            phase(plain, names, commands, {**{f"lm-{s}": LM_STEPS[s] for s in SIZES}, "captioner": CAPTION_STEPS},
+                  first=("lm-S", "lm-L"))
+            manifest["plain"] = {"from": plain, "corpus_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                 "commands": {n: "python " + " ".join(c) for n, c in commands.items()},
+                                 "seconds": {n: train_seconds(os.path.join(plain, n)) for n in names}}
+        # phase 2: the world itself, each model from its phase-1 weights
         corpus = os.path.join(args.work, "lm_corpus.jsonl")
-        text = corpus_text()
+        text = corpus_text(plain=False)
         records.atomic_write_text(corpus, text)
         manifest["corpus_sha256"] = hashlib.sha256(text.encode()).hexdigest()
         data = world.build_dataset(os.path.join(args.work, "captions"), n_train=CAPTION_SCENES, n_eval=0)
-        runs = {name: os.path.join(args.work, name) for name in ("lm-S", "lm-L", "captioner")}
-        commands = {f"lm-{s}": lm_command(runs[f"lm-{s}"], s, corpus, tokenizer) for s in SIZES}
-        commands["captioner"] = captioner_command(runs["captioner"], runs["lm-S"], data)
-        steps = {**{f"lm-{s}": LM_STEPS[s] for s in SIZES}, "captioner": CAPTION_STEPS}
-        # the two LMs side by side; the captioner starts once lm-S (its LLM) is done. Finished runs are skipped.
-        procs = {n: None if trained(runs[n], steps[n]) else start(commands[n], runs[n] + ".log")
-                 for n in ("lm-S", "lm-L")}
-        wait(procs["lm-S"], runs["lm-S"] + ".log")
-        procs["captioner"] = (None if trained(runs["captioner"], steps["captioner"])
-                              else start(commands["captioner"], runs["captioner"] + ".log"))
-        for name in ("lm-L", "captioner"):
-            wait(procs[name], runs[name] + ".log")
+        runs = {n: os.path.join(args.work, n) for n in names}
+        commands = {n: lm_more_command(runs[n], os.path.join(plain, n), corpus) for n in ("lm-S", "lm-L")}
+        commands["captioner"] = captioner_command(runs["captioner"], "", data, init=os.path.join(plain, "captioner"),
+                                                  steps=MORE_STEPS["captioner"])
+        phase(args.work, names, commands, MORE_STEPS)
         for name, run in runs.items():
             ship(run, os.path.join(args.out, name))
             manifest["commands"][name] = "python " + " ".join(commands[name])

@@ -16,6 +16,24 @@ Why the world looks like this (each choice was measured; docs/shapes.md and docs
   transformers did not learn within CPU hours (22-28 % with 4 options, even given the answer in words).
 - Size and position inside a cell are jittered, and colours are drawn with a little noise, so a cell's pixels
   never repeat: the tower has to recognise shapes, not memorise images.
+- Every shape is filled or hollow (hollow: a hole of the same shape at half the radius, so the outline, and
+  with it kind and colour, looks as on a filled shape), and the captions never say which: the detail generic
+  captions leave out. The paper's argument (section 4.1) is that a generic captioner (ALLaVA) does not
+  describe the question-relevant, domain-specific details in-domain questions need, so visual extraction
+  tuning, whose targets are written for the questions, beats captioning as the perception module. The
+  captions here omit fill BY CONSTRUCTION (describe() has no such word and never depends on a question): the
+  demo shows the mechanism, it is not evidence for it. Fill was chosen because one 56-px tile shows it (a
+  linear probe on a frozen tower trained on filled shapes only: filled vs hollow 99 % per cell) while binding
+  it to the right cell is still work (QA on fill alone: 72 %), so it is a real perception detail, not a free
+  one. Questions ask about it ("fill", "fill count": the group OMITTED) as well as about what a caption
+  states (colour, kind, position, counts, relations: the group STATED).
+- Extraction targets are made as section 4.1 makes them: a detailed description of the image, as the strong
+  VLM (Qwen3-VL-8B there, the scene graph here) writes it, every cell with its fill ("Top left: hollow red
+  circle."), then the QA pair as a declarative statement, which the description ends on. An earlier version
+  wrote the fill only for fill questions: the tuned module then stated it right on ~5 % of those questions
+  (docs/LOG.md), too little signal to bind a fill to its cell.
+- The backbones learn the plain world first (make_scene(plain=True): every shape filled, no fill questions;
+  shapes_world/train_backbones.py), then this one.
 - Some categories are easier to guess than others (a row holds 0, 1 or 2 shapes). The run measures a blind
   baseline per category (blind_baseline: the most frequent training answer for the same question text)
   instead of assuming 1 / number of options.
@@ -47,6 +65,11 @@ IMAGE_SIZE = 2 * CELL          # 112 x 112: AnyRes picks the 2x2 grid of tiles (
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")   # cell i = row i // 2, column i % 2
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 200, 20)}
 KINDS = ("circle", "square", "triangle", "star")
+FILLS = ("filled", "hollow")   # the detail captions omit (module docstring)
+HOLE = 0.5                     # a hollow shape's hole: the same shape at half the radius, in the background colour
+# tokens the reasoner may write after its thinking: "\n\nAnswer: filled" is 9 tokens of the world's tokenizer
+# ("filled" is 5 pieces: the tokenizer is the plain world's, see tokenizer_corpus), then the end of the turn
+ANSWER_TOKENS = 12
 P_EMPTY = 0.25                 # chance that a cell is empty: scenes hold 0-4 shapes, mostly 3
 BACKGROUND = (255, 255, 255)
 LINES = {"top row": (0, 1), "bottom row": (2, 3), "left column": (0, 2), "right column": (1, 3)}
@@ -54,9 +77,10 @@ NEIGHBOURS = {"to the right of": {0: 1, 2: 3}, "to the left of": {1: 0, 3: 2}, "
               "above": {2: 0, 3: 1}}
 
 
-def make_scene(seed: int) -> dict:
-    """Seed -> {"seed", "width", "height", "cells": [None | {"colour", "kind", "r", "dx", "dy", "tint"}] * 4}.
-    Same seed, same scene on every machine (random.Random). r: radius; dx, dy: offset from the cell centre."""
+def make_scene(seed: int, plain: bool = False) -> dict:
+    """Seed -> {"seed", "width", "height", "plain", "cells": [None | {"colour", "kind", "r", "dx", "dy", "tint",
+    "fill"}] * 4}. Same seed, same scene on every machine (random.Random). r: radius; dx, dy: offset from the cell
+    centre. plain=True: the plain world, where every shape is filled (the backbones' first stage)."""
     rng = random.Random(seed)
     cells = []
     for _ in POSITIONS:
@@ -67,7 +91,10 @@ def make_scene(seed: int) -> dict:
         room = CELL // 2 - r - 3
         cells.append({"colour": rng.choice(sorted(COLOURS)), "kind": rng.choice(KINDS), "r": r,
                       "dx": rng.randint(-room, room), "dy": rng.randint(-room, room), "tint": rng.randint(-20, 20)})
-    return {"seed": seed, "width": IMAGE_SIZE, "height": IMAGE_SIZE, "cells": cells}
+    for cell in cells:  # drawn last, so that the plain world shows the same shapes in the same places
+        if cell is not None:
+            cell["fill"] = "filled" if plain else rng.choice(FILLS)
+    return {"seed": seed, "width": IMAGE_SIZE, "height": IMAGE_SIZE, "plain": plain, "cells": cells}
 
 
 def content_key(scene: dict) -> tuple:
@@ -100,7 +127,10 @@ def render_scene(scene: dict) -> Image.Image:
         cy = (i // 2) * CELL + CELL // 2 + cell["dy"]
         fill = tuple(max(0, min(255, v + cell["tint"])) for v in COLOURS[cell["colour"]])
         outline = _outline(cell["kind"], cx, cy, cell["r"])
-        (draw.ellipse if cell["kind"] == "circle" else draw.polygon)(outline, fill=fill)
+        paint = draw.ellipse if cell["kind"] == "circle" else draw.polygon
+        paint(outline, fill=fill)
+        if cell["fill"] == "hollow":  # the outer outline stays whole: kind and colour read as on a filled shape
+            paint(_outline(cell["kind"], cx, cy, HOLE * cell["r"]), fill=BACKGROUND)
     return image
 
 
@@ -119,15 +149,24 @@ def name(cell: dict) -> str:
     return f"{cell['colour']} {cell['kind']}"
 
 
-def cell_sentence(scene: dict, i: int) -> str:
-    """"Top left: red circle." or "Top right: empty." (the unit of every description)."""
+def cell_sentence(scene: dict, i: int, fill: bool = False) -> str:
+    """"Top left: red circle." or "Top right: empty." (the unit of every description); fill=True states the
+    shape's fill as well ("Top left: hollow red circle."), as detailed descriptions do."""
     cell = scene["cells"][i]
-    return f"{POSITIONS[i].capitalize()}: {name(cell) if cell else 'empty'}."
+    if cell is None:
+        return f"{POSITIONS[i].capitalize()}: empty."
+    return f"{POSITIONS[i].capitalize()}: {cell['fill'] + ' ' if fill else ''}{name(cell)}."
 
 
 def describe(scene: dict) -> str:
-    """The general description (a caption): every cell in reading order."""
+    """The generic description (a caption): every cell in reading order, colour and kind. It never states fill,
+    whatever the question: the detail this world's generic captions omit by construction."""
     return " ".join(cell_sentence(scene, i) for i in range(len(POSITIONS)))
+
+
+def describe_in_detail(scene: dict) -> str:
+    """The detailed description the strong VLM (here the scene graph) writes: every cell with its fill."""
+    return " ".join(cell_sentence(scene, i, fill=True) for i in range(len(POSITIONS)))
 
 
 def _plural(what: str, n: int) -> str:
@@ -158,10 +197,16 @@ def _unique(scene):
     return [i for i, c in enumerate(scene["cells"]) if c and counts[name(c)] == 1]
 
 
-def _q(l2, question, answer, options, hint, focus, trace):
+def _q(l2, question, answer, options, hint, focus, trace, reads=()):
+    """reads: the cells whose fill the answer needs (fill questions only)."""
     category = "perception" if l2 in PERCEPTION else "reasoning"
-    return {"l2_category": l2, "category": category, "question": question, "answer": answer,
-            "options": list(options), "hint": hint, "focus": focus, "trace": trace}
+    return {"l2_category": l2, "category": category, "group": group(l2), "question": question, "answer": answer,
+            "options": list(options), "hint": hint, "focus": focus, "trace": trace, "reads": list(reads)}
+
+
+def group(l2: str) -> str:
+    """"omitted": a detail captions omit (fill); "stated": a fact a caption states."""
+    return "omitted" if l2 in OMITTED else "stated"
 
 
 def _full_cell(scene, rng):
@@ -226,6 +271,34 @@ def ask_line_count(scene, rng):
               count_trace(scene, what, keep, LINES[line]))
 
 
+def _fill_selectors():
+    return [(f"{fill} shapes", lambda c, fill=fill: c["fill"] == fill) for fill in FILLS]
+
+
+def ask_fill(scene, rng):
+    """Is the shape in the <pos> filled or hollow? (a detail captions omit)"""
+    i = _full_cell(scene, rng)
+    if i is None:
+        return None
+    pos, fill = POSITIONS[i], scene["cells"][i]["fill"]
+    return _q("fill", f"Is the shape in the {pos} filled or hollow?", fill, FILLS, f"whether the shape in the {pos} "
+              "is filled or hollow", f"The shape in the {pos} is {fill}.", cell_sentence(scene, i, fill=True), [i])
+
+
+def ask_fill_count(scene, rng):
+    """How many <filled / hollow> shapes are there? (answers balanced; a detail captions omit)"""
+    variants = [(sum(bool(c and keep(c)) for c in scene["cells"]), (what, keep)) for what, keep in _fill_selectors()]
+    n, (what, keep) = _balanced(rng, variants)
+    low = rng.choice([w for w in (0, 1) if w <= n <= w + 3])
+    verb = "is" if n == 1 else "are"
+    trace = (" ".join(cell_sentence(scene, i, fill=True) for i in range(len(POSITIONS)))
+             + f" {what.capitalize()}: {', '.join(POSITIONS[i] for i, c in enumerate(scene['cells']) if c and keep(c)) or 'none'}."
+             f" That makes {n}.")
+    return _q("fill count", f"How many {what} are there?", str(n), [str(k) for k in range(low, low + 4)],
+              f"the number of {what}", f"There {verb} {n} {_plural(what, n)}.", trace,
+              [i for i, c in enumerate(scene["cells"]) if c])
+
+
 def ask_neighbour(scene, rng):
     """What colour / shape is the shape <to the right of, left of, above, below> the <unique shape>?"""
     pairs = []  # (relation, cell of the named shape, cell of its neighbour that holds a shape)
@@ -258,15 +331,21 @@ def ask_majority(scene, rng):
               f"Most shapes are {winner}.", f"Colours: {', '.join(colours)}. That makes {tally}.")
 
 
-PERCEPTION = ("colour", "shape", "position", "count")
-REASONING = ("line count", "neighbour", "majority colour")
-ASKERS = {"colour": ask_colour, "shape": ask_shape, "position": ask_position, "count": ask_count,
-          "line count": ask_line_count, "neighbour": ask_neighbour, "majority colour": ask_majority}
+PERCEPTION = ("colour", "shape", "position", "count", "fill")
+REASONING = ("line count", "neighbour", "majority colour", "fill count")
+OMITTED = ("fill", "fill count")   # the categories whose answer needs the detail captions omit
+GROUPS = ("stated", "omitted")
+PLAIN_ASKERS = {"colour": ask_colour, "shape": ask_shape, "position": ask_position, "count": ask_count,
+                "line count": ask_line_count, "neighbour": ask_neighbour, "majority colour": ask_majority}
+# the fill questions come last, so a scene's other questions are those of the plain world (the same rng draws)
+ASKERS = {**PLAIN_ASKERS, "fill": ask_fill, "fill count": ask_fill_count}
 
 
 def questions_for_scene(scene: dict, rng: random.Random) -> list[dict]:
-    """One question per l2 category that can be asked about this scene (e.g. no majority among 2 colours)."""
-    return [q for q in (ASKERS[l2](scene, rng) for l2 in ASKERS) if q is not None]
+    """One question per l2 category that can be asked about this scene (e.g. no majority among 2 colours);
+    no fill questions about a plain world's scene."""
+    askers = PLAIN_ASKERS if scene["plain"] else ASKERS
+    return [q for q in (askers[l2](scene, rng) for l2 in askers) if q is not None]
 
 
 LETTERS = "ABCDEFGH"
@@ -282,16 +361,28 @@ def multiple_choice(question: dict, rng: random.Random) -> dict:
 
 
 def extraction_target(scene: dict, question: dict) -> str:
-    """What visual extraction tuning teaches: the description plus the statement that the hinted question needs
-    (the paper turns each QA pair into such a statement and has the description include it)."""
-    return f"{describe(scene)} {question['focus']}"
+    """What visual extraction tuning teaches (section 4.1): the detailed description, then the statement that
+    the hinted question needs (the QA pair made declarative, which the description emphasises by ending on it).
+    In the plain world every shape is filled, so its detailed description is the caption."""
+    return f"{describe(scene) if scene['plain'] else describe_in_detail(scene)} {question['focus']}"
 
 
-def reasoner_target(question: dict, description: str) -> str:
+NO_FILL = "The description does not say which shapes are filled or hollow."
+
+
+def reasoner_target(question: dict, description: str, thinking: bool = True) -> str:
     """The reasoner's reply (Qwen3 thinking format). A description that states the focus is quoted; otherwise
-    the answer is worked out from the cell sentences, which every description has."""
+    the answer is worked out from the cell sentences, which every description has, unless the question needs
+    a fill the description does not state (a caption): then the trace says so and the answer is a guess.
+    thinking=False: the non-thinking reply, the answer alone (Qwen3's empty thinking block is in the prompt)."""
+    if not thinking:
+        return f"Answer: {question['answer']}"
     if question["focus"] in description:
         thought = f"The description says: {question['focus']}"
+    elif question["group"] == "omitted" and not all(
+            sentence in description for sentence in re.findall(r"(?:Top|Bottom) (?:left|right): [a-z ,]+\.",
+                                                                question["trace"])):
+        thought = NO_FILL
     else:
         thought = question["trace"]
     return f"<think>\n{thought}\n</think>\n\nAnswer: {question['answer']}"
@@ -304,7 +395,13 @@ def reasoner_target(question: dict, description: str) -> str:
 _POS = "(top left|top right|bottom left|bottom right)"
 _CELL_POS = "(Top left|Top right|Bottom left|Bottom right)"  # a cell sentence starts with the position
 _SHAPE = f"({'|'.join(COLOURS)}) ({'|'.join(KINDS)})"
-FACT_PATTERNS = [  # sentence -> a check on the scene graph
+_FILL = f"({'|'.join(FILLS)})"
+FILL_PATTERNS = [  # sentences that state a fill (the detail captions omit)
+    (rf"{_CELL_POS}: {_FILL} {_SHAPE}\.", lambda s, m: _cell_is(s, m[1], m[3], m[4], m[2])),
+    (rf"The shape in the {_POS} is {_FILL}\.", lambda s, m: (c := _cell(s, m[1])) is not None and c["fill"] == m[2]),
+    (rf"There (?:is|are) (\d) {_FILL} shapes?\.", lambda s, m: _count(s, m[2] + " shapes") == int(m[1])),
+]
+FACT_PATTERNS = FILL_PATTERNS + [  # sentence -> a check on the scene graph
     (rf"{_CELL_POS}: (?:empty|{_SHAPE})\.", lambda s, m: _cell_is(s, m[1], m[2], m[3])),
     (rf"The shape in the {_POS} is ({'|'.join(COLOURS)})\.",
      lambda s, m: (c := _cell(s, m[1])) is not None and c["colour"] == m[2]),
@@ -322,14 +419,18 @@ def _cell(scene, pos):
     return scene["cells"][POSITIONS.index(pos.lower())]
 
 
-def _cell_is(scene, pos, colour, kind):
+def _cell_is(scene, pos, colour, kind, fill=None):
     cell = _cell(scene, pos)
-    return (cell is None) if colour is None else (cell is not None and name(cell) == f"{colour} {kind}")
+    if colour is None:
+        return cell is None
+    return cell is not None and name(cell) == f"{colour} {kind}" and (fill is None or cell["fill"] == fill)
 
 
 def _count(scene, what, cells=range(len(POSITIONS))):
-    """How many shapes of `what` ("red shapes", "circle", ...) the given cells hold; None for an unknown what."""
-    keep = dict(_selectors()).get(what) or dict(_selectors()).get(what + "s")
+    """How many shapes of `what` ("red shapes", "circle", "hollow shapes", ...) the given cells hold; None for an
+    unknown what."""
+    selectors = dict(_selectors() + _fill_selectors())
+    keep = selectors.get(what) or selectors.get(what + "s")
     return None if keep is None else sum(bool(scene["cells"][i] and keep(scene["cells"][i])) for i in cells)
 
 
@@ -358,6 +459,31 @@ def check_facts(description: str, scene: dict) -> tuple[int, int]:
                 confirmed += bool(holds(scene, m))
                 break
     return confirmed, len(sentences)
+
+
+def _sentences(description: str) -> list[str]:
+    return [s.strip() + "." for s in description.strip().split(".") if s.strip()]
+
+
+def states_detail(description: str, scene: dict, focus: str, reads: list[int]) -> bool:
+    """Whether a description states the omitted detail a question needs, correctly: its statement (focus), or
+    the fill of every cell the question reads; and nothing it says about those fills, or its fill statement, is
+    false. (A wrong fill of another cell is a wrong fact, counted by check_facts, not a miss of this detail.)"""
+    told = set()
+    for sentence in _sentences(description):
+        m = re.fullmatch(FILL_PATTERNS[0][0], sentence)
+        if m:
+            i = POSITIONS.index(m[1].lower())
+            if i in reads:
+                if scene["cells"][i] is None or scene["cells"][i]["fill"] != m[2]:
+                    return False
+                told.add(i)
+            continue
+        for pattern, holds in FILL_PATTERNS[1:]:
+            m = re.fullmatch(pattern, sentence)
+            if m and not holds(scene, m):
+                return False
+    return focus in _sentences(description) or (bool(reads) and set(reads) <= told)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,11 +529,13 @@ def train_tokenizer(texts, vocab_size: int = 1024, phrases=()) -> Tokenizer:
 
 
 def tokenizer_corpus(n_scenes: int = 300, seed: int = 0) -> list[str]:
-    """Every kind of text the world's models read and write, n scenes: the language-model corpus, then per scene
-    its caption, each question as the end-to-end model reads and answers it, each extraction and caption turn."""
-    texts = [text for d in lm_documents(n_scenes, seed) for text, _ in d["segments"]]
+    """Every kind of text the plain world's models read and write, n scenes: the language-model corpus, then per
+    scene its caption, each question as the end-to-end model reads and answers it, each extraction and caption
+    turn. The plain world's only: the tokenizer is made with the backbones' first stage and kept after it, so
+    "filled" and "hollow" are split into pieces, as a real tokenizer splits words it saw rarely."""
+    texts = [text for d in lm_documents(n_scenes, seed, plain=True) for text, _ in d["segments"]]
     for s in training_seeds(n_scenes, seed):
-        scene, rng = make_scene(s), random.Random(s)
+        scene, rng = make_scene(s, plain=True), random.Random(s)
         texts += ["<image>", describe(scene)]
         questions = [(q, multiple_choice(q, rng)) for q in questions_for_scene(scene, rng)]
         for q, mc in questions:
@@ -493,8 +621,9 @@ def eval_rows(scene: dict, image: str, first_index: int) -> list[dict]:
         mc = multiple_choice(q, rng)
         rows.append({"index": str(first_index + len(rows)), "question": mc["question"], "answer": mc["answer"],
                      "options": mc["options"], "answer_text": q["answer"], "category": q["category"],
-                     "l2_category": q["l2_category"], "image": image, "scene_seed": scene["seed"],
-                     "hint": q["hint"], "true_description": extraction_target(scene, q)})
+                     "l2_category": q["l2_category"], "group": q["group"], "image": image,
+                     "scene_seed": scene["seed"], "hint": q["hint"], "focus": q["focus"], "reads": q["reads"],
+                     "true_description": extraction_target(scene, q)})
     return rows
 
 
@@ -512,8 +641,9 @@ def _write_jsonl(path: str, rows) -> None:
 DATA_FILES = ("pretrain", "qa", "extract", "caption")
 
 
-def build_dataset(out_dir: str, n_train: int = 600, n_eval: int = 48, seed: int = 0) -> dict:
-    """Write the whole Shapes data set under out_dir and return its paths (image paths relative to out_dir).
+def build_dataset(out_dir: str, n_train: int = 600, n_eval: int = 48, seed: int = 0, plain: bool = False) -> dict:
+    """Write the whole Shapes data set under out_dir and return its paths (image paths relative to out_dir);
+    plain=True: the plain world's (every shape filled, no fill questions).
 
     images/            train_<seed>.png, eval_<seed>.png (112 x 112)
     scenes.jsonl       {"split", "image", "scene"}: the scene graph of every image
@@ -528,13 +658,13 @@ def build_dataset(out_dir: str, n_train: int = 600, n_eval: int = 48, seed: int 
     files = {k: [] for k in DATA_FILES}
     scenes, rows = [], []
     for s in training_seeds(n_train, seed):
-        scene = make_scene(s)
+        scene = make_scene(s, plain)
         image = _save_image(scene, out_dir, f"train_{s}.png")
         scenes.append({"split": "train", "image": image, "scene": scene})
         for k, recs in training_records(scene, image).items():
             files[k] += recs
     for s in held_out_seeds(n_eval, seed):
-        scene = make_scene(s)
+        scene = make_scene(s, plain)
         image = _save_image(scene, out_dir, f"eval_{s}.png")
         scenes.append({"split": "eval", "image": image, "scene": scene})
         rows += eval_rows(scene, image, len(rows))
@@ -578,28 +708,39 @@ def blind_baseline(rows: list[dict], n_train: int, seed: int = 0) -> list[float]
     return scores
 
 
-def lm_documents(n_scenes: int, seed: int = 0) -> list[dict]:
+NON_THINKING = 0.25  # share of reasoner documents in Qwen3's non-thinking form (thinking on vs off, Figure 6)
+# share of questions with a perception document: 1 in 4 in the plain world; every one in the world itself, where the
+# statement after the cells is the module's weak part (the LMs wrote it right from true cells 24-91 % of the time
+# per category at 1 in 4; docs/LOG.md)
+PERCEIVE = {True: 0.25, False: 1.0}
+
+
+def lm_documents(n_scenes: int, seed: int = 0, plain: bool = False) -> list[dict]:
     """The toy language models' pretraining corpus: records {"id", "segments": [[text, trained], ...]} for
     train.py --template document, each the exact text a model reads at inference with only its reply trained:
-      reason    the reasoner's chat on the exact stage-2 prompt (qwen3_chat, thinking) -> trace + answer; the
-                description has the focus statement half the time (the reasoner must handle both kinds)
+      reason    the reasoner's chat on the exact stage-2 prompt (qwen3_chat) -> trace + answer; the description
+                is the extraction target half the time, the caption otherwise (the reasoner must handle both).
+                NON_THINKING of them are in non-thinking form (qwen3_chat(thinking=False) + POST_PROMPT_DIRECT
+                -> the answer alone), so that thinking on and off can be compared on the same models
       perceive  the perception chat written without the image (llava_chat) -> description + focus: the language
                 of descriptions, and a focus statement that agrees with the cells written before it
-      caption   a bare description (what the connector pretraining's plain template continues)"""
+      caption   a bare description (what the connector pretraining's plain template continues)
+    plain=True: the plain world's corpus (no fill, thinking only), the backbones' first stage."""
     docs = []
     for s in training_seeds(n_scenes, seed):
-        scene, rng = make_scene(s), random.Random(s)
+        scene, rng = make_scene(s, plain), random.Random(s)
         caption = describe(scene)
         docs.append({"id": f"caption-{s}", "segments": [[caption + "\n", True]]})
         for q in questions_for_scene(scene, rng):
             mc = multiple_choice(q, rng)
             slug = f"{s}-{q['l2_category'].replace(' ', '_')}"
             description = extraction_target(scene, q) if rng.random() < 0.5 else caption
-            user = prompts.stage2_prompt(mc["question"], description, thinking=True)
-            docs.append({"id": f"reason-{slug}", "segments": [
-                [prompts.qwen3_chat([{"role": "user", "content": user}], thinking=True), False],
-                [reasoner_target(q, description) + prompts.IM_END + "\n", True]]})
-            if rng.random() < 0.25:
+            thinking = plain or rng.random() >= NON_THINKING
+            user = prompts.stage2_prompt(mc["question"], description, thinking=thinking)
+            docs.append({"id": f"reason-{slug}" if thinking else f"direct-{slug}", "segments": [
+                [prompts.qwen3_chat([{"role": "user", "content": user}], thinking=thinking), False],
+                [reasoner_target(q, description, thinking) + prompts.IM_END + "\n", True]]})
+            if rng.random() < PERCEIVE[plain]:
                 docs.append({"id": f"perceive-{slug}", "segments": [
                     [prompts.llava_chat(prompts.perception_prompt(q["hint"])), False],
                     [extraction_target(scene, q) + prompts.IM_END + "\n", True]]})

@@ -2,6 +2,7 @@
 held-out scenes that never appear in training, the fact checker and the blind baseline against hand counts,
 and the tokenizer's round trip. Fast (~10 s on 2 CPU cores)."""
 import json
+import math
 import os
 import random
 import re
@@ -10,7 +11,7 @@ from collections import Counter
 import pytest
 
 from evaluation import mmstar
-from shapes_world import world
+from shapes_world import report, world
 
 SEEDS = world.training_seeds(400)
 CELLS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
@@ -61,7 +62,12 @@ def test_rendered_pixels_show_the_graph():
                     (255, 255, 255)}
                 continue
             tinted = tuple(max(0, min(255, v + cell["tint"])) for v in world.COLOURS[cell["colour"]])
-            assert image.getpixel((x0 + 28 + cell["dx"], y0 + 28 + cell["dy"])) == tinted, (seed, i)
+            centre = image.getpixel((x0 + 28 + cell["dx"], y0 + 28 + cell["dy"]))
+            # filled: the centre has the colour; hollow: the centre is white (the hole), the rest has the colour
+            assert centre == (tinted if cell["fill"] == "filled" else (255, 255, 255)), (seed, i)
+            pixels = [image.getpixel((x, y)) for x in range(x0, x0 + 56) for y in range(y0, y0 + 56)]
+            share = pixels.count(tinted) / sum(p != (255, 255, 255) for p in pixels)
+            assert share > 0.6, (seed, i)
             border = [(x0, y) for y in range(y0, y0 + 56)] + [(x, y0) for x in range(x0, x0 + 56)]
             assert all(image.getpixel(p) == (255, 255, 255) for p in border)
 
@@ -86,7 +92,8 @@ def step(position, relation):
 
 
 def counted(scene, what):
-    keep = {"shapes": lambda c: True}.get(what)
+    keep = {"shapes": lambda c: True, "filled shapes": lambda c: c["fill"] == "filled",
+            "hollow shapes": lambda c: c["fill"] == "hollow"}.get(what)
     if keep is None and what.endswith(" shapes"):
         keep = lambda c: c["colour"] == what.split()[0]   # noqa: E731
     if keep is None:
@@ -103,6 +110,8 @@ def check_answer(scene, question):
         return [at(scene, m[1])["colour"]] if at(scene, m[1]) else []
     if m := re.fullmatch(r"What shape is in the (\w+ \w+)\?", question):
         return [at(scene, m[1])["kind"]] if at(scene, m[1]) else []
+    if m := re.fullmatch(r"Is the shape in the (\w+ \w+) filled or hollow\?", question):
+        return [at(scene, m[1])["fill"]] if at(scene, m[1]) else []
     if m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
         return find(scene, m[1])
     if m := re.fullmatch(r"How many ([\w ]+) are there\?", question):
@@ -132,13 +141,14 @@ def test_answers_agree_with_independent_checker():
 
 def test_options_are_possible_distinct_and_exactly_one_is_right():
     possible = {"colour": set(world.COLOURS), "shape": set(world.KINDS), "position": set(world.POSITIONS),
-                "count": {"0", "1", "2", "3", "4"}, "line count": {"0", "1", "2"},
+                "count": {"0", "1", "2", "3", "4"}, "line count": {"0", "1", "2"}, "fill": {"filled", "hollow"},
+                "fill count": {"0", "1", "2", "3", "4"},
                 "majority colour": set(world.COLOURS)}
     for scene, q, mc in all_questions():
         question, inline = mc["question"].split("\nOptions: ")
         parsed = re.findall(r"([A-H]): (.*?)(?=, [A-H]: |$)", inline)
         assert question == q["question"] and [t for _, t in parsed] == mc["options"]
-        assert len(set(mc["options"])) == len(mc["options"]) >= 3
+        assert len(set(mc["options"])) == len(mc["options"]) >= (2 if q["l2_category"] == "fill" else 3)
         assert sorted(mc["options"]) == sorted(q["options"]) and mc["options"][world.LETTERS.index(mc["answer"])] == q[
             "answer"]
         allowed = possible.get(q["l2_category"], set(world.COLOURS) | set(world.KINDS))
@@ -149,9 +159,11 @@ def test_options_are_possible_distinct_and_exactly_one_is_right():
 
 def test_answer_letters_and_count_answers_are_balanced():
     letters = Counter(mc["answer"] for _, q, mc in all_questions() if len(q["options"]) == 4)
+    fills = Counter(q["answer"] for _, q, _ in all_questions() if q["l2_category"] == "fill")
+    assert 0.4 < fills["hollow"] / sum(fills.values()) < 0.6, fills
     total = sum(letters.values())
     assert all(0.2 < letters[x] / total < 0.3 for x in "ABCD"), letters
-    for l2 in ("count", "line count"):
+    for l2 in ("count", "line count", "fill count"):
         answers = Counter(q["answer"] for _, q, _ in all_questions() if q["l2_category"] == l2)
         share = answers.most_common(1)[0][1] / sum(answers.values())
         assert share < (0.3 if l2 == "count" else 0.4), (l2, answers)
@@ -171,13 +183,80 @@ def test_held_out_scenes_never_appear_in_training_and_look_alike():
 
 
 def test_descriptions_state_the_cells_and_the_focus():
+    """An extraction target is the detailed description (every cell with its fill) + the statement (paper
+    section 4.1); the caption has the same cells without fill."""
     for scene, q, _ in all_questions(SEEDS[:100]):
         target = world.extraction_target(scene, q)
-        assert target == world.describe(scene) + " " + q["focus"]
+        omitted = q["l2_category"] in ("fill", "fill count")
+        assert target == world.describe_in_detail(scene) + " " + q["focus"] and q["group"] == (
+            "omitted" if omitted else "stated")
         for position in CELLS:
             cell = at(scene, position)
-            assert f"{position.capitalize()}: {cell['colour'] + ' ' + cell['kind'] if cell else 'empty'}." in target
+            shape = f"{cell['fill']} {cell['colour']} {cell['kind']}" if cell else "empty"
+            assert f"{position.capitalize()}: {shape}." in target
+            assert f"{position.capitalize()}: {shape.split(' ', 1)[-1] if cell else shape}." in world.describe(scene)
         assert world.check_facts(target, scene) == (5, 5)          # every fact of a true description holds
+        if omitted:
+            assert world.states_detail(target, scene, q["focus"], q["reads"])
+
+
+def test_no_caption_states_the_omitted_detail():
+    """Captions are generic: no caption (the data files' caption and pretrain records, the toy LMs' caption
+    documents) ever says filled or hollow, whatever the scene; the detail is in the images only."""
+    for seed in world.training_seeds(2000):
+        scene = world.make_scene(seed)
+        caption = world.describe(scene)
+        assert not {"filled", "hollow", "fill"} & set(re.findall(r"[a-z]+", caption))
+        assert not world.states_detail(caption, scene, "The shape in the top left is filled.", [0])
+    recs = world.training_records(world.make_scene(SEEDS[0]), "x.png")
+    for rec in recs["caption"] + recs["pretrain"]:
+        assert not re.search("filled|hollow", rec["conversations"][1]["value"])
+    for doc in world.lm_documents(30):
+        if doc["id"].startswith("caption-"):
+            assert not re.search("filled|hollow", doc["segments"][0][0])
+    fills = Counter(c["fill"] for s in SEEDS for c in world.make_scene(s)["cells"] if c)
+    assert 0.45 < fills["hollow"] / sum(fills.values()) < 0.55   # yet half the shapes are hollow
+
+
+def test_the_plain_world_is_the_world_without_fill():
+    """Phase 1 of the backbones (shapes_world/train_backbones.py) learns the plain world: the same scenes with
+    every shape filled, the same questions but the fill ones, and captions as extraction descriptions."""
+    for seed in SEEDS[:200]:
+        scene, plain = world.make_scene(seed), world.make_scene(seed, plain=True)
+        assert plain["cells"] == [c and {**c, "fill": "filled"} for c in scene["cells"]]
+        assert world.content_key(plain) == world.content_key(scene)
+        questions = world.questions_for_scene(scene, random.Random(seed))
+        plain_questions = world.questions_for_scene(plain, random.Random(seed))
+        assert questions[:len(plain_questions)] == plain_questions   # drawn first, with the same rng
+        assert {q["l2_category"] for q in questions[len(plain_questions):]} <= set(world.OMITTED)
+        assert all(world.extraction_target(plain, q) == world.describe(plain) + " " + q["focus"]
+                   for q in plain_questions)
+        image = world.render_scene(plain)
+        for i, cell in enumerate(plain["cells"]):
+            if cell:
+                centre = ((i % 2) * 56 + 28 + cell["dx"], (i // 2) * 56 + 28 + cell["dy"])
+                assert image.getpixel(centre) != (255, 255, 255)
+    assert not any(d["id"].startswith("direct-") or "fill" in d["id"] for d in world.lm_documents(30, plain=True))
+
+
+def test_states_detail_against_hand_cases():
+    scene = {"cells": [{"colour": "red", "kind": "circle", "fill": "hollow"}, None,
+                       {"colour": "blue", "kind": "star", "fill": "filled"}, None]}
+    focus = "The shape in the top left is hollow."
+    assert world.states_detail("Top left: hollow red circle. Top right: empty.", scene, focus, [0])
+    assert world.states_detail("Top left: red circle. " + focus, scene, focus, [0])
+    assert world.states_detail("Top left: hollow blue star.", scene, focus, [0])       # the fill is right, the kind not
+    assert not world.states_detail("Top left: red circle. Top right: empty.", scene, focus, [0])      # a caption
+    assert not world.states_detail("Top left: filled red circle.", scene, focus, [0])                 # wrong
+    assert not world.states_detail("Top left: filled red circle. " + focus, scene, focus, [0])        # contradicts
+    assert not world.states_detail("Top left: red circle. The shape in the top left is filled.", scene, focus, [0])
+    # another cell's wrong fill is a wrong fact (check_facts), not a miss of the detail this question needs
+    assert world.states_detail(focus + " Bottom left: hollow blue star.", scene, focus, [0])
+    assert world.check_facts(focus + " Bottom left: hollow blue star.", scene) == (1, 2)
+    count = "There is 1 hollow shape."
+    assert world.states_detail("Top left: hollow red circle. Bottom left: filled blue star.", scene, count, [0, 2])
+    assert not world.states_detail("Top left: hollow red circle.", scene, count, [0, 2])
+    assert not world.states_detail("There are 2 hollow shapes.", scene, count, [0, 2])
 
 
 def test_fact_checker_against_hand_counts():
@@ -197,9 +276,15 @@ def test_reasoner_quotes_a_stated_focus_and_otherwise_works_from_the_cells():
         quoted = world.reasoner_target(q, world.extraction_target(scene, q))
         derived = world.reasoner_target(q, world.describe(scene))
         assert quoted == f"<think>\nThe description says: {q['focus']}\n</think>\n\nAnswer: {q['answer']}"
-        assert derived.startswith("<think>\n" + q["trace"]) and derived.endswith(f"\n\nAnswer: {q['answer']}")
-        cells = re.findall(r"(?:Top|Bottom) (?:left|right): [a-z ]+\.", q["trace"])
-        assert all(sentence in world.describe(scene) for sentence in cells)   # the trace copies cell sentences
+        assert derived.endswith(f"\n\nAnswer: {q['answer']}")
+        assert world.reasoner_target(q, world.describe(scene), thinking=False) == f"Answer: {q['answer']}"
+        if q["group"] == "omitted":   # a caption lacks the fill: the trace says so; the fill cells are read
+            assert derived == f"<think>\n{world.NO_FILL}\n</think>\n\nAnswer: {q['answer']}"
+            derived = world.reasoner_target(q, world.describe_in_detail(scene))
+        assert derived.startswith("<think>\n" + q["trace"])
+        cells = re.findall(r"(?:Top|Bottom) (?:left|right): [a-z ,]+\.", q["trace"])
+        described = world.describe_in_detail(scene) if q["group"] == "omitted" else world.describe(scene)
+        assert all(sentence in described for sentence in cells)   # the trace copies cell sentences
 
 
 def test_blind_baseline_against_a_hand_count():
@@ -318,11 +403,59 @@ def test_lm_corpus_trains_only_the_replies_to_the_exact_prompts():
     import prompts
     docs = world.lm_documents(5)
     kinds = Counter(d["id"].split("-")[0] for d in docs)
-    assert set(kinds) == {"caption", "reason", "perceive"} and kinds["reason"] > kinds["perceive"] > 0
+    # one reasoner document per question (a quarter without thinking) and, in the world, one perception document
+    assert set(kinds) == {"caption", "reason", "direct", "perceive"} and kinds["reason"] > kinds["direct"] > 0
+    assert kinds["perceive"] == kinds["reason"] + kinds["direct"]
+    plain = Counter(d["id"].split("-")[0] for d in world.lm_documents(5, plain=True))
+    assert set(plain) == {"caption", "reason", "perceive"} and plain["reason"] > plain["perceive"] > 0
     for d in docs:
+        if d["id"].startswith("direct-"):   # non-thinking: Qwen3's empty thinking block, the answer alone
+            (prompt, _), (reply, _) = d["segments"]
+            assert prompt.endswith(prompts.POST_PROMPT_DIRECT + "<|im_end|>\n<|im_start|>assistant\n"
+                                   + prompts.EMPTY_THINK)
+            assert reply.startswith("Answer: ") and reply.endswith("<|im_end|>\n")
         if d["id"].startswith("reason-"):
             (prompt, p_trained), (reply, r_trained) = d["segments"]
             assert prompt.startswith(prompts.IM_START + "user\n" + prompts.REASONER_ROLE + "Description: ")
             assert prompt.endswith(prompts.POST_PROMPT_THINKING + "<|im_end|>\n<|im_start|>assistant\n")
             assert (p_trained, r_trained) == (False, True) and reply.startswith("<think>\n")
             assert reply.endswith("<|im_end|>\n")
+
+
+# ------------------------------------------------------------------ the analyses' arithmetic
+
+
+def test_analyses_pick_the_right_runs_and_compute_the_verdicts_by_hand():
+
+    def scored(p, n=400):
+        se = math.sqrt(p * (1 - p) / n)
+        part = {"accuracy": p, "se": se, "n": n}
+        return {**part, "categories": {}, "groups": {"stated": part, "omitted": part}}
+    accuracy = {"e2e": (0.50, 0.52), "extract+think": (0.70, 0.80), "caption+think": (0.60, 0.62),
+                "true-descriptions": (1.0, 1.0), "extract+think-nothink": (0.70, 0.80),
+                "caption+think-nothink": (0.50, 0.50), "extract+think-cross": (0.78, 0.72),
+                "caption+think-cross": (0.66, 0.61)}
+    sizes = {}
+    for k, size in enumerate(("S", "L")):
+        sizes[size] = {m: scored(a[k]) for m, a in accuracy.items()}
+        sizes[size]["blind"] = scored(0.3)
+        sizes[size]["detail_stated"] = {"extract": {"share": 0.7, "n": 100}, "caption": {"share": 0.0, "n": 100}}
+    found = report.analyses({"sizes": sizes})
+    assert set(found) == {"downscaling", "decoupled_grid", "perception_module", "thinking", "final"}
+    grid = {r["label"]: r["accuracy"] for r in found["decoupled_grid"]["rows"]}
+    # the S reasoner's cross run reads the L module's descriptions, and the other way round
+    assert grid == {"captioner S + reasoner S": 0.60, "captioner S + reasoner L": 0.61,
+                    "captioner L + reasoner S": 0.66, "captioner L + reasoner L": 0.62,
+                    "extraction-tuned module S + reasoner S": 0.70, "extraction-tuned module S + reasoner L": 0.72,
+                    "extraction-tuned module L + reasoner S": 0.78, "extraction-tuned module L + reasoner L": 0.80}
+    # captioner: perception S -> L = (0.66 + 0.62) / 2 - (0.60 + 0.61) / 2 = +3.5 points; reasoner = -1.5
+    assert "perception S -> L +3.5" in found["decoupled_grid"]["verdict"]
+    assert "reasoner S -> L -1.5" in found["decoupled_grid"]["verdict"]
+    # final: (0.70 + 0.80) / 2 - (0.50 + 0.52) / 2 = +24.0 points, far above 2 SE (about 4.3): agrees
+    se = lambda p: math.sqrt(p * (1 - p) / 400)   # noqa: E731
+    two_se = 200 * math.sqrt((se(0.7) ** 2 + se(0.8) ** 2) / 4 + (se(0.5) ** 2 + se(0.52) ** 2) / 4)
+    assert found["final"]["verdict"] == (f"Extract+Think - end-to-end VLM: +24.0 ± {two_se:.1f} points; paper: "
+                                         "Extract+Think beats the end-to-end VLM -> agrees with the paper.")
+    assert "+0.0 ±" in found["thinking"]["lines"][2] and "within noise" in found["thinking"]["lines"][2]
+    assert found["downscaling"]["verdict"].startswith("e2e VLM L - S: +2.0 ±")
+    assert "within noise" in found["downscaling"]["verdict"]

@@ -230,8 +230,9 @@ def analyses(summary: dict) -> dict:
     out = {}
 
     rows = [("blind", by[small]["blind"])] + [(f"e2e VLM, LLM {s}", by[s]["e2e"]) for s in sizes]
-    lines = [f"{GROUP_LABELS[g]}: {large} - {small} {_diff(by[large]['e2e']['groups'][g], by[small]['e2e']['groups'][g])[0]:+.1f}"
-             " points" for g in world.GROUPS] if len(sizes) > 1 else []
+    group_gap = lambda a, b, g: _diff(a["groups"][g], b["groups"][g])[0]   # noqa: E731
+    lines = [f"{GROUP_LABELS[g]}: {large} - {small} {group_gap(by[large]['e2e'], by[small]['e2e'], g):+.1f} points"
+             for g in world.GROUPS] if len(sizes) > 1 else []
     out["downscaling"] = _analysis(rows, _says(f"e2e VLM {large} - {small}", by[large]["e2e"], by[small]["e2e"],
                                                "a smaller LLM lowers the end-to-end VLM's accuracy"), lines)
 
@@ -258,8 +259,8 @@ def analyses(summary: dict) -> dict:
     for s in sizes:
         rows += [(f"Caption+Think {s}", by[s]["caption+think"]), (f"Extract+Think {s}", by[s]["extract+think"])]
         lines.append(_says(f"LLM {s}", by[s]["extract+think"], by[s]["caption+think"], "+5.2 / +4.1 in-domain"))
-        lines += [f"LLM {s}, {GROUP_LABELS[g]}: {_diff(by[s]['extract+think']['groups'][g], by[s]['caption+think']['groups'][g])[0]:+.1f} points"
-                  for g in world.GROUPS]
+        lines += [f"LLM {s}, {GROUP_LABELS[g]}: "
+                  f"{group_gap(by[s]['extract+think'], by[s]['caption+think'], g):+.1f} points" for g in world.GROUPS]
         lines.append(f"LLM {s}: the description states the omitted detail correctly on "
                      f"{100 * by[s]['detail_stated']['extract']['share']:.1f} % of those questions (extraction-tuned) "
                      f"vs {100 * by[s]['detail_stated']['caption']['share']:.1f} % (captioner), n = "

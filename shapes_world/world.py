@@ -182,6 +182,10 @@ def _selectors():
     return out
 
 
+def _fill_selectors():
+    return [(f"{fill} shapes", lambda c, fill=fill: c["fill"] == fill) for fill in FILLS]
+
+
 def _balanced(rng, variants):
     """[(answer, details)] -> one, drawn so that every distinct answer is equally likely (else count questions
     would mostly have the most common count as their answer, which a blind model learns)."""
@@ -244,21 +248,27 @@ def ask_position(scene, rng):
               f"the location of the {shape}", f"The {shape} is in the {POSITIONS[i]}.", scan)
 
 
-def count_trace(scene, what, keep, cells=range(len(POSITIONS))) -> str:
+def count_trace(scene, what, keep, cells=range(len(POSITIONS)), fill=False) -> str:
     """"Top left: red circle. ... Red shapes: top left. That makes 1.": the cells read one by one (each step of a
-    trace should copy from close by: tiny models learn that fast), then the ones that match, then their number."""
+    trace should copy from close by: tiny models learn that fast), then the ones that match, then their number.
+    fill=True: the cells as a detailed description states them (fill counts)."""
     where = [POSITIONS[i] for i in cells if scene["cells"][i] and keep(scene["cells"][i])]
-    return (" ".join(cell_sentence(scene, i) for i in cells)
+    return (" ".join(cell_sentence(scene, i, fill) for i in cells)
             + f" {what.capitalize()}: {', '.join(where) or 'none'}. That makes {len(where)}.")
 
 
-def ask_count(scene, rng):
-    variants = [(sum(bool(c and keep(c)) for c in scene["cells"]), (what, keep)) for what, keep in _selectors()]
+def ask_count(scene, rng, l2="count", selectors=_selectors):
+    """How many <shapes / red shapes / circles> are there? (answers balanced). l2="fill count" with the fill
+    selectors asks for the detail captions omit: the trace reads the cells with their fill, and the answer needs
+    the fill of every shape (reads)."""
+    variants = [(sum(bool(c and keep(c)) for c in scene["cells"]), (what, keep)) for what, keep in selectors()]
     n, (what, keep) = _balanced(rng, variants)
     low = rng.choice([w for w in (0, 1) if w <= n <= w + 3])   # a window of 4 numbers around the answer
     verb = "is" if n == 1 else "are"
-    return _q("count", f"How many {what} are there?", str(n), [str(k) for k in range(low, low + 4)],
-              f"the number of {what}", f"There {verb} {n} {_plural(what, n)}.", count_trace(scene, what, keep))
+    fill = l2 == "fill count"
+    return _q(l2, f"How many {what} are there?", str(n), [str(k) for k in range(low, low + 4)],
+              f"the number of {what}", f"There {verb} {n} {_plural(what, n)}.",
+              count_trace(scene, what, keep, fill=fill), [i for i, c in enumerate(scene["cells"]) if c] if fill else ())
 
 
 def ask_line_count(scene, rng):
@@ -269,10 +279,6 @@ def ask_line_count(scene, rng):
     return _q("line count", f"How many {what} are in the {line}?", str(n), ["0", "1", "2"],
               f"the number of {what} in the {line}", f"The {line} holds {n} {_plural(what, n)}.",
               count_trace(scene, what, keep, LINES[line]))
-
-
-def _fill_selectors():
-    return [(f"{fill} shapes", lambda c, fill=fill: c["fill"] == fill) for fill in FILLS]
 
 
 def ask_fill(scene, rng):
@@ -287,16 +293,7 @@ def ask_fill(scene, rng):
 
 def ask_fill_count(scene, rng):
     """How many <filled / hollow> shapes are there? (answers balanced; a detail captions omit)"""
-    variants = [(sum(bool(c and keep(c)) for c in scene["cells"]), (what, keep)) for what, keep in _fill_selectors()]
-    n, (what, keep) = _balanced(rng, variants)
-    low = rng.choice([w for w in (0, 1) if w <= n <= w + 3])
-    verb = "is" if n == 1 else "are"
-    trace = (" ".join(cell_sentence(scene, i, fill=True) for i in range(len(POSITIONS)))
-             + f" {what.capitalize()}: {', '.join(POSITIONS[i] for i, c in enumerate(scene['cells']) if c and keep(c)) or 'none'}."
-             f" That makes {n}.")
-    return _q("fill count", f"How many {what} are there?", str(n), [str(k) for k in range(low, low + 4)],
-              f"the number of {what}", f"There {verb} {n} {_plural(what, n)}.", trace,
-              [i for i, c in enumerate(scene["cells"]) if c])
+    return ask_count(scene, rng, "fill count", _fill_selectors)
 
 
 def ask_neighbour(scene, rng):
@@ -380,7 +377,7 @@ def reasoner_target(question: dict, description: str, thinking: bool = True) -> 
     if question["focus"] in description:
         thought = f"The description says: {question['focus']}"
     elif question["group"] == "omitted" and not all(
-            sentence in description for sentence in re.findall(r"(?:Top|Bottom) (?:left|right): [a-z ,]+\.",
+            sentence in description for sentence in re.findall(r"(?:Top|Bottom) (?:left|right): [a-z ]+\.",
                                                                 question["trace"])):
         thought = NO_FILL
     else:
@@ -447,10 +444,14 @@ def _majority(scene):
     return counts[0][0] if counts and (len(counts) == 1 or counts[0][1] > counts[1][1]) else None
 
 
+def _sentences(description: str) -> list[str]:
+    return [s.strip() + "." for s in description.strip().split(".") if s.strip()]
+
+
 def check_facts(description: str, scene: dict) -> tuple[int, int]:
     """-> (facts the scene graph confirms, facts stated). Each sentence is one stated fact; a sentence that
     matches no known form, or states something false, is not confirmed."""
-    sentences = [s.strip() + "." for s in description.strip().split(".") if s.strip()]
+    sentences = _sentences(description)
     confirmed = 0
     for sentence in sentences:
         for pattern, holds in FACT_PATTERNS:
@@ -459,10 +460,6 @@ def check_facts(description: str, scene: dict) -> tuple[int, int]:
                 confirmed += bool(holds(scene, m))
                 break
     return confirmed, len(sentences)
-
-
-def _sentences(description: str) -> list[str]:
-    return [s.strip() + "." for s in description.strip().split(".") if s.strip()]
 
 
 def states_detail(description: str, scene: dict, focus: str, reads: list[int]) -> bool:

@@ -238,7 +238,7 @@ def analyses(summary: dict) -> dict:
 
     if len(sizes) > 1 and all(f"{m}-cross" in by[s] for s in sizes for m in ("extract+think", "caption+think")):
         rows, lines, verdict = [], [], ""
-        for method, module in (("caption+think", "captioner"), ("extract+think", "extraction-tuned module")):
+        for method, module in (("caption+think", "captioner"), ("extract+think", "extraction-tuned")):
             grid = {(small, small): by[small][method], (large, large): by[large][method],
                     (large, small): by[small][f"{method}-cross"], (small, large): by[large][f"{method}-cross"]}
             rows += [(f"{module} {p} + reasoner {r}", grid[p, r]) for p in (small, large) for r in (small, large)]
@@ -315,7 +315,7 @@ def analysis_figures(found: dict, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for name, a in found.items():
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(a["rows"]), 3.4))
+        fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(a["rows"]), 3.6))
         series = [("all", lambda r: r)] + [(GROUP_LABELS[g], lambda r, g=g: r["groups"].get(g)) for g in world.GROUPS]
         width = 0.8 / len(series)
         for k, (label, pick) in enumerate(series):

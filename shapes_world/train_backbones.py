@@ -53,7 +53,7 @@ SIZES = {
     "L": "hidden_size=128,intermediate_size=384,num_hidden_layers=4,num_attention_heads=4,num_key_value_heads=2,"
          "head_dim=32,tie_word_embeddings=false",
 }
-LM_SCENES = 10000      # corpus: ~90 k documents from 10000 training scenes (~114 k in phase 2)
+LM_SCENES = 10000      # corpus: ~90 k documents from 10000 training scenes (176 k in phase 2)
 LM_STEPS = {"S": 3000, "L": 2500}
 LM_BATCH = 32
 LM_LR = 3e-3
@@ -77,7 +77,7 @@ def lm_command(out: str, size: str, corpus: str, tokenizer: str) -> list[str]:
             "--save-every", "250", "--resume", "--no-progress"]
 
 
-def captioner_command(out: str, lm: str, data: dict, init: str = "", steps: int = CAPTION_STEPS) -> list[str]:
+def captioner_command(out: str, lm: str, data: dict, steps: int, init: str = "") -> list[str]:
     start = ["--init", init] if init else ["--llm-path", lm, "--vision", "shapes"]
     return ["train.py", "--stage", "pretrain", *start, "--data", data["pretrain"],
             "--image-folder", os.path.dirname(data["pretrain"]), "--out", out, "--train",
@@ -239,7 +239,7 @@ def main(argv=None) -> None:
             commands = {f"lm-{s}": lm_command(os.path.join(plain, f"lm-{s}"), s,
                                               os.path.join(plain, "lm_corpus.jsonl"), tokenizer) for s in SIZES}
             commands["captioner"] = captioner_command(os.path.join(plain, "captioner"), os.path.join(plain, "lm-S"),
-                                                      data)
+                                                      data, CAPTION_STEPS)
             phase(plain, names, commands, {**{f"lm-{s}": LM_STEPS[s] for s in SIZES}, "captioner": CAPTION_STEPS},
                   first=("lm-S", "lm-L"))
             manifest["plain"] = {"from": plain, "corpus_sha256": hashlib.sha256(text.encode()).hexdigest(),
@@ -253,8 +253,8 @@ def main(argv=None) -> None:
         data = world.build_dataset(os.path.join(args.work, "captions"), n_train=CAPTION_SCENES, n_eval=0)
         runs = {n: os.path.join(args.work, n) for n in names}
         commands = {n: lm_more_command(runs[n], os.path.join(plain, n), corpus) for n in ("lm-S", "lm-L")}
-        commands["captioner"] = captioner_command(runs["captioner"], "", data, init=os.path.join(plain, "captioner"),
-                                                  steps=MORE_STEPS["captioner"])
+        commands["captioner"] = captioner_command(runs["captioner"], "", data, MORE_STEPS["captioner"],
+                                                  init=os.path.join(plain, "captioner"))
         phase(args.work, names, commands, MORE_STEPS)
         for name, run in runs.items():
             ship(run, os.path.join(args.out, name))

@@ -74,3 +74,27 @@ def test_the_language_models_corpus_is_regenerated_exactly(plain):
     were trained on."""
     recorded = MANIFEST["plain"]["corpus_sha256"] if plain else MANIFEST["corpus_sha256"]
     assert hashlib.sha256(train_backbones.corpus_text(plain).encode()).hexdigest() == recorded
+
+
+def test_the_command_trains_both_phases_and_ships_what_it_measured(tmp_path, monkeypatch):
+    """`python -m shapes_world.train_backbones` at toy budgets: phase 1 on the plain world (tokenizer, two LMs, the
+    captioner from lm-S), phase 2 from phase 1's weights, then the shipped files, their hashes and held-out numbers
+    in the manifest; a second call skips every finished run."""
+    for name, value in {"LM_SCENES": 20, "LM_STEPS": {"S": 2, "L": 2}, "CAPTION_SCENES": 16, "CAPTION_STEPS": 2,
+                        "MORE_STEPS": {"lm-S": 2, "lm-L": 2, "captioner": 2}, "EVAL_SCENES": 2}.items():
+        monkeypatch.setattr(train_backbones, name, value)
+    out, work = tmp_path / "shipped", tmp_path / "work"
+    train_backbones.main(["--out", str(out), "--work", str(work)])
+    manifest = json.load(open(out / "manifest.json"))
+    assert set(manifest["commands"]) == set(manifest["plain"]["commands"]) == {"lm-S", "lm-L", "captioner"}
+    assert all(f"--init {work / 'plain' / name}" in manifest["commands"][name] for name in ("lm-S", "lm-L", "captioner"))
+    assert "--llm-path " + str(work / "plain" / "lm-S") in manifest["plain"]["commands"]["captioner"]
+    assert manifest["files"] == train_backbones.file_hashes(str(out)) and len(manifest["files"]) == 9
+    from shapes_world import world
+    plain = "".join(json.dumps(d) + "\n" for d in world.lm_documents(20, plain=True))
+    assert manifest["plain"]["corpus_sha256"] == hashlib.sha256(plain.encode()).hexdigest()
+    assert json.load(open(out / "lm-S" / "tokenizer.json")) == json.loads(world.world_tokenizer().to_str())
+    assert set(manifest["heldout"]) == set(MANIFEST["heldout"])
+    logs = {name: os.path.getsize(work / f"{name}.log") for name in ("lm-S", "lm-L", "captioner")}
+    train_backbones.main(["--out", str(out), "--work", str(work)])   # finished runs are not started again
+    assert logs == {name: os.path.getsize(work / f"{name}.log") for name in ("lm-S", "lm-L", "captioner")}

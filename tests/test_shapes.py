@@ -446,8 +446,8 @@ def test_analyses_pick_the_right_runs_and_compute_the_verdicts_by_hand():
     # the S reasoner's cross run reads the L module's descriptions, and the other way round
     assert grid == {"captioner S + reasoner S": 0.60, "captioner S + reasoner L": 0.61,
                     "captioner L + reasoner S": 0.66, "captioner L + reasoner L": 0.62,
-                    "extraction-tuned module S + reasoner S": 0.70, "extraction-tuned module S + reasoner L": 0.72,
-                    "extraction-tuned module L + reasoner S": 0.78, "extraction-tuned module L + reasoner L": 0.80}
+                    "extraction-tuned S + reasoner S": 0.70, "extraction-tuned S + reasoner L": 0.72,
+                    "extraction-tuned L + reasoner S": 0.78, "extraction-tuned L + reasoner L": 0.80}
     # captioner: perception S -> L = (0.66 + 0.62) / 2 - (0.60 + 0.61) / 2 = +3.5 points; reasoner = -1.5
     assert "perception S -> L +3.5" in found["decoupled_grid"]["verdict"]
     assert "reasoner S -> L -1.5" in found["decoupled_grid"]["verdict"]

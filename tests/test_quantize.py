@@ -204,7 +204,7 @@ def heldout(tmp_path_factory):
 
 def test_the_trained_toy_lm_quantized_agrees_with_fp32_and_keeps_its_held_out_accuracy(heldout):
     # measured on lm-S and the true captions (its hardest check): 414 of 431 greedy replies identical to fp32 in
-    # int8 (96.1 %), 337 in int4 (78.2 %); accuracy 61.7 % and 62.2 % vs 61.5 % in fp32 (the manifest's)
+    # int8 (96.1 %), 331 in int4 (76.8 %); accuracy 63.8 % in all three (the manifest's fp32 number)
     work, data = heldout
     lm = os.path.join(BACKBONES, "lm-S")
     replies, accuracy = {}, {}
@@ -213,7 +213,7 @@ def test_the_trained_toy_lm_quantized_agrees_with_fp32_and_keeps_its_held_out_ac
         recs = records.read_jsonl(str(work / f"lm-S-{q}" / "stage2-caption.jsonl"))
         replies[q] = {r["doc_id"]: r["response"] for r in recs}
     assert accuracy[None] == MANIFEST["heldout"]["lm-S on true caption descriptions"] and len(replies[None]) == 431
-    for q, agreement in (("int8", 0.95), ("int4", 0.75)):
+    for q, agreement in (("int8", 0.95), ("int4", 0.72)):
         assert accuracy[q] == pytest.approx(accuracy[None], abs=0.01), q
         assert replies[q].keys() == replies[None].keys()
         assert sum(replies[None][k] == replies[q][k] for k in replies[None]) / len(replies[None]) >= agreement, q

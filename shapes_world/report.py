@@ -41,13 +41,19 @@ def method_scores(results: dict, rows: list[dict], out_dir: str) -> dict:
     return score([float(by_index[r["index"]]["correct"]) for r in rows], rows)
 
 
-def description_facts(stage1_path: str, data: dict) -> float:
-    """Share of the facts stated in held-out stage-1 descriptions that the scene graph confirms."""
+def stage1_against_scenes(stage1_path: str, data: dict) -> list[tuple[str, dict, dict]]:
+    """A stage-1 samples file of the held-out questions -> [(description, scene graph, eval row)]."""
     scenes = {s["image"]: s["scene"] for s in records.read_jsonl(data["scenes"])}
     rows = {r["index"]: r for r in records.read_jsonl(data["eval"])}
+    return [(rec["filtered_resps"][0], scenes[rows[rec["index"]]["image"]], rows[rec["index"]])
+            for rec in records.read_jsonl(stage1_path)]
+
+
+def description_facts(stage1_path: str, data: dict) -> float:
+    """Share of the facts stated in held-out stage-1 descriptions that the scene graph confirms."""
     confirmed = stated = 0
-    for rec in records.read_jsonl(stage1_path):
-        c, n = world.check_facts(rec["filtered_resps"][0], scenes[rows[rec["index"]]["image"]])
+    for description, scene, _ in stage1_against_scenes(stage1_path, data):
+        c, n = world.check_facts(description, scene)
         confirmed, stated = confirmed + c, stated + n
     return confirmed / max(stated, 1)
 
@@ -55,11 +61,8 @@ def description_facts(stage1_path: str, data: dict) -> float:
 def detail_stated(stage1_path: str, data: dict) -> dict:
     """On the held-out questions about the omitted detail: the share whose stage-1 description states the needed
     fill correctly (world.states_detail) -> {"share", "se", "n"}."""
-    scenes = {s["image"]: s["scene"] for s in records.read_jsonl(data["scenes"])}
-    rows = {r["index"]: r for r in records.read_jsonl(data["eval"])}
-    hits = [float(world.states_detail(rec["filtered_resps"][0], scenes[rows[rec["index"]]["image"]],
-                                      rows[rec["index"]]["focus"], rows[rec["index"]]["reads"]))
-            for rec in records.read_jsonl(stage1_path) if rows[rec["index"]]["group"] == "omitted"]
+    hits = [float(world.states_detail(description, scene, row["focus"], row["reads"]))
+            for description, scene, row in stage1_against_scenes(stage1_path, data) if row["group"] == "omitted"]
     p = sum(hits) / max(len(hits), 1)
     return {"share": p, "se": math.sqrt(p * (1 - p) / max(len(hits), 1)), "n": len(hits)}
 

@@ -15,9 +15,10 @@ Two phases, as real backbones are pretrained and then trained further. Phase 1, 
 filled, no fill questions, thinking only): the tokenizer, the two LMs side by side (one process and one thread
 each), then the captioner. Phase 2, the world itself: each of the three continues from its phase-1 weights,
 side by side, on fill, the non-thinking form and images with hollow shapes. Why two phases: trained from scratch
-on the whole world, neither LM learned to copy a shape's kind within 4,500 steps (docs/LOG.md), while the plain
-world's LMs copy it after 3,000; phase 1 is that recipe unchanged. --plain-from skips phase 1 by taking its
-models from a folder that holds them (the plain backbones that commit 34ad379 shipped, trained by phase 1).
+on the whole world, neither LM learned to copy a shape's kind (lm-S in 4,500 steps, lm-L in 2,500;
+docs/LOG.md), while the plain world's LMs copy it after 2,500-3,000; phase 1 is that recipe unchanged.
+--plain-from skips phase 1 by taking its models from a folder that holds them (the plain backbones that commit
+34ad379 shipped, trained by phase 1).
 """
 from __future__ import annotations
 
@@ -86,11 +87,10 @@ def captioner_command(out: str, lm: str, data: dict, steps: int, init: str = "")
             "--max-steps", str(steps), "--save-every", "100", "--resume", "--no-progress"]
 
 
-def lm_more_command(out: str, init: str, corpus: str) -> list[str]:
+def lm_more_command(out: str, init: str, corpus: str, steps: int) -> list[str]:
     return ["train.py", "--stage", "text", "--template", "document", "--init", init, "--data", corpus, "--out", out,
-            "--global-batch", str(LM_BATCH), "--micro-batch", str(LM_BATCH),
-            "--max-steps", str(MORE_STEPS[os.path.basename(out)]), "--lr", str(MORE_LR), "--save-every", "250",
-            "--resume", "--no-progress"]
+            "--global-batch", str(LM_BATCH), "--micro-batch", str(LM_BATCH), "--max-steps", str(steps),
+            "--lr", str(MORE_LR), "--save-every", "250", "--resume", "--no-progress"]
 
 
 def trained(run: str, steps: int) -> bool:
@@ -252,7 +252,8 @@ def main(argv=None) -> None:
         manifest["corpus_sha256"] = hashlib.sha256(text.encode()).hexdigest()
         data = world.build_dataset(os.path.join(args.work, "captions"), n_train=CAPTION_SCENES, n_eval=0)
         runs = {n: os.path.join(args.work, n) for n in names}
-        commands = {n: lm_more_command(runs[n], os.path.join(plain, n), corpus) for n in ("lm-S", "lm-L")}
+        commands = {n: lm_more_command(runs[n], os.path.join(plain, n), corpus, MORE_STEPS[n])
+                    for n in ("lm-S", "lm-L")}
         commands["captioner"] = captioner_command(runs["captioner"], "", data, MORE_STEPS["captioner"],
                                                   init=os.path.join(plain, "captioner"))
         phase(args.work, names, commands, MORE_STEPS)
